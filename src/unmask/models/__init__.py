@@ -1,0 +1,11 @@
+"""Pure nn.Modules for masked diffusion LMs and their checkpoint loading."""
+
+from .config import PRESETS, ModelConfig
+from .loading import (CheckpointError, DEFAULT_MODEL_DIR, load_config, load_model, load_tokenizer,
+                      resolve_model_dir, save_model)
+from .transformer import KVCache, MaskedDiffusionLM, MaskedLMOutput
+
+__all__ = [
+    "PRESETS", "ModelConfig", "CheckpointError", "DEFAULT_MODEL_DIR", "load_config", "load_model",
+    "load_tokenizer", "resolve_model_dir", "save_model", "KVCache", "MaskedDiffusionLM", "MaskedLMOutput",
+]

@@ -1,0 +1,257 @@
+"""The masked-diffusion transformer, read top to bottom.
+
+One network covers both public LLaDA layouts: a pre-norm Llama-style stack with *bidirectional*
+attention (no causal mask: every position sees every other, which is what lets one network learn
+every conditional of the data), rotary positions, SwiGLU MLPs, and optionally (LLaDA-MoE) per-head
+q/k RMSNorm and mixture-of-experts MLPs. Projections are fused (q|k|v, gate|up) and experts are
+stacked so a forward pass is a handful of large matmuls; `layouts.py` maps the public checkpoints'
+separate tensors into these fused ones.
+
+The call convention is Hugging Face's, `model(input_ids, attention_mask=None).logits`, so code
+written for the public LLaDA checkpoints runs unchanged. Two extras serve the fast sampler:
+`kv_cache` + `cache_start` run only a slice of the canvas against cached keys/values of the rest,
+and `logits_slice` computes the (large) vocabulary projection only where it is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+
+
+@dataclass
+class MaskedLMOutput:
+    """What `model(...)` returns: `.logits` of shape (B, T, V) (or the requested slice of T)."""
+
+    logits: torch.Tensor
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 whatever the input dtype, as OLMo/OLMoE do."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (B, 1, T, head_dim) in float32 for integer positions (B, T)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) by the half-split convention of LLaDA/OLMo, in float32."""
+    h = x.float()
+    h1, h2 = h.chunk(2, dim=-1)
+    rotated = torch.cat((-h2, h1), dim=-1)
+    return (h * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every position of the canvas, per layer: (B, H_kv, T, head_dim).
+
+    A forward pass over the slice [start, start + n) writes that slice's keys/values and attends
+    over the whole buffer, so positions outside the slice are served from the cache. That is both
+    the prefix cache (slice = current block to the end) and the dual cache (slice = current block).
+    """
+
+    def __init__(self, n_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is None:
+            if start != 0:
+                raise ValueError("the first forward pass with an empty KVCache must cover the whole canvas")
+            self.keys[layer], self.values[layer] = k.clone(), v.clone()
+        else:
+            end = start + k.shape[2]
+            self.keys[layer][:, :, start:end] = k
+            self.values[layer][:, :, start:end] = v
+        return self.keys[layer], self.values[layer]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the given batch rows (for rows that finished early)."""
+        self.keys = [k[rows] if k is not None else None for k in self.keys]
+        self.values = [v[rows] if v is not None else None for v in self.values]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        kv_dim = cfg.n_kv_heads * cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * kv_dim, bias=False)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x, cos, sin, key_mask, kv_cache=None, layer=0, cache_start=0):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
+                                     self.n_kv_heads * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # LLaDA-MoE normalises each head before the rotation
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)
+        k = apply_rope(k.transpose(1, 2), cos, sin)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, cache_start, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).split(self.hidden, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class MoE(nn.Module):
+    """Softmax router, top-k experts, optional renormalisation and shared expert (OLMoE/LLaDA-MoE).
+
+    Experts are stacked tensors. Token-expert pairs are sorted by expert so each expert runs one
+    matmul over all its tokens (grouped), never a loop over tokens.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, H, D = cfg.n_experts, cfg.expert_hidden_size, cfg.d_model
+        self.top_k, self.norm_topk_prob = cfg.experts_per_token, cfg.norm_topk_prob
+        self.router = nn.Linear(D, E, bias=False)
+        self.w_gate = nn.Parameter(torch.empty(E, H, D))
+        self.w_up = nn.Parameter(torch.empty(E, H, D))
+        self.w_down = nn.Parameter(torch.empty(E, D, H))
+        if cfg.expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(E))
+        else:
+            self.expert_bias = None
+        self.shared = SwiGLU(D, cfg.shared_expert_hidden_size) if cfg.shared_expert_hidden_size else None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = F.softmax(self.router(x), dim=-1, dtype=torch.float32)
+        if self.expert_bias is not None:
+            scores = scores + self.expert_bias
+        weights, experts = torch.topk(scores, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, experts = self.route(x)
+        flat = experts.flatten()
+        order = torch.argsort(flat, stable=True)
+        token_of = order // self.top_k
+        counts = torch.bincount(flat, minlength=self.w_gate.shape[0]).tolist()
+        outputs = []
+        for e, xe in enumerate(x[token_of].split(counts)):
+            if xe.shape[0]:
+                h = F.silu(xe @ self.w_gate[e].T) * (xe @ self.w_up[e].T)
+                outputs.append(h @ self.w_down[e].T)
+        y = torch.cat(outputs) * weights.flatten()[order, None]
+        out = torch.zeros_like(x).index_add_(0, token_of, y)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return out.view(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MoE(cfg) if moe else SwiGLU(cfg.d_model, cfg.mlp_hidden_size)
+
+    def forward(self, x, cos, sin, key_mask, kv_cache=None, layer=0, cache_start=0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, key_mask, kv_cache, layer, cache_start)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class MaskedDiffusionLM(nn.Module):
+    """Bidirectional transformer returning per-position logits over the vocabulary."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, moe) for moe in cfg.moe_layers)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.gradient_checkpointing = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        cache_start: int = 0,
+        logits_slice: slice | None = None,
+    ) -> MaskedLMOutput:
+        """Logits for `input_ids` (B, T).
+
+        attention_mask: (B, T_total) with 1 for real tokens and 0 for padding; padding is never
+        attended to. Positions then count real tokens only, so a left-padded prompt sees the same
+        positions as the prompt alone. With `kv_cache`, `input_ids` is the slice of the canvas that
+        starts at `cache_start`, and attention_mask still covers the whole canvas.
+        logits_slice: compute logits only for these positions of `input_ids`.
+        """
+        B, T = input_ids.shape
+        total = T if kv_cache is None or kv_cache.keys[0] is None else kv_cache.keys[0].shape[2]
+        if position_ids is None:
+            if attention_mask is not None:
+                full = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            else:
+                full = torch.arange(total, device=input_ids.device).expand(B, total)
+            position_ids = full[:, cache_start:cache_start + T]
+        cos, sin = rope_tables(position_ids, self.config.head_dim, self.config.rope_theta)
+        key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, cos, sin, key_mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, key_mask, kv_cache, i, cache_start)
+        if logits_slice is not None:
+            x = x[:, logits_slice]
+        return MaskedLMOutput(logits=self.lm_head(self.norm(x)))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
