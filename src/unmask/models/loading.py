@@ -179,5 +179,11 @@ def load_tokenizer(path: str | os.PathLike | None = None, trust_remote_code: boo
     if not any((d / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise CheckpointError(f"{d} has no tokenizer files (tokenizer.json / tokenizer_config.json)")
     from transformers import AutoTokenizer
+    from transformers.utils import logging
 
-    return AutoTokenizer.from_pretrained(d, local_files_only=True, trust_remote_code=trust_remote_code)
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()  # AutoTokenizer warns that config.json's model_type is not a transformers one
+    try:
+        return AutoTokenizer.from_pretrained(d, local_files_only=True, trust_remote_code=trust_remote_code)
+    finally:
+        logging.set_verbosity(level)

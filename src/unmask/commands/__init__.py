@@ -1,0 +1,1 @@
+"""Subcommands of the `unmask` command line, one module each (see unmask.cli)."""

@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny complete checkpoint (weights + tokenizer + chat template) built in tmp.
+
+tests/data/llada-dense-tiny has weights and config only (vocab 384, mask 383, eos 381). The
+fixture adds a byte-level tokenizer laid out to fit that vocabulary, so anything that needs
+`unmask.load(dir)` — the CLI, the server, the harness adapter — can run end to end on the CPU:
+
+    0..255    the 256 byte symbols (any text round-trips; multi-byte characters span tokens)
+    256..258  <|user|> <|assistant|> <|system|>
+    259..379  unused fillers
+    380       <|eot|>        (end of turn; also written to config.json as eot_token_id)
+    381       <|endoftext|>  (EOS and padding)
+    382       unused filler
+    383       <|mask|>
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+TINY_DIR = Path(__file__).parent / "data" / "llada-dense-tiny"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|eot|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+def _byte_tokenizer(vocab_size: int = 384):
+    """A byte-level tokenizer with no merges and the special ids listed in the module docstring."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    names = ["<|user|>", "<|assistant|>", "<|system|>"]
+    names += [f"<|unused{i}|>" for i in range(len(alphabet) + len(names), 380)]
+    names += ["<|eot|>", "<|endoftext|>", "<|unused382|>", "<|mask|>"]
+    tok.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
+    assert tok.get_vocab_size() == vocab_size
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                 mask_token="<|mask|>", model_max_length=512, clean_up_tokenization_spaces=False)
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """Directory with the tiny LLaDA weights, a fitting tokenizer and a chat template."""
+    d = tmp_path_factory.mktemp("tiny-checkpoint")
+    for f in TINY_DIR.iterdir():
+        if f.name != "reference_logits.pt":
+            shutil.copy(f, d / f.name)
+    config = json.loads((d / "config.json").read_text())
+    config["eot_token_id"] = 380
+    (d / "config.json").write_text(json.dumps(config, indent=2))
+    tok = _byte_tokenizer()
+    assert tok.convert_tokens_to_ids(["<|mask|>", "<|endoftext|>", "<|eot|>"]) == [383, 381, 380]
+    tok.save_pretrained(d)
+    return d

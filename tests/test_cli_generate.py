@@ -1,0 +1,67 @@
+"""`unmask generate` / `unmask chat` end to end on a checkpoint directory, and their one-line errors."""
+
+import subprocess
+import sys
+
+import torch
+
+import unmask
+from unmask.cli import main
+from unmask.sampling.text import completion_ids, encode_prompt, generate_text
+
+
+def run_cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "unmask.cli", *args], capture_output=True, text=True,
+                          input=stdin, timeout=120)
+
+
+def test_generate_prints_the_completion(tiny_checkpoint):
+    r = run_cli("generate", "hello", "--model", str(tiny_checkpoint), "--gen-length", "8", "--steps", "8")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("hello")
+    model, tok = unmask.load(tiny_checkpoint)
+    expected = generate_text(model, tok, ["hello"], steps=8, gen_length=8, block_length=8)[0]
+    assert r.stdout == "hello" + expected + "\n"
+
+
+def test_generate_chat_and_show_steps(tiny_checkpoint, capsys):
+    assert main(["generate", "hi", "--model", str(tiny_checkpoint), "--chat", "--gen-length", "8",
+                 "--block-length", "4", "--steps", "4", "--show-steps", "--cfg-scale", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "[step 4]" in err and "\x1b8" in err
+
+
+def test_chat_session(tiny_checkpoint):
+    r = run_cli("chat", "--model", str(tiny_checkpoint), "--gen-length", "8", stdin="hi\nagain\n\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("model> ") == 2
+
+
+def test_errors_are_one_line(tmp_path):
+    r = run_cli("generate", "x", "--model", str(tmp_path / "missing"))
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("generate", "x", "--model", str(tmp_path))
+    assert r.returncode == 2 and "config.json is missing" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_sampling_arguments_are_one_line(tiny_checkpoint):
+    r = run_cli("generate", "x", "--model", str(tiny_checkpoint), "--gen-length", "10", "--block-length", "4")
+    assert r.returncode == 2 and "multiple of block_length" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_encode_prompt_uses_chat_template(tiny_checkpoint):
+    tok = unmask.load_tokenizer(tiny_checkpoint)
+    ids = encode_prompt(tok, "hi", chat=True)
+    assert tok.decode(ids) == "<|user|>\nhi<|eot|><|assistant|>\n"
+
+
+def test_completion_ids_cut_at_stop():
+    assert completion_ids([5, 6, 381, 7], [380, 381]) == ([5, 6], True)
+    assert completion_ids([5, 383, 6], [381], mask_id=383) == ([5, 6], False)
+
+
+def test_generate_text_batches_prompts_of_different_lengths(tiny_checkpoint):
+    model, tok = unmask.load(tiny_checkpoint, dtype=torch.float64)
+    kw = dict(steps=8, gen_length=8, block_length=8, cfg_scale=1.0)
+    batch = generate_text(model, tok, ["a", "a much longer prompt"], **kw)
+    assert batch == [generate_text(model, tok, [p], **kw)[0] for p in ["a", "a much longer prompt"]]

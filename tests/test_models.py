@@ -1,0 +1,148 @@
+"""Native models against the public code's logits, loading and saving, clear checkpoint errors."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from unmask.models import (CheckpointError, KVCache, MaskedDiffusionLM, ModelConfig, load_config, load_model,
+                           save_model)
+from unmask.models.transformer import MoE
+
+DATA = Path(__file__).parent / "data"
+FIXTURES = ["llada-dense-tiny", "lladamoe-tiny"]
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_logits_match_public_code(name):
+    model = load_model(DATA / name)
+    reference = torch.load(DATA / name / "reference_logits.pt")
+    for case, ref in reference.items():
+        logits = model(ref["input_ids"]).logits
+        assert (logits - ref["logits"]).abs().max().item() <= 1e-4, case
+
+
+def test_configs_read_both_layouts():
+    dense, moe = load_config(DATA / "llada-dense-tiny"), load_config(DATA / "lladamoe-tiny")
+    assert (dense.layout, dense.mask_token_id, dense.eos_token_id, dense.qk_norm) == ("llada", 383, 381, False)
+    assert (moe.layout, moe.n_experts, moe.experts_per_token, moe.qk_norm) == ("lladamoe", 8, 2, True)
+    assert moe.mask_token_id is None  # the public MoE config records none; callers pass mask_id
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_save_roundtrip_is_readable_and_identical(name, tmp_path):
+    model = load_model(DATA / name)
+    save_model(model, tmp_path)
+    again = load_model(tmp_path)
+    ids = torch.load(DATA / name / "reference_logits.pt")["batch"]["input_ids"]
+    assert torch.equal(model(ids).logits, again(ids).logits)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == json.loads(
+        (DATA / name / "config.json").read_text())["model_type"]
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(DATA / "llada-dense-tiny" / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, tmp_path / file)
+    index = {"weight_map": {k: f for f, keys in shards.items() for k in keys}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    shutil.copy(DATA / "llada-dense-tiny" / "config.json", tmp_path)
+    ids = torch.arange(20).view(1, -1)
+    assert torch.equal(load_model(tmp_path)(ids).logits, load_model(DATA / "llada-dense-tiny")(ids).logits)
+
+
+def test_bfloat16_load():
+    model = load_model(DATA / "llada-dense-tiny", dtype="bfloat16")
+    assert model.dtype == torch.bfloat16
+    assert model(torch.arange(8).view(1, -1)).logits.dtype == torch.bfloat16
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        load_model(tmp_path)
+    shutil.copy(DATA / "llada-dense-tiny" / "config.json", tmp_path)
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_model(tmp_path)
+    data = (DATA / "llada-dense-tiny" / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 8}))
+    with pytest.raises(CheckpointError, match="trust-remote-code"):
+        load_model(tmp_path)
+
+
+def test_mismatched_config_is_refused(tmp_path):
+    shutil.copy(DATA / "llada-dense-tiny" / "model.safetensors", tmp_path)
+    cfg = json.loads((DATA / "llada-dense-tiny" / "config.json").read_text())
+    cfg["n_layers"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="missing from the checkpoint"):
+        load_model(tmp_path)
+
+
+def test_padding_is_never_attended():
+    """A left-padded row gives the same logits as the unpadded sequence, whatever the pad ids are."""
+    model = load_model(DATA / "llada-dense-tiny", dtype=torch.float64)
+    ids = torch.randint(0, 380, (1, 10))
+    alone = model(ids).logits
+    for pad in (0, 7, 381):
+        padded = torch.cat([torch.full((1, 5), pad), ids], 1)
+        mask = torch.cat([torch.zeros(1, 5), torch.ones(1, 10)], 1).long()
+        out = model(padded, attention_mask=mask).logits[:, 5:]
+        assert torch.allclose(out, alone, atol=1e-10)
+
+
+def test_gqa_runs_and_differs_from_mha_shape():
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, mlp_hidden_size=48,
+                      mask_token_id=49)
+    model = MaskedDiffusionLM(cfg)
+    assert model.blocks[0].attn.qkv.weight.shape == (32 + 2 * 16, 32)
+    assert model(torch.arange(10).view(1, -1)).logits.shape == (1, 10, 50)
+
+
+def test_grouped_experts_equal_a_per_token_loop():
+    torch.manual_seed(0)
+    cfg = ModelConfig(layout="lladamoe", vocab_size=50, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2,
+                      mlp_hidden_size=0, n_experts=4, experts_per_token=2, expert_hidden_size=8,
+                      norm_topk_prob=True, shared_expert_hidden_size=8, mask_token_id=49)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 5, 16)
+    out = moe(x)
+    expected = torch.zeros_like(x)
+    for b in range(2):
+        for t in range(5):
+            probs = torch.softmax(moe.router(x[b, t]), -1)
+            w, e = probs.topk(2)
+            w = w / w.sum()
+            for weight, expert in zip(w, e):
+                h = torch.nn.functional.silu(moe.w_gate[expert] @ x[b, t]) * (moe.w_up[expert] @ x[b, t])
+                expected[b, t] += weight * (moe.w_down[expert] @ h)
+            expected[b, t] += moe.shared(x[b, t])
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_kv_cache_slice_equals_full_forward():
+    model = load_model(DATA / "llada-dense-tiny")
+    x = torch.randint(0, 380, (2, 24))
+    full = model(x).logits
+    cache = KVCache(len(model.blocks))
+    assert torch.allclose(model(x, kv_cache=cache).logits, full, atol=1e-6)
+    sliced = model(x[:, 8:16], kv_cache=cache, cache_start=8).logits
+    assert torch.allclose(sliced, full[:, 8:16], atol=1e-5)
+
+
+def test_logits_slice():
+    model = load_model(DATA / "llada-dense-tiny")
+    x = torch.randint(0, 380, (1, 16))
+    assert torch.allclose(model(x, logits_slice=slice(4, 9)).logits, model(x).logits[:, 4:9], atol=1e-6)
