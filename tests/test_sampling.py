@@ -16,6 +16,7 @@ DATA = Path(__file__).parent / "data"
 MASK = 383
 
 
+@torch.no_grad()
 def plain_reference(model, prompt, steps, gen_length, block_length, cfg_scale, mask_id=MASK):
     """SPEC.md §3 at batch 1, temperature 0, 'low_confidence', written as plainly as possible."""
     P = prompt.shape[1]

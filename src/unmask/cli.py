@@ -13,6 +13,10 @@ import sys
 
 COMMAND_MODULES = [
     "unmask.commands.generate",
+    "unmask.commands.bench",
+    "unmask.commands.train",
+    "unmask.commands.eval",
+    "unmask.commands.serve",
 ]
 
 

@@ -3,11 +3,11 @@
 from .generate import GenerationOutput, StepState, generate, left_pad, validate_request
 from .guidance import guided_logits, mix_guidance, unconditional_canvas
 from .noise import propose_tokens
-from .remasking import REMASKING_RULES, select_top, token_confidence
+from .remasking import REMASKING_RULES, parallel_counts, select_top, token_confidence
 from .schedule import transfer_schedule
 
 __all__ = [
     "GenerationOutput", "StepState", "generate", "left_pad", "validate_request", "guided_logits",
-    "mix_guidance", "unconditional_canvas", "propose_tokens", "REMASKING_RULES", "select_top",
+    "mix_guidance", "unconditional_canvas", "propose_tokens", "REMASKING_RULES", "parallel_counts", "select_top",
     "token_confidence", "transfer_schedule",
 ]

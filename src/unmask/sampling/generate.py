@@ -17,18 +17,26 @@ What differs from the public code, on purpose:
   once its text has ended (an EOS with nothing masked before it) and fills the rest with EOS.
 Masks inside the prompt are positions to fill (infilling), as in the reference: they compete for
 the same per-step budget as the current block from the first step on.
+
+Opt-in fast modes (docs/fast-sampling.md), off by default so the default stays exact: an
+approximate KV cache refreshed per block (`cache='prefix'|'dual'`), parallel decoding that
+commits every confident position (`threshold`, `factor`), and `compile`. Rows with nothing left
+to commit drop out of the forward passes in every mode (batch rows are independent, so this
+changes no output).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from .guidance import guided_logits
+from ..models.transformer import KVCache
+from .guidance import guided_logits, is_native
 from .noise import propose_tokens
-from .remasking import REMASKING_RULES, select_top, token_confidence
+from .remasking import REMASKING_RULES, parallel_counts, select_top, token_confidence
 from .schedule import transfer_schedule
 
 
@@ -74,22 +82,19 @@ def context_length(model) -> int | None:
 
 
 def validate_request(model, prompt_length: int, steps: int, gen_length: int, block_length: int,
-                     temperature: float, cfg_scale: float, remasking: str, mask_id: int) -> int:
-    """Check a request and return steps per block; every error says what to change."""
-    if gen_length <= 0 or block_length <= 0 or steps <= 0:
-        raise ValueError(f"steps ({steps}), gen_length ({gen_length}) and block_length ({block_length}) "
-                         "must be positive")
+                     temperature: float, cfg_scale: float, remasking: str, mask_id: int,
+                     parallel: bool = False) -> int | None:
+    """Check a request and return steps per block; every error says what to change.
+
+    With `parallel` (threshold/factor decoding) a block takes as many steps as it needs, so `steps`
+    is not used or checked and None is returned.
+    """
+    if gen_length <= 0 or block_length <= 0:
+        raise ValueError(f"gen_length ({gen_length}) and block_length ({block_length}) must be positive")
     if gen_length % block_length:
         raise ValueError(f"gen_length ({gen_length}) must be a multiple of block_length ({block_length}); "
                          f"e.g. block_length={_largest_divisor_at_most(gen_length, block_length)}")
-    num_blocks = gen_length // block_length
-    if steps % num_blocks:
-        raise ValueError(f"steps ({steps}) must be a multiple of the number of blocks "
-                         f"(gen_length / block_length = {num_blocks}); e.g. steps={max(num_blocks, steps // num_blocks * num_blocks)}")
-    per_block = steps // num_blocks
-    if per_block > block_length:
-        raise ValueError(f"{per_block} steps per block but only {block_length} tokens per block: the extra steps "
-                         f"would commit nothing; use steps <= {gen_length}")
+    per_block = None if parallel else _steps_per_block(steps, gen_length, block_length)
     if cfg_scale < 0:
         raise ValueError(f"cfg_scale must be >= 0 (got {cfg_scale}); 0 turns guidance off")
     if temperature < 0:
@@ -104,6 +109,20 @@ def validate_request(model, prompt_length: int, steps: int, gen_length: int, blo
         raise ValueError(f"prompt ({prompt_length} tokens) + gen_length ({gen_length}) = "
                          f"{prompt_length + gen_length} exceeds the model's context of {limit} tokens; "
                          "shorten the prompt or lower gen_length")
+    return per_block
+
+
+def _steps_per_block(steps: int, gen_length: int, block_length: int) -> int:
+    if steps <= 0:
+        raise ValueError(f"steps ({steps}) must be positive")
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise ValueError(f"steps ({steps}) must be a multiple of the number of blocks "
+                         f"(gen_length / block_length = {num_blocks}); e.g. steps={max(num_blocks, steps // num_blocks * num_blocks)}")
+    per_block = steps // num_blocks
+    if per_block > block_length:
+        raise ValueError(f"{per_block} steps per block but only {block_length} tokens per block: the extra steps "
+                         f"would commit nothing; use steps <= {gen_length}")
     return per_block
 
 
@@ -125,6 +144,68 @@ def ended_rows(gen: torch.Tensor, mask_id: int, stop_ids: torch.Tensor) -> tuple
     first_stop = torch.where(is_stop, cols, L).min(1).values
     first_mask = torch.where(gen == mask_id, cols, L).min(1).values
     return (first_stop < L) & (first_mask > first_stop), first_stop
+
+
+CACHE_MODES = ("prefix", "dual")
+
+
+def validate_fast_options(model, prompt_masked: bool, cache: str | None, cache_refresh: str | int,
+                          threshold: float | None, factor: float | None) -> None:
+    """Check the opt-in fast options (cache, parallel decoding); every error says what to change."""
+    if cache is not None:
+        if cache not in CACHE_MODES:
+            raise ValueError(f"unknown cache {cache!r}: choose None, 'prefix' or 'dual'")
+        if not is_native(model):
+            raise ValueError("cache= needs unmask's own model (models loaded with trust_remote_code run "
+                             "without a KV cache); use cache=None")
+        if prompt_masked:
+            raise ValueError("cache= treats the prompt as fixed: positions before the current block are "
+                             "served from the cache and never recomputed, so masks in the prompt "
+                             "(infilling) cannot be filled; use cache=None for infilling")
+    if not (cache_refresh == "block" or (isinstance(cache_refresh, int) and cache_refresh >= 1)):
+        raise ValueError(f"cache_refresh must be 'block' or a number of steps >= 1 (got {cache_refresh!r})")
+    if threshold is not None and factor is not None:
+        raise ValueError("pass threshold or factor, not both")
+    if factor is not None and factor <= 0:
+        raise ValueError(f"factor must be > 0 (got {factor}); Fast-dLLM uses about 1")
+
+
+def compiled(model, backend: bool | str):
+    """`torch.compile(model)`, built once per model and backend (compiling is the slow part).
+
+    The compiled module is kept in the model's __dict__, not as a submodule, so state_dict() and
+    parameters() are unchanged. Shapes are dynamic: the window and the prefix-cache span change
+    length from step to step.
+    """
+    if not backend:
+        return model
+    backend = "inductor" if backend is True else backend
+    per_backend = model.__dict__.setdefault("_unmask_compiled", {})
+    if backend not in per_backend:
+        per_backend[backend] = torch.compile(model, backend=backend, dynamic=True)
+    return per_backend[backend]
+
+
+@dataclass
+class BlockCache:
+    """The KV cache of the current block, for the canvas rows it holds.
+
+    With CFG the cache holds 2n rows: the n conditional rows, then their unconditional twins.
+    Rows only leave within a block (a row with nothing left to commit), so `keep` is a subset.
+    """
+
+    kv: KVCache
+    rows: torch.Tensor   # (n,) canvas rows held, ascending
+    guided: bool
+
+    def keep(self, rows: torch.Tensor) -> None:
+        if rows.numel() == self.rows.numel():
+            return
+        index = torch.searchsorted(self.rows, rows)
+        if self.guided:
+            index = torch.cat([index, index + self.rows.numel()])
+        self.kv.select_rows(index)
+        self.rows = rows
 
 
 @torch.no_grad()
@@ -149,6 +230,11 @@ def generate(
     callback: Callable[[StepState], None] | None = None,
     output_history: bool = False,
     return_dict_in_generate: bool = False,
+    cache: str | None = None,
+    cache_refresh: str | int = "block",
+    threshold: float | None = None,
+    factor: float | None = None,
+    compile: bool | str = False,
 ):
     """Sample `gen_length` tokens after `prompt` (B, P); returns the canvas (B, P + gen_length).
 
@@ -159,6 +245,19 @@ def generate(
     eos_last / stop_at_eos: see the module docstring; EOS/EOT ids default to the model config's.
     callback(StepState) after every step; output_history keeps every canvas (on the CPU).
     return_dict_in_generate: return a GenerationOutput (sequences, history, forward_passes, steps).
+
+    Fast options (all off by default; off, the output is the exact reference algorithm's):
+    cache: None | 'prefix' | 'dual' — approximate KV cache (Fast-dLLM). At each refresh the whole
+      canvas runs and fills the cache; the other steps run only [block start, end) ('prefix') or
+      the block alone ('dual') against it. The prompt is treated as fixed (no infilling masks).
+    cache_refresh: 'block' (refresh at each block start) or N (also every N steps within a block).
+    threshold τ / factor f: parallel decoding; each step commits the positions chosen by
+      `parallel_counts` (at least one) instead of the schedule's count, and a block takes as many
+      steps as it needs, so `steps` is unused.
+    compile: True (inductor) or a torch.compile backend name: compile the per-step forward.
+      Meant for GPUs; the first calls pay the compilation.
+    Rows with nothing left to commit in the current block (a finished block, or a text ended by
+    stop_at_eos) drop out of the forward passes.
     """
     if prompt.dim() == 1:
         prompt = prompt.unsqueeze(0)
@@ -166,8 +265,9 @@ def generate(
     if mask_id is None:
         raise ValueError("the model config has no mask_token_id: pass mask_id")
     B, P = prompt.shape
+    parallel = threshold is not None or factor is not None
     per_block = validate_request(model, P, steps, gen_length, block_length, temperature, cfg_scale,
-                                 remasking, mask_id)
+                                 remasking, mask_id, parallel=parallel)
     device = prompt.device
     eos_token_id = special_ids(model, "eos_token_id", eos_token_id)
     eot_token_id = special_ids(model, "eot_token_id", eot_token_id)
@@ -184,22 +284,40 @@ def generate(
     else:
         valid = torch.ones_like(x, dtype=torch.bool)
     prompt_index = (x != mask_id) & valid
+    validate_fast_options(model, bool(((x[:, :P] == mask_id) & valid[:, :P]).any()), cache, cache_refresh,
+                          threshold, factor)
     suppressed = torch.tensor(suppress_tokens or [], dtype=torch.long, device=device)
+    runner = compiled(model, compile)
 
     out = GenerationOutput(sequences=x)
     step = 0
     for block in range(gen_length // block_length):
-        block_end = P + (block + 1) * block_length
-        block_masked = x[:, block_end - block_length:block_end] == mask_id
-        schedule = transfer_schedule(block_masked.sum(1), per_block)
-        for i in range(per_block):
+        block_start, block_end = P + block * block_length, P + (block + 1) * block_length
+        if per_block is not None:
+            schedule = transfer_schedule((x[:, block_start:block_end] == mask_id).sum(1), per_block)
+        block_cache = None
+        for i in range(per_block) if per_block is not None else itertools.count():
             candidates = (x == mask_id) & valid
             candidates[:, block_end:] = False
-            if not candidates.any():
+            rows = candidates.any(1).nonzero().squeeze(1)  # rows with something left to commit
+            if rows.numel() == 0:
                 break
             start = int(candidates.any(0).nonzero()[0])
             window = slice(start, block_end)
-            logits = guided_logits(model, x, prompt_index, mask_id, cfg_scale, attention_mask, window)
+            xa, candidates = x[rows], candidates[rows]
+            mask_a = None if attention_mask is None else attention_mask[rows]
+            if cache is None:
+                logits = guided_logits(runner, xa, prompt_index[rows], mask_id, cfg_scale, mask_a, window)
+            else:
+                refresh = block_cache is None or (cache_refresh != "block" and i % cache_refresh == 0)
+                if refresh:  # the whole canvas runs and fills a fresh cache
+                    block_cache = BlockCache(KVCache(model.config.n_layers), rows, cfg_scale > 0)
+                    span = slice(0, x.shape[1])
+                else:
+                    block_cache.keep(rows)
+                    span = slice(block_start, x.shape[1] if cache == "prefix" else block_end)
+                logits = guided_logits(runner, xa, prompt_index[rows], mask_id, cfg_scale, mask_a, window,
+                                       block_cache.kv, span)
             out.forward_passes += 1
             if suppressed.numel():
                 logits[..., suppressed] = float("-inf")
@@ -208,11 +326,10 @@ def generate(
             if eos_last:
                 confidence = confidence.masked_fill(torch.isin(proposal, stop_ids), torch.finfo(confidence.dtype).min)
             confidence = confidence.masked_fill(~candidates[:, window], float("-inf"))
-            chosen = select_top(confidence, schedule[:, i])
-            x_window = x[:, window]
-            x_window[chosen] = proposal[chosen]
-            committed = torch.zeros_like(candidates)
-            committed[:, window] = chosen
+            counts = parallel_counts(confidence, threshold, factor) if parallel else schedule[rows, i]
+            chosen = select_top(confidence, counts)
+            xa[:, window] = torch.where(chosen, proposal, xa[:, window])
+            x[rows] = xa
             if stop_at_eos:
                 ended, first_stop = ended_rows(x[:, P:], mask_id, stop_ids)
                 if ended.any():
@@ -220,8 +337,10 @@ def generate(
                     fill = ended[:, None] & (gen_cols[None] > first_stop[:, None])
                     x[:, P:] = x[:, P:].masked_fill(fill, eos_token_id if eos_token_id is not None else int(stop_ids[0]))
             if callback is not None:
+                committed = torch.zeros_like(x, dtype=torch.bool)
+                committed[rows, window] = chosen
                 full_conf = torch.full(x.shape, float("nan"), device=device)
-                full_conf[:, window] = confidence.float().masked_fill(confidence == float("-inf"), float("nan"))
+                full_conf[rows, window] = confidence.float().masked_fill(confidence == float("-inf"), float("nan"))
                 callback(StepState(step, block, x, committed, full_conf, P))
             if output_history:
                 out.history.append(x.cpu().clone())

@@ -21,26 +21,50 @@ def mix_guidance(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float) -> 
 
 
 def guided_logits(model, x: torch.Tensor, prompt_index: torch.Tensor, mask_id: int, cfg_scale: float,
-                  attention_mask: torch.Tensor | None = None, logits_slice: slice | None = None) -> torch.Tensor:
-    """Logits for canvas x, guided when cfg_scale > 0 (conditional and unconditional rows in one pass)."""
+                  attention_mask: torch.Tensor | None = None, logits_slice: slice | None = None,
+                  kv_cache=None, span: slice | None = None) -> torch.Tensor:
+    """Logits for canvas x, guided when cfg_scale > 0 (conditional and unconditional rows in one pass).
+
+    With `kv_cache`, only the canvas columns `span` run through the model and the rest are read from
+    the cache; the unconditional rows are extra batch rows of the same cache (rows B..2B-1).
+    `logits_slice` is in canvas columns either way.
+    """
     if cfg_scale > 0:
         x = torch.cat([x, unconditional_canvas(x, prompt_index, mask_id)])
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask, attention_mask])
-    logits = forward_logits(model, x, attention_mask, logits_slice)
+    logits = forward_logits(model, x, attention_mask, logits_slice, kv_cache, span)
     if cfg_scale > 0:
         cond, uncond = logits.chunk(2)
         return mix_guidance(cond, uncond, cfg_scale)
     return logits
 
 
-def forward_logits(model, x: torch.Tensor, attention_mask: torch.Tensor | None,
-                   logits_slice: slice | None = None) -> torch.Tensor:
-    """`model(x).logits[:, logits_slice]`, asking native models to compute only that slice."""
+def is_native(model) -> bool:
+    """Whether `model` is unmask's own transformer (possibly torch.compile'd), which takes kv_cache."""
     from ..models import MaskedDiffusionLM
 
-    if isinstance(model, MaskedDiffusionLM):
-        return model(x, attention_mask=attention_mask, logits_slice=logits_slice).logits
-    kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-    logits = model(x, **kwargs).logits
-    return logits if logits_slice is None else logits[:, logits_slice]
+    return isinstance(getattr(model, "_orig_mod", model), MaskedDiffusionLM)
+
+
+def forward_logits(model, x: torch.Tensor, attention_mask: torch.Tensor | None,
+                   logits_slice: slice | None = None, kv_cache=None, span: slice | None = None) -> torch.Tensor:
+    """`model(x).logits[:, logits_slice]`, asking native models to compute only that slice.
+
+    With `kv_cache` (native models only) the model runs on `x[:, span]` against the cache; the
+    attention mask still covers the whole canvas, so positions count real tokens as without a cache.
+    A torch.compile'd model computes the logits of every column it runs and they are sliced here:
+    a slice that moves from step to step would recompile the graph.
+    """
+    if not is_native(model):
+        kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+        logits = model(x, **kwargs).logits
+        return logits if logits_slice is None else logits[:, logits_slice]
+    start = 0 if span is None else span.start
+    local = None if logits_slice is None else slice(logits_slice.start - start, logits_slice.stop - start)
+    if span is not None:
+        x = x[:, span]
+    if hasattr(model, "_orig_mod"):
+        logits = model(x, attention_mask=attention_mask, kv_cache=kv_cache, cache_start=start).logits
+        return logits if local is None else logits[:, local]
+    return model(x, attention_mask=attention_mask, kv_cache=kv_cache, cache_start=start, logits_slice=local).logits

@@ -6,6 +6,9 @@ computed from the (guided) logits without temperature or noise, as the reference
 - margin: top-1 minus top-2 probability (peers' "topk_margin").
 - entropy: minus the entropy of the predictive distribution (Dream's "entropy").
 - random: U(0, 1), the reference's 'random'.
+
+How many to commit comes from the step schedule (the reference) or, for parallel decoding
+(Fast-dLLM, Wu et al. 2025), from the scores themselves: `parallel_counts`.
 """
 
 from __future__ import annotations
@@ -42,3 +45,26 @@ def select_top(confidence: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     keep = torch.arange(k_max, device=k.device).view(1, -1) < k.view(-1, 1)
     chosen.scatter_(1, top, keep)
     return chosen & (confidence > float("-inf"))
+
+
+def parallel_counts(confidence: torch.Tensor, threshold: float | None = None,
+                    factor: float | None = None) -> torch.Tensor:
+    """(B,) how many positions to commit this step with parallel decoding; always at least one.
+
+    confidence (B, W) holds −inf where nothing can be committed. Exactly one of:
+    threshold τ: every position scoring ≥ τ (Fast-dLLM's threshold rule).
+    factor f: the largest n with (n + 1)(1 − c_n) < f, c_n the n-th highest score (Fast-dLLM's
+      factor rule: if every committed marginal is within ε of 1, greedy parallel decoding matches
+      sequential decoding when (n + 1)ε ≤ 1; f relaxes that bound). Scores are sorted descending,
+      so (n + 1)(1 − c_n) never decreases with n and the n that satisfy it form a prefix: counting
+      them gives the largest n.
+    The scores are those of the remasking rule, so τ is a probability for 'low_confidence' and
+    'margin' but a negative entropy (≤ 0) for 'entropy'.
+    """
+    if threshold is not None:
+        n = (confidence >= threshold).sum(-1)
+    else:
+        ranked = confidence.float().sort(-1, descending=True).values
+        n_plus_1 = torch.arange(2, ranked.shape[-1] + 2, device=ranked.device)
+        n = (n_plus_1 * (1 - ranked) < factor).sum(-1)
+    return n.clamp_min(1)

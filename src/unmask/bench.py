@@ -1,0 +1,231 @@
+"""`unmask bench`: the sampler's modes against a plain reference, same model and prompts, one process.
+
+The baseline is `reference_generate`, SPEC.md §3 written as the public code is shaped: the whole
+canvas through the model at every step, softmax over every position, a Python loop over rows to
+pick the top-k. Then unmask's modes (exact, CFG, caches, parallel decoding) run on the same
+prompts. Per mode the table gives tokens/s, forward passes per generated token, speedup over the
+baseline and token agreement with unmask's exact output under the same guidance (1.0 means
+identical; the exact modes must show 1.0, the approximate ones show what they change).
+
+Without a checkpoint the model is a named shape with random weights (no download): throughput is
+meaningful, agreement much less so (a random model is unconfident, so threshold decoding commits
+about one token per step and the cache approximation flips near-ties).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .models import PRESETS, MaskedDiffusionLM, ModelConfig
+from .sampling import generate
+
+# Random-weight shapes: the public ones, unmask's bundled model, and a tiny one for CI.
+SHAPES: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(),
+    "bundled": ModelConfig(vocab_size=2048, d_model=256, n_layers=6, n_heads=4, n_kv_heads=4, mlp_hidden_size=704,
+                           max_seq_len=256, mask_token_id=1, eos_token_id=0, eot_token_id=5, pad_token_id=0),
+    **PRESETS,
+}
+
+# Mode name -> generate() options; cfg modes take the bench's cfg_scale.
+MODES: dict[str, dict] = {
+    "exact": {},
+    "exact+cfg": {"cfg": True},
+    "prefix": {"cache": "prefix"},
+    "dual": {"cache": "dual"},
+    "dual+cfg": {"cache": "dual", "cfg": True},
+    "threshold 0.9": {"threshold": 0.9},
+    "threshold+dual+cfg": {"threshold": 0.9, "cache": "dual", "cfg": True},
+}
+
+
+@dataclass
+class BenchConfig:
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    prompt_len: int = 64
+    gen_length: int = 256
+    block_length: int = 32
+    steps: int | None = None        # None: gen_length (one token per step, LLaDA's setting)
+    cfg_scale: float = 1.0
+    repeats: int = 3
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    seed: int = 0
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps or self.gen_length
+
+
+@torch.no_grad()
+def reference_generate(model, prompt: torch.Tensor, steps: int = 128, gen_length: int = 128,
+                       block_length: int = 128, temperature: float = 0.0, cfg_scale: float = 0.0,
+                       remasking: str = "low_confidence", mask_id: int = 126336) -> torch.Tensor:
+    """SPEC.md §3 as the public code is shaped, deliberately plain: the speed baseline.
+
+    Whole canvas every step, softmax over every position, a Python loop over rows for top-k.
+    """
+    B, P = prompt.shape
+    x = torch.full((B, P + gen_length), mask_id, dtype=torch.long, device=prompt.device)
+    x[:, :P] = prompt
+    prompt_index = x != mask_id
+    num_blocks = gen_length // block_length
+    per_block = steps // num_blocks
+    for block in range(num_blocks):
+        block_end = P + (block + 1) * block_length
+        block_masked = x[:, block_end - block_length:block_end] == mask_id
+        n = block_masked.sum(1, keepdim=True)
+        counts = n // per_block + (torch.arange(per_block, device=x.device) < n % per_block).long()
+        for i in range(per_block):
+            mask_index = x == mask_id
+            if cfg_scale > 0:
+                un_x = x.clone()
+                un_x[prompt_index] = mask_id
+                cond, uncond = model(torch.cat([x, un_x])).logits.chunk(2)
+                logits = uncond + (cfg_scale + 1) * (cond - uncond)
+            else:
+                logits = model(x).logits
+            if temperature > 0:
+                noise = (-torch.log(torch.rand(logits.shape, dtype=torch.float64, device=x.device))) ** temperature
+                x0 = (logits.double().exp() / noise).argmax(-1)
+            else:
+                x0 = logits.argmax(-1)
+            if remasking == "low_confidence":
+                p = F.softmax(logits, dim=-1)
+                x0_p = torch.gather(p, -1, x0.unsqueeze(-1)).squeeze(-1)
+            else:
+                x0_p = torch.rand(x0.shape, device=x.device)
+            x0_p[:, block_end:] = float("-inf")
+            x0 = torch.where(mask_index, x0, x)
+            confidence = torch.where(mask_index, x0_p, float("-inf"))
+            transfer = torch.zeros_like(x0, dtype=torch.bool)
+            for row in range(B):
+                _, picked = torch.topk(confidence[row], k=int(counts[row, i]))
+                transfer[row, picked] = True
+            x[transfer] = x0[transfer]
+    return x
+
+
+def random_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 seed: int = 0) -> MaskedDiffusionLM:
+    """A model of shape `cfg` with N(0, 0.02) matrices, built straight on `device` in `dtype`.
+
+    Built on the meta device first, so an 8B shape never exists in float32 or on the CPU.
+    """
+    with torch.device("meta"):
+        model = MaskedDiffusionLM(cfg)
+    model = model.to(dtype).to_empty(device=device)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if t.dim() >= 2:
+                t.normal_(0.0, 0.02)
+            else:  # norm weights 1, biases 0
+                t.fill_(1.0 if name.endswith("weight") else 0.0)
+    return model.eval()
+
+
+def random_prompts(cfg: ModelConfig, batch: int, length: int, seed: int, device) -> torch.Tensor:
+    """Random token ids, never the mask id (a mask would be an infilling position)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size - 1, (batch, length), generator=g)
+    return (ids + (ids >= cfg.mask_token_id).long()).to(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, repeats: int, device: torch.device):
+    """(result, median seconds) of `repeats` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        result = fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return result, statistics.median(times)
+
+
+def mode_kwargs(name: str, cfg: BenchConfig) -> dict:
+    options = dict(MODES[name])
+    return options | {"cfg_scale": cfg.cfg_scale if options.pop("cfg", False) else 0.0}
+
+
+def run_bench(model, cfg: BenchConfig, progress=print) -> list[dict]:
+    """One row per (batch size, mode), the baseline first; see the module docstring for the columns."""
+    device = model.device
+    mask_id = model.config.mask_token_id
+    common = dict(steps=cfg.total_steps, gen_length=cfg.gen_length, block_length=cfg.block_length)
+    rows = []
+    for batch in cfg.batch_sizes:
+        prompt = random_prompts(model.config, batch, cfg.prompt_len, cfg.seed, device)
+        tokens = batch * cfg.gen_length
+        ref, base_s = timed(lambda: reference_generate(model, prompt, mask_id=mask_id, **common), cfg.repeats, device)
+        exact = {}  # cfg_scale -> unmask's exact output, the agreement reference
+        for cfg_scale in sorted({0.0} | {mode_kwargs(m, cfg)["cfg_scale"] for m in cfg.modes}):
+            exact[cfg_scale] = generate(model, prompt, cfg_scale=cfg_scale, **common)[:, cfg.prompt_len:]
+        rows.append(_row(batch, "reference (baseline)", tokens, base_s, base_s, cfg.total_steps, cfg.gen_length,
+                         ref[:, cfg.prompt_len:], exact[0.0]))
+        progress(_format_row(rows[-1]))
+        for name in cfg.modes:
+            kwargs = mode_kwargs(name, cfg)
+            out, seconds = timed(lambda: generate(model, prompt, return_dict_in_generate=True, **common, **kwargs),
+                                 cfg.repeats, device)
+            rows.append(_row(batch, name, tokens, seconds, base_s, out.forward_passes, cfg.gen_length,
+                             out.sequences[:, cfg.prompt_len:], exact[kwargs["cfg_scale"]]))
+            progress(_format_row(rows[-1]))
+    return rows
+
+
+def _row(batch, mode, tokens, seconds, base_seconds, passes, gen_length, generated, exact) -> dict:
+    agreement = float((generated == exact).float().mean())
+    return {"batch": batch, "mode": mode, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "passes_per_token": passes / gen_length, "speedup": base_seconds / seconds, "agreement": agreement}
+
+
+def _format_row(r: dict) -> str:
+    return (f"| {r['batch']} | {r['mode']} | {r['tokens_per_s']:.1f} | {r['passes_per_token']:.3f} | "
+            f"{r['speedup']:.2f}x | {r['agreement']:.3f} |")
+
+
+def hardware() -> dict:
+    """Where the numbers were measured (they mean nothing without it)."""
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+TABLE_HEADER = "| batch | mode | tokens/s | passes/token | speedup | agreement |\n|---|---|---|---|---|---|"
+
+
+def to_markdown(rows: list[dict], meta: dict) -> str:
+    settings = ", ".join(f"{k}={v}" for k, v in meta.items() if k != "hardware")
+    hw = ", ".join(f"{k}: {v}" for k, v in meta["hardware"].items())
+    return "\n".join([f"{settings}", "", f"hardware: {hw}", "", TABLE_HEADER, *map(_format_row, rows), ""])
+
+
+def bench_meta(model, cfg: BenchConfig, model_name: str, dtype: torch.dtype) -> dict:
+    return {"model": model_name, "parameters": model.num_parameters(), "dtype": str(dtype).replace("torch.", ""),
+            "device": str(model.device), **{k: v for k, v in asdict(cfg).items() if k != "modes"},
+            "steps": cfg.total_steps, "hardware": hardware()}
+
+
+def write_outputs(rows: list[dict], meta: dict, json_path=None, markdown_path=None) -> None:
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    if markdown_path:
+        with open(markdown_path, "w") as f:
+            f.write(to_markdown(rows, meta))

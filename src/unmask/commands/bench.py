@@ -1,0 +1,70 @@
+"""`unmask bench`: time the sampler's modes against the plain reference on one model (see unmask.bench)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    from ..bench import MODES, SHAPES  # light: no model is built at import
+
+    p = subparsers.add_parser(
+        "bench", help="throughput of the sampling modes against the plain reference",
+        description="Run the reference sampler and unmask's modes on the same model and prompts; print "
+                    "tokens/s, forward passes per token, speedup and token agreement with the exact output.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", help="checkpoint directory (default: the bundled model; without it, --shape)")
+    p.add_argument("--shape", choices=list(SHAPES),
+                   help="random weights of this shape instead of a checkpoint (default when no model: bundled)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--gen-length", type=int, default=256)
+    p.add_argument("--block-length", type=int, default=32)
+    p.add_argument("--steps", type=int, help="sampling steps of the schedule modes (default: gen-length)")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance of the +cfg modes")
+    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on the CPU, bfloat16 on a GPU")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median), after one warm-up")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the rows and settings as JSON here")
+    p.add_argument("--markdown", help="write the table as Markdown here")
+    p.set_defaults(func=run)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def load_bench_model(model_dir: str | None, shape: str | None, device: str, dtype):
+    """(model, name): the checkpoint, else the bundled model, else random weights of `shape`."""
+    from ..bench import SHAPES, random_model
+    from ..models import DEFAULT_MODEL_DIR, load_model
+
+    if shape is None and (model_dir is not None or (DEFAULT_MODEL_DIR / "config.json").exists()):
+        return load_model(model_dir, dtype=dtype, device=device), str(model_dir or DEFAULT_MODEL_DIR)
+    shape = shape or "bundled"
+    return random_model(SHAPES[shape], device, dtype), f"random {shape}"
+
+
+def run(args) -> int:
+    import torch
+
+    from ..bench import TABLE_HEADER, BenchConfig, bench_meta, run_bench, write_outputs
+
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
+    model, name = load_bench_model(args.model, args.shape, args.device, dtype)
+    cfg = BenchConfig(batch_sizes=args.batch_sizes, prompt_len=args.prompt_len, gen_length=args.gen_length,
+                      block_length=args.block_length, steps=args.steps, cfg_scale=args.cfg_scale,
+                      repeats=args.repeats, modes=args.modes, seed=args.seed)
+    meta = bench_meta(model, cfg, name, dtype)
+    print(f"unmask bench: {name}, {meta['parameters']:,} parameters, {meta['dtype']} on {meta['device']}")
+    print(TABLE_HEADER)
+    rows = run_bench(model, cfg)
+    write_outputs(rows, meta, args.json, args.markdown)
+    if args.markdown:
+        print(f"wrote {args.markdown}")
+    return 0

@@ -1,0 +1,85 @@
+"""`unmask eval`: zero-shot tasks at several cfg scales -> results.json + results.md.
+
+With no --tasks it runs the bundled world suite on the bundled model. Under torchrun the items
+are sharded across processes (gloo on CPU, nccl on CUDA) and rank 0 writes the report.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .generate import add_model_args
+
+DEFAULT_SCALES = (0.0, 1.0)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="zero-shot evaluation with and without unsupervised CFG")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated task names (default: the bundled world_* suite); see docs/eval.md")
+    p.add_argument("--cfg-scale", nargs="+", default=None, metavar="W",
+                   help="cfg scales to report (default: 0 1.0), or 'auto [GRID...]' to pick one per task "
+                        "on a dev slice")
+    add_model_args(p)
+    p.add_argument("--data-dir", default=None, help="directory with <task>.jsonl/.parquet files")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
+    p.add_argument("--mode", choices=["mc", "chain"], default="mc",
+                   help="likelihood: Monte Carlo bound (mc) or chain rule (chain)")
+    p.add_argument("--mc-num", type=int, default=128, help="Monte Carlo samples per continuation")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (doubled under CFG)")
+    p.add_argument("--dev-fraction", type=float, default=0.2, help="dev slice for --cfg-scale auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="eval_results", help="output directory (results.json, results.md)")
+    p.set_defaults(func=run_eval)
+
+
+def parse_scales(values: list[str] | None) -> tuple[tuple[float, ...], bool]:
+    """(scales, auto) from --cfg-scale: numbers, or 'auto' optionally followed by the grid."""
+    from ..eval.runner import AUTO_GRID
+
+    if not values:
+        return DEFAULT_SCALES, False
+    auto = values[0] == "auto"
+    numbers = values[1:] if auto else values
+    try:
+        scales = tuple(float(v) for v in numbers)
+    except ValueError:
+        raise ValueError(f"--cfg-scale takes numbers or 'auto' followed by numbers, got {' '.join(values)}") from None
+    if any(w < 0 for w in scales):
+        raise ValueError("cfg scales must be >= 0 (0 turns guidance off)")
+    return (scales or AUTO_GRID) if auto else scales, auto
+
+
+def _init_distributed(device: str) -> None:
+    """Join the torchrun process group when launched by torchrun."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+
+
+def run_eval(args) -> int:
+    import unmask
+    from ..eval import BUNDLED_TASKS, EvalConfig, evaluate, get_task, markdown_table, write_report
+    from ..eval.runner import rank_and_world
+
+    scales, auto = parse_scales(args.cfg_scale)
+    names = args.tasks.split(",") if args.tasks else BUNDLED_TASKS
+    tasks = [get_task(n.strip()) for n in names if n.strip()]
+    if args.limit is not None and args.limit < 1:
+        raise ValueError("--limit must be >= 1")
+    _init_distributed(args.device)
+    model, tokenizer = unmask.load(args.model, dtype=args.dtype, device=args.device,
+                                   trust_remote_code=args.trust_remote_code)
+    config = EvalConfig(cfg_scales=scales, auto=auto, mode=args.mode, mc_num=args.mc_num,
+                        batch_size=args.batch_size, seed=args.seed, limit=args.limit,
+                        dev_fraction=args.dev_fraction)
+    results = evaluate(model, tokenizer, tasks, args.data_dir, config)
+    if rank_and_world()[0] == 0:
+        meta = {"model": str(args.model or "bundled"), "cfg_scales": list(scales), "auto": auto,
+                "mode": args.mode, "mc_num": args.mc_num, "seed": args.seed, "limit": args.limit,
+                "world_size": rank_and_world()[1]}
+        json_path, md_path = write_report(results, args.out, meta)
+        print(markdown_table(results))
+        print(f"\nwrote {json_path} and {md_path}")
+    return 0

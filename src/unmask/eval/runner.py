@@ -1,0 +1,163 @@
+"""Score tasks at several cfg scales, optionally sharded over processes, and aggregate the metrics.
+
+Every cfg scale of an item is mixed from the same forward passes (`score_requests`), so a sweep
+costs little more than one scale; only the cloze tasks' greedy check runs the sampler per scale.
+
+`--cfg-scale auto`: the first `dev_fraction` of a task's items (file order, a fixed split) is a
+dev slice; the scale of the grid with the best primary metric there (ties: the smaller scale) is
+reported on the remaining test items next to w = 0. Dev results are reported separately and the
+test items never influence the choice.
+
+Sharding: when torch.distributed is initialised (torchrun; gloo on CPU), rank r scores the items
+i with i % world == r and the per-item scores are all-gathered. Mask draws are seeded from
+(seed, item index, choice index) and an item's requests are always batched together, so the
+result is identical to a one-process run whatever the world size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..likelihood import Request, greedy_check, score_requests
+from ..sampling.generate import context_length
+from .encoding import encode_pair
+from .tasks import Item, Task, load_items
+
+AUTO_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+
+
+@dataclass
+class EvalConfig:
+    cfg_scales: tuple[float, ...] = (0.0, 1.0)   # the columns; with auto, the grid to pick from
+    auto: bool = False
+    mode: str = "mc"                             # likelihood mode: "mc" or "chain" (see unmask.likelihood)
+    mc_num: int = 128
+    batch_size: int = 32
+    seed: int = 0
+    limit: int | None = None
+    dev_fraction: float = 0.2
+    progress: bool = True
+
+
+@dataclass
+class ItemScore:
+    index: int
+    loglik: list[list[float]]                    # [scale][request]
+    greedy: list[bool] = field(default_factory=list)   # [scale]; cloze tasks only
+
+
+@dataclass
+class MetricValue:
+    value: float
+    stderr: float
+
+
+@dataclass
+class TaskResult:
+    task: str
+    n: int
+    columns: list[str]
+    scales: list[float]
+    metrics: dict[str, list[MetricValue]]        # metric -> one value per column
+    primary: str
+    chosen_scale: float | None = None            # auto only
+    dev: TaskResult | None = None                # auto only: the dev slice at every grid scale
+
+
+def item_seed(seed: int, index: int, choice: int) -> int:
+    """Mask-draw seed of one request: a function of the item, never of the process scoring it."""
+    return (seed * 1_000_003 + index) * 1_009 + choice
+
+
+def score_item(model, tokenizer, task: Task, item: Item, index: int, scales: list[float],
+               config: EvalConfig) -> ItemScore:
+    max_len = context_length(model)
+    pairs = [encode_pair(tokenizer, ctx, cont, max_len) for ctx, cont in item.requests]
+    requests = [Request(ctx, cont, item_seed(config.seed, index, j)) for j, (ctx, cont) in enumerate(pairs)]
+    estimates = score_requests(model, requests, cfg_scales=scales, mode=config.mode, mc_num=config.mc_num,
+                               batch_size=config.batch_size)
+    loglik = [[est[s].value for est in estimates] for s in range(len(scales))]
+    greedy = [greedy_check(model, *pairs[item.gold], cfg_scale=w) for w in scales] if task.kind == "cloze" else []
+    return ItemScore(index, loglik, greedy)
+
+
+def item_metrics(task: Task, item: Item, score: ItemScore, s: int) -> dict[str, float]:
+    """Per-item metric values at scale index s (lm-eval's process_results)."""
+    ll = score.loglik[s]
+    if task.kind == "cloze":
+        return {"acc": float(score.greedy[s]), "ppl": ll[0]}
+    out = {"acc": float(_argmax(ll) == item.gold)}
+    if "acc_norm" in task.metrics:
+        out["acc_norm"] = float(_argmax([v / n for v, n in zip(ll, item.norm_lengths)]) == item.gold)
+    return out
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=lambda i: (values[i], -i))  # first index on ties, as np.argmax
+
+
+def aggregate(metric: str, values: list[float]) -> MetricValue:
+    """Mean with the sample standard error; ppl = exp(−mean log-likelihood), stderr by the delta method."""
+    n = len(values)
+    mean = sum(values) / n
+    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else 0.0
+    if metric == "ppl":
+        ppl = math.exp(-mean)
+        return MetricValue(ppl, ppl * se)
+    return MetricValue(mean, se)
+
+
+def summarise(task: Task, items: list[Item], scores: list[ItemScore], scale_idx: list[int],
+              scales: list[float], columns: list[str]) -> TaskResult:
+    metrics = {m: [aggregate(m, [item_metrics(task, items[sc.index], sc, s)[m] for sc in scores])
+                   for s in scale_idx] for m in task.metrics}
+    return TaskResult(task.name, len(scores), columns, [scales[s] for s in scale_idx], metrics, task.primary)
+
+
+def rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather(local: list[ItemScore]) -> list[ItemScore]:
+    rank, world = rank_and_world()
+    if world == 1:
+        return local
+    import torch.distributed as dist
+
+    parts: list[list[ItemScore] | None] = [None] * world
+    dist.all_gather_object(parts, local)
+    return sorted((s for part in parts for s in part), key=lambda s: s.index)
+
+
+def evaluate_task(model, tokenizer, task: Task, data_dir: str | Path | None, config: EvalConfig) -> TaskResult:
+    items = load_items(task, data_dir, config.limit)
+    if not items:
+        raise ValueError(f"task {task.name}: no items to score")
+    scales = sorted(set(config.cfg_scales) | ({0.0} if config.auto else set()))
+    rank, world = rank_and_world()
+    local = range(rank, len(items), world)
+    if config.progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        local = tqdm(local, desc=task.name, unit="item")
+    scores = _gather([score_item(model, tokenizer, task, items[i], i, scales, config) for i in local])
+    if not config.auto:
+        return summarise(task, items, scores, list(range(len(scales))), scales, [f"w={w:g}" for w in scales])
+    if len(items) < 2:
+        raise ValueError(f"task {task.name}: --cfg-scale auto needs at least 2 items (a dev and a test slice)")
+    n_dev = min(max(1, round(len(items) * config.dev_fraction)), len(items) - 1)
+    dev = summarise(task, items, scores[:n_dev], list(range(len(scales))), scales, [f"w={w:g}" for w in scales])
+    best = max(range(len(scales)), key=lambda s: (dev.metrics[task.primary][s].value, -scales[s]))
+    result = summarise(task, items, scores[n_dev:], [scales.index(0.0), best], scales, ["w=0", "auto"])
+    result.chosen_scale, result.dev = scales[best], dev
+    return result
+
+
+def evaluate(model, tokenizer, tasks: list[Task], data_dir: str | Path | None, config: EvalConfig) -> list[TaskResult]:
+    return [evaluate_task(model, tokenizer, task, data_dir, config) for task in tasks]

@@ -1,0 +1,209 @@
+"""Zero-shot tasks: rows of public datasets -> (context, continuation) requests, as lm-eval builds them.
+
+Each task reads one local file in its public dataset's schema (never the hub): DATA_DIR/<name>.jsonl,
+.json (a list of rows) or .parquet. The prompt formats, answer delimiters and metrics are those of
+lm-evaluation-harness 0.4 (its task YAMLs), so numbers are comparable with lm-eval's:
+
+  task           file (split)                           prompt -> continuation
+  arc_easy       arc_easy.jsonl (ARC-Easy test)         "Question: {question}\\nAnswer:" -> " {choice}"
+  arc_challenge  arc_challenge.jsonl (ARC-Challenge test)  same as arc_easy
+  boolq          boolq.jsonl (validation)               "{passage}\\nQuestion: {question}?\\nAnswer:" -> " no"/" yes"
+  hellaswag      hellaswag.jsonl (validation)           "{activity_label}: {ctx_a} {Ctx_b}" (cleaned) -> " {ending}"
+  openbookqa     openbookqa.jsonl (main test)           "{question_stem}" -> " {choice}"
+  piqa           piqa.jsonl (validation)                "Question: {goal}\\nAnswer:" -> " {sol}"
+  siqa           siqa.jsonl (validation)                "Q: {context} {question}\\nA:" -> " {answerX}"
+  winogrande     winogrande.jsonl (xl validation)       "{sentence up to _ with option}" -> " {rest of sentence}"
+  race           race.jsonl (high test)                 "Article: ...\\n\\n{earlier Q/A}{question}" -> " {option}"
+  lambada        lambada.jsonl (lambada_openai test)    "{text minus last word}" -> " {last word}"
+
+The bundled `world_*` tasks (src/unmask/assets/suite) use the formats of their schema twins:
+world_mc like arc, world_boolq like boolq, world_cloze like lambada, world_piqa like piqa.
+Metrics: acc for every choice task, plus acc_norm (log-likelihood divided by the choice's length
+in characters, as lm-eval computes it) where lm-eval reports it; lambada: acc (the greedy
+sampler reproduces the last word) and ppl (exp of minus the mean log-likelihood of the word).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+SUITE_DIR = Path(__file__).resolve().parents[1] / "assets" / "suite"
+DATA_EXTENSIONS = (".jsonl", ".json", ".parquet")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One question: the (context, continuation) pairs to compare and the index of the right one.
+
+    `norm_lengths` are what acc_norm divides the log-likelihoods by (lm-eval: the characters of
+    each choice). A cloze item has one pair, the text to reproduce."""
+
+    requests: tuple[tuple[str, str], ...]
+    gold: int
+    norm_lengths: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    kind: str                       # "choice" (pick the likeliest request) or "cloze" (greedy + ppl)
+    metrics: tuple[str, ...]
+    to_item: Callable[[dict], Item]
+    schema: str                     # where the rows come from, for error messages
+    bundled: bool = False
+
+    @property
+    def primary(self) -> str:
+        """The metric `--cfg-scale auto` maximises on the dev slice."""
+        return "acc"
+
+
+def choice_item(context: str, choices: list[str], gold: int) -> Item:
+    """lm-eval's multiple_choice request layout: one shared context, " " + each choice."""
+    return Item(tuple((context, " " + c) for c in choices), int(gold), tuple(len(c) for c in choices))
+
+
+def arc_item(d: dict) -> Item:
+    return choice_item(f"Question: {d['question']}\nAnswer:", list(d["choices"]["text"]),
+                       list(d["choices"]["label"]).index(d["answerKey"]))
+
+
+def boolq_item(d: dict) -> Item:
+    gold = int(d["label"]) if "label" in d else int(bool(d["answer"]))  # super_glue vs google/boolq
+    return choice_item(f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:", ["no", "yes"], gold)
+
+
+def _hellaswag_clean(text: str) -> str:
+    """lm-eval's preprocessing: drop WikiHow's bracketed artifacts."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def hellaswag_item(d: dict) -> Item:
+    ctx = d["ctx_a"] + " " + d["ctx_b"].capitalize()
+    return choice_item(_hellaswag_clean(d["activity_label"] + ": " + ctx),
+                       [_hellaswag_clean(e) for e in d["endings"]], int(d["label"]))
+
+
+def openbookqa_item(d: dict) -> Item:
+    return choice_item(d["question_stem"], list(d["choices"]["text"]),
+                       list(d["choices"]["label"]).index(d["answerKey"].lstrip()))
+
+
+def piqa_item(d: dict) -> Item:
+    return choice_item(f"Question: {d['goal']}\nAnswer:", [d["sol1"], d["sol2"]], int(d["label"]))
+
+
+def siqa_item(d: dict) -> Item:
+    return choice_item(f"Q: {d['context']} {d['question']}\nA:", [d["answerA"], d["answerB"], d["answerC"]],
+                       int(d["label"]) - 1)
+
+
+def winogrande_item(d: dict) -> Item:
+    """Partial scoring: each option fills the blank in the context; the rest of the sentence, the
+    same for both, is the continuation scored."""
+    cut = d["sentence"].index("_")
+    contexts = [d["sentence"][:cut] + option for option in (d["option1"], d["option2"])]
+    rest = " " + d["sentence"][cut + 1:].strip()
+    return Item(tuple((c, rest) for c in contexts), int(d["answer"]) - 1, tuple(len(c) for c in contexts))
+
+
+def race_item(d: dict) -> Item:
+    """The article, the earlier questions of the same article answered, then the last question."""
+    problems = d["problems"] if isinstance(d["problems"], list) else ast.literal_eval(d["problems"])
+    letter = {"A": 0, "B": 1, "C": 2, "D": 3}
+    text = "Article: " + d["article"] + "\n\n"
+    for p in problems[:-1]:
+        answer = p["options"][letter[p["answer"]]]
+        if p["question"][-6:] == "  _  .":
+            text += p["question"][:-5] + answer + "\n"
+        else:
+            text += "Question: " + p["question"] + "\n" + "Answer: " + answer + "\n"
+    last = problems[-1]
+    return choice_item(text + last["question"], list(last["options"][:4]), letter[last["answer"]])
+
+
+def lambada_item(d: dict) -> Item:
+    words = d["text"].split(" ")
+    return Item(((" ".join(words[:-1]), " " + words[-1]),), 0, (len(words[-1]),))
+
+
+_CHOICE, _NORM = ("acc",), ("acc", "acc_norm")
+_CLOZE = ("acc", "ppl")
+TASKS: dict[str, Task] = {t.name: t for t in [
+    Task("arc_easy", "choice", _NORM, arc_item, "allenai/ai2_arc ARC-Easy, test split"),
+    Task("arc_challenge", "choice", _NORM, arc_item, "allenai/ai2_arc ARC-Challenge, test split"),
+    Task("boolq", "choice", _CHOICE, boolq_item, "super_glue boolq (label) or google/boolq (answer), validation"),
+    Task("hellaswag", "choice", _NORM, hellaswag_item, "Rowan/hellaswag, validation split"),
+    Task("openbookqa", "choice", _NORM, openbookqa_item, "allenai/openbookqa main, test split"),
+    Task("piqa", "choice", _NORM, piqa_item, "baber/piqa (ybisk/piqa), validation split"),
+    Task("siqa", "choice", _CHOICE, siqa_item, "lighteval/siqa (social_i_qa), validation split"),
+    Task("winogrande", "choice", _CHOICE, winogrande_item, "allenai/winogrande winogrande_xl, validation"),
+    Task("race", "choice", _CHOICE, race_item, "EleutherAI/race high, test split"),
+    Task("lambada", "cloze", _CLOZE, lambada_item, "EleutherAI/lambada_openai, test split"),
+    Task("world_mc", "choice", _NORM, arc_item, "ARC schema (bundled suite)", bundled=True),
+    Task("world_boolq", "choice", _CHOICE, boolq_item, "BoolQ schema (bundled suite)", bundled=True),
+    Task("world_cloze", "cloze", _CLOZE, lambada_item, "LAMBADA schema (bundled suite)", bundled=True),
+    Task("world_piqa", "choice", _NORM, piqa_item, "PIQA schema (bundled suite)", bundled=True),
+]}
+ALIASES = {"social_iqa": "siqa", "lambada_openai": "lambada", "obqa": "openbookqa"}
+BUNDLED_TASKS = [name for name, t in TASKS.items() if t.bundled]
+
+
+def get_task(name: str) -> Task:
+    name = ALIASES.get(name, name)
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}: choose from {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def find_data_file(task: Task, data_dir: str | Path | None) -> Path:
+    """DATA_DIR/<task>.{jsonl,json,parquet}; bundled tasks fall back to the shipped suite."""
+    dirs = [Path(data_dir)] if data_dir is not None else []
+    if task.bundled:
+        dirs.append(SUITE_DIR)
+    for d in dirs:
+        for ext in DATA_EXTENSIONS:
+            if (d / f"{task.name}{ext}").is_file():
+                return d / f"{task.name}{ext}"
+    where = Path(data_dir) if data_dir is not None else Path("DATA_DIR")
+    hint = "" if data_dir is not None else " and pass --data-dir DATA_DIR"
+    raise FileNotFoundError(f"task {task.name}: data file not found; put the rows ({task.schema}) in "
+                            f"{where / task.name}.jsonl (or .json/.parquet){hint}")
+
+
+def read_rows(path: Path) -> list[dict]:
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow), "
+                             "or convert the file to .jsonl") from None
+        return pq.read_table(path).to_pylist()
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".json":
+            return list(json.loads(text))
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid {path.suffix[1:].upper()} ({e})") from None
+
+
+def load_items(task: Task, data_dir: str | Path | None = None, limit: int | None = None) -> list[Item]:
+    """The task's items in file order (the first `limit`); a malformed row names its line."""
+    path = find_data_file(task, data_dir)
+    rows = read_rows(path)[:limit]
+    items = []
+    for i, row in enumerate(rows):
+        try:
+            items.append(task.to_item(row))
+        except (KeyError, ValueError, TypeError, IndexError, SyntaxError) as e:
+            raise ValueError(f"{path}: row {i + 1} does not fit the {task.name} schema "
+                             f"({task.schema}): {type(e).__name__}: {e}") from None
+    return items

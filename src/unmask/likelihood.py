@@ -1,0 +1,289 @@
+"""Log-likelihood of a continuation under a masked diffusion LM, guided or not (SPEC.md §4).
+
+An MDM has no left-to-right factorisation, so log p(r | c) is scored through its training bound
+(LLaDA Eq. 6): for a continuation r of length L after a context c,
+
+    log p(r | c) >= E_l [ (L / l) · Σ_{i masked} log p(r_i | c, r with l positions masked) ],
+
+l uniform on 1..L, the l positions uniform among the L, the context never masked. Three ways to
+evaluate it share one engine here, each described by a *plan* (which positions each forward row
+masks, which it scores, with what weight):
+
+- "mc": the Monte Carlo estimate, l stratified across each mini-batch as LLaDA does;
+- "exact": the same bound by enumerating all 2^L − 1 mask patterns (tiny L only; zero variance);
+- "chain": SMDM's chain-rule mode, token i scored with r_<i visible and r_>=i masked.
+
+Guidance (SPEC.md §2) scores with `uncond + (w + 1)(cond − uncond)`, the unconditional row being
+the same canvas with the context masked; the mixed logits are renormalised (log_softmax) before
+the log-probability is read. Conditional and unconditional rows go through the model as one
+doubled batch, and every requested cfg scale is mixed from that one forward pass, so a sweep over
+scales costs one scoring run and the scales share their mask draws (common random numbers, which
+makes the differences between scales much less noisy than separate runs would).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .sampling import generate, mix_guidance, unconditional_canvas
+from .sampling.generate import context_length
+from .sampling.guidance import forward_logits
+
+MODES = ("mc", "exact", "chain")
+
+
+@dataclass
+class Estimate:
+    """A log-likelihood (nats), its standard error (0 for deterministic modes), and the sample count."""
+
+    value: float
+    stderr: float
+    n: int
+
+
+@dataclass
+class Request:
+    """One (context, continuation) pair in token ids; `seed` fixes its Monte Carlo mask draws."""
+
+    context: Sequence[int]
+    continuation: Sequence[int]
+    seed: int = 0
+
+
+@dataclass
+class Plan:
+    """The forward rows that score one request.
+
+    Row j masks the continuation positions `masked[j]`, sums the log-probabilities at `scored[j]`,
+    and adds `weight[j]` times that sum to sample `sample[j]`; the estimate is the mean over samples.
+    """
+
+    masked: torch.Tensor   # (R, L) bool
+    scored: torch.Tensor   # (R, L) bool
+    weight: torch.Tensor   # (R,) float64
+    sample: torch.Tensor   # (R,) long
+    n_samples: int
+
+
+def mc_plan(L: int, mc_num: int, batch_size: int, generator: torch.Generator) -> Plan:
+    """`mc_num` Monte Carlo samples; within each mini-batch of `batch_size` the mask counts l are
+    evenly spaced from one random offset (stratified), which lowers the variance of the batch mean
+    while every l in 1..L keeps probability 1/L overall."""
+    ls, masks = [], []
+    for start in range(0, mc_num, batch_size):
+        b = min(batch_size, mc_num - start)
+        offset = torch.rand((), generator=generator, dtype=torch.float64)
+        l = ((offset + torch.arange(b, dtype=torch.float64)) * L / b).long().clamp(max=L - 1) + 1
+        ranks = torch.rand(b, L, generator=generator).argsort(1)
+        ls.append(l)
+        masks.append(ranks < l[:, None])
+    l = torch.cat(ls)
+    masked = torch.cat(masks)
+    return Plan(masked, masked, L / l.double(), torch.arange(mc_num), mc_num)
+
+
+def exact_plan(L: int) -> Plan:
+    """Every non-empty mask pattern S with weight 1 / (C(L, |S|) · |S|): the bound exactly."""
+    patterns = torch.arange(1, 2 ** L)
+    masked = ((patterns[:, None] >> torch.arange(L)) & 1).bool()
+    l = masked.sum(1)
+    weight = torch.tensor([1.0 / (math.comb(L, int(k)) * int(k)) for k in l], dtype=torch.float64)
+    return Plan(masked, masked, weight, torch.zeros(len(patterns), dtype=torch.long), 1)
+
+
+def chain_plan(L: int) -> Plan:
+    """Row i scores r_i with r_<i visible and r_>=i masked; the rows sum to one chain-rule value."""
+    cols = torch.arange(L)
+    rows = cols[:, None]
+    return Plan(cols[None] >= rows, cols[None] == rows, torch.ones(L, dtype=torch.float64),
+                torch.zeros(L, dtype=torch.long), 1)
+
+
+def make_plan(mode: str, L: int, mc_num: int, batch_size: int, seed: int) -> Plan:
+    """The plan for one request. In "mc" mode a continuation with no more mask patterns than
+    `mc_num` (2^L − 1 <= mc_num, e.g. every one-token answer) is enumerated instead: the same
+    quantity with zero variance and fewer forward rows."""
+    if mode not in MODES:
+        raise ValueError(f"unknown likelihood mode {mode!r}: choose one of {', '.join(MODES)}")
+    if mode == "chain":
+        return chain_plan(L)
+    if mode == "exact" or 2 ** L - 1 <= mc_num:
+        return exact_plan(L)
+    return mc_plan(L, mc_num, batch_size, torch.Generator().manual_seed(seed))
+
+
+def score_requests(model, requests: Sequence[Request], *, cfg_scales: Sequence[float] = (0.0,),
+                   mode: str = "mc", mc_num: int = 128, batch_size: int = 32,
+                   mask_id: int | None = None) -> list[list[Estimate]]:
+    """Score many requests at several cfg scales: result[request][scale] is an Estimate.
+
+    Rows of different requests share forward batches (left-padded, with an attention mask, so
+    padding changes nothing). Each request's mask draws depend only on its own seed.
+    """
+    if mc_num < 1 or batch_size < 1:
+        raise ValueError(f"mc_num ({mc_num}) and batch_size ({batch_size}) must be positive")
+    if any(w < 0 for w in cfg_scales):
+        raise ValueError(f"cfg scales must be >= 0 (got {list(cfg_scales)}); 0 turns guidance off")
+    plans = [make_plan(mode, len(r.continuation), mc_num, batch_size, r.seed) for r in requests]
+    return score_plans(model, requests, plans, cfg_scales, batch_size, mask_id)
+
+
+@torch.no_grad()
+def score_plans(model, requests: Sequence[Request], plans: Sequence[Plan], cfg_scales: Sequence[float],
+                batch_size: int, mask_id: int | None = None) -> list[list[Estimate]]:
+    """Run every plan's rows through the model, `batch_size` rows per forward (doubled under CFG)."""
+    mask_id = _mask_id(model, mask_id)
+    limit = context_length(model)
+    for r in requests:
+        if limit is not None and len(r.context) + len(r.continuation) > limit:
+            raise ValueError(f"context ({len(r.context)} tokens) + continuation ({len(r.continuation)}) "
+                             f"exceeds the model's context of {limit} tokens; truncate the context")
+    sums = [torch.zeros(len(cfg_scales), p.n_samples, dtype=torch.float64) for p in plans]
+    rows = [(i, j) for i, p in enumerate(plans) for j in range(len(p.weight))]
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        values = _score_rows(model, [(requests[i], plans[i], j) for i, j in chunk], cfg_scales, mask_id)
+        for (i, j), v in zip(chunk, values.T):
+            sums[i][:, plans[i].sample[j]] += v
+    return [[_estimate(s) for s in per_scale] for per_scale in sums]
+
+
+def _score_rows(model, rows, cfg_scales: Sequence[float], mask_id: int) -> torch.Tensor:
+    """(S, B) weighted sums of log p over each row's scored positions, at every cfg scale.
+
+    Rows are right-aligned so every continuation ends at the last column and the vocabulary
+    projection runs only over the last max-L columns.
+    """
+    device = next(model.parameters()).device
+    width = max(len(r.context) + len(r.continuation) for r, _, _ in rows)
+    span = max(len(r.continuation) for r, _, _ in rows)
+    B = len(rows)
+    ids = torch.full((B, width), mask_id, dtype=torch.long)
+    attn = torch.zeros((B, width), dtype=torch.long)
+    prompt_index = torch.zeros((B, width), dtype=torch.bool)
+    targets = torch.zeros((B, span), dtype=torch.long)
+    scored = torch.zeros((B, span), dtype=torch.bool)
+    weight = torch.zeros(B, dtype=torch.float64)
+    for b, (req, plan, j) in enumerate(rows):
+        P, L = len(req.context), len(req.continuation)
+        cont = torch.tensor(list(req.continuation), dtype=torch.long)
+        ids[b, width - P - L:width - L] = torch.tensor(list(req.context), dtype=torch.long)
+        ids[b, width - L:] = cont.masked_fill(plan.masked[j], mask_id)
+        attn[b, width - P - L:] = 1
+        prompt_index[b, width - P - L:width - L] = True
+        targets[b, span - L:] = cont
+        scored[b, span - L:] = plan.scored[j]
+        weight[b] = plan.weight[j]
+    attention_mask = None if bool(attn.all()) else attn.to(device)
+    ids, prompt_index = ids.to(device), prompt_index.to(device)
+    guided = any(w > 0 for w in cfg_scales) and bool(prompt_index.any())
+    if guided:
+        ids = torch.cat([ids, unconditional_canvas(ids, prompt_index, mask_id)])
+        attention_mask = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
+    logits = forward_logits(model, ids, attention_mask, slice(width - span, width)).float()
+    cond, uncond = logits.chunk(2) if guided else (logits, logits)
+    targets, scored = targets.to(device), scored.to(device)
+    out = torch.empty(len(cfg_scales), B, dtype=torch.float64)
+    for s, w in enumerate(cfg_scales):
+        mixed = mix_guidance(cond, uncond, w) if guided and w > 0 else cond
+        logp = mixed.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+        out[s] = (logp * scored).sum(1).double().cpu() * weight
+    return out
+
+
+def _estimate(samples: torch.Tensor) -> Estimate:
+    n = samples.numel()
+    stderr = float(samples.std() / math.sqrt(n)) if n > 1 else 0.0
+    return Estimate(float(samples.mean()), stderr, n)
+
+
+def _mask_id(model, mask_id: int | None) -> int:
+    mask_id = mask_id if mask_id is not None else getattr(getattr(model, "config", None), "mask_token_id", None)
+    if mask_id is None:
+        raise ValueError("the model config has no mask_token_id: pass mask_id")
+    return mask_id
+
+
+def _score_one(model, context_ids, continuation_ids, plan: Plan, cfg_scale: float, batch_size: int,
+               mask_id: int | None) -> Estimate:
+    if cfg_scale < 0:
+        raise ValueError(f"cfg_scale must be >= 0 (got {cfg_scale}); 0 turns guidance off")
+    request = Request(list(context_ids), list(continuation_ids))
+    return score_plans(model, [request], [plan], [cfg_scale], batch_size, mask_id)[0][0]
+
+
+def mc_loglikelihood(model, context_ids, continuation_ids, *, mc_num: int = 128, batch_size: int = 32,
+                     cfg_scale: float = 0.0, mask_id: int | None = None, seed: int = 0) -> Estimate:
+    """The Monte Carlo bound (LLaDA Eq. 6) from `mc_num` samples; stderr = std / sqrt(mc_num).
+
+    The stratified draws are negatively correlated, so the reported stderr is conservative.
+    """
+    plan = mc_plan(len(continuation_ids), mc_num, batch_size, torch.Generator().manual_seed(seed))
+    return _score_one(model, context_ids, continuation_ids, plan, cfg_scale, batch_size, mask_id)
+
+
+def exact_bound(model, context_ids, continuation_ids, *, cfg_scale: float = 0.0, batch_size: int = 32,
+                mask_id: int | None = None) -> Estimate:
+    """The quantity `mc_loglikelihood` estimates, by enumerating all 2^L − 1 mask patterns."""
+    plan = exact_plan(len(continuation_ids))
+    return _score_one(model, context_ids, continuation_ids, plan, cfg_scale, batch_size, mask_id)
+
+
+def chain_rule_loglikelihood(model, context_ids, continuation_ids, *, cfg_scale: float = 0.0,
+                             batch_size: int = 32, mask_id: int | None = None) -> Estimate:
+    """Σ_i log p(r_i | context, r_<i, r_>=i masked): all L prefixes in one batch."""
+    plan = chain_plan(len(continuation_ids))
+    return _score_one(model, context_ids, continuation_ids, plan, cfg_scale, batch_size, mask_id)
+
+
+def greedy_check(model, context_ids, continuation_ids, *, cfg_scale: float = 0.0,
+                 mask_id: int | None = None) -> bool:
+    """Would the sampler produce exactly this continuation? Temperature 0, one token per step."""
+    L = len(continuation_ids)
+    if L == 0:
+        return True
+    device = next(model.parameters()).device
+    prompt = torch.tensor([list(context_ids)], dtype=torch.long, device=device)
+    out = generate(model, prompt, steps=L, gen_length=L, block_length=L, temperature=0.0,
+                   cfg_scale=cfg_scale, mask_id=_mask_id(model, mask_id))
+    return out[0, len(context_ids):].tolist() == list(continuation_ids)
+
+
+def rolling_windows(n: int, max_len: int) -> list[tuple[int, int, int]]:
+    """Split a document of n tokens into (context_start, start, end) windows for `document_bound`.
+
+    A document that fits is one window without context. A longer one is a first window of
+    `max_len` tokens, then windows of max_len // 2 tokens, each conditioned on the tokens just
+    before it so that context + window = max_len. Every token is scored exactly once.
+    """
+    if n <= max_len:
+        return [(0, 0, n)]
+    stride = max(1, max_len // 2)
+    windows = [(0, 0, max_len)]
+    start = max_len
+    while start < n:
+        end = min(start + stride, n)
+        windows.append((max(0, end - max_len), start, end))
+        start = end
+    return windows
+
+
+def document_bound(model, ids: Sequence[int], *, cfg_scale: float = 0.0, mode: str = "mc", mc_num: int = 128,
+                   batch_size: int = 32, mask_id: int | None = None, seed: int = 0,
+                   max_len: int | None = None) -> Estimate:
+    """Whole-document bound (perplexity, lm-eval's loglikelihood_rolling): the sum of the window
+    bounds of `rolling_windows`, like an AR model's rolling windows with truncated context.
+    Guidance only acts on windows that have preceding text as context."""
+    max_len = max_len or context_length(model) or len(ids)
+    ids = list(ids)
+    requests = [Request(ids[c:s], ids[s:e], seed * 1_000_003 + k)
+                for k, (c, s, e) in enumerate(rolling_windows(len(ids), max_len))]
+    scored = score_requests(model, requests, cfg_scales=[cfg_scale], mode=mode, mc_num=mc_num,
+                            batch_size=batch_size, mask_id=mask_id)
+    parts = [per_scale[0] for per_scale in scored]
+    return Estimate(sum(p.value for p in parts), math.sqrt(sum(p.stderr ** 2 for p in parts)),
+                    sum(p.n for p in parts))

@@ -1,0 +1,11 @@
+"""An OpenAI-compatible HTTP server for masked diffusion LMs, with dynamic batching and a live view.
+
+    from unmask.serve import ServeConfig, create_app
+    app = create_app(model, tokenizer, ServeConfig(model_name="tiny"))
+
+`unmask serve` runs it (see docs/serve.md).
+"""
+
+from .app import APIError, ServeConfig, create_app
+
+__all__ = ["APIError", "ServeConfig", "create_app"]

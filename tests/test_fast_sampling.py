@@ -1,0 +1,217 @@
+"""The fast sampling modes: KV caches, parallel decoding, compile, and `unmask bench`.
+
+The cache is an approximation, so its tests use the cases where it is exact: a step right after a
+refresh (refresh every step, or one step per block), a cached step on an unchanged canvas, and a
+one-layer model (its keys/values depend only on each token and its position, so nothing cached
+goes stale). Everything else is checked for the properties that must hold in any case: batch rows
+equal their prompts run alone, canvases fill, EOS stops, errors say what to change.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import unmask
+from unmask.bench import random_model, reference_generate
+from unmask.commands import bench as bench_command
+from unmask.models import KVCache, MaskedDiffusionLM, ModelConfig, load_model
+from unmask.sampling import left_pad, parallel_counts
+
+DATA = Path(__file__).parent / "data"
+MASK, EOS, PAD = 383, 381, 381
+KW = dict(steps=16, gen_length=32, block_length=8)
+
+
+@pytest.fixture(scope="module")
+def dense():
+    return load_model(DATA / "llada-dense-tiny", dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 380, (n,), generator=g).tolist() for n in (3, 9, 6)]
+    return prompts, *left_pad(prompts, pad_id=PAD)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+@pytest.mark.parametrize("steps,cache_refresh", [(16, 1), (4, "block")])  # every step follows a refresh
+def test_cache_right_after_a_refresh_is_exact(dense, batch, cache, cfg_scale, steps, cache_refresh):
+    _, ids, mask = batch
+    kw = KW | dict(steps=steps, cfg_scale=cfg_scale, attention_mask=mask)
+    exact = unmask.generate(dense, ids, **kw)
+    assert torch.equal(unmask.generate(dense, ids, cache=cache, cache_refresh=cache_refresh, **kw), exact)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("cfg_scale", [0.0, 0.5])
+def test_cache_is_exact_for_a_one_layer_model(cache, cfg_scale):
+    model = random_model(ModelConfig(n_layers=1), dtype=torch.float64, seed=3)
+    prompt = torch.randint(0, 380, (2, 5), generator=torch.Generator().manual_seed(1))
+    exact = unmask.generate(model, prompt, cfg_scale=cfg_scale, **KW)
+    assert torch.equal(unmask.generate(model, prompt, cache=cache, cfg_scale=cfg_scale, **KW), exact)
+
+
+@pytest.mark.parametrize("span", [(10, 18), (10, 30)])  # dual: the block; prefix: the block to the end
+def test_cached_step_on_an_unchanged_canvas_equals_full_recompute(dense, span):
+    x = torch.randint(0, 384, (3, 30), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(x)
+    mask[0, :4] = mask[2, :1] = 0  # left padding: positions must come from the full-canvas mask
+    full = dense(x, attention_mask=mask).logits
+    cache = KVCache(dense.config.n_layers)
+    dense(x, attention_mask=mask, kv_cache=cache, logits_slice=slice(10, 18))
+    start, end = span
+    cached = dense(x[:, start:end], attention_mask=mask, kv_cache=cache, cache_start=start,
+                   logits_slice=slice(0, 8)).logits
+    torch.testing.assert_close(cached, full[:, 10:18], rtol=0, atol=1e-10)
+
+
+FAST_MODES = [
+    dict(cache="prefix"), dict(cache="dual", cfg_scale=1.0), dict(threshold=0.3), dict(factor=1.0, cfg_scale=1.0),
+    dict(threshold=0.3, cache="dual", cfg_scale=1.0), dict(factor=2.0, cache="prefix", cache_refresh=3),
+]
+
+
+@pytest.mark.parametrize("mode", FAST_MODES)
+def test_batch_rows_equal_prompts_run_alone(dense, batch, mode):
+    prompts, ids, mask = batch
+    out = unmask.generate(dense, ids, attention_mask=mask, **KW, **mode)
+    for row, p in enumerate(prompts):
+        alone = unmask.generate(dense, torch.tensor([p]), **KW, **mode)
+        assert torch.equal(out[row, -32:], alone[0, -32:])
+    assert (out[0, :ids.shape[1] - 3] == PAD).all() and not (out == MASK).any()
+
+
+@pytest.mark.parametrize("rule", ["low_confidence", "random", "margin", "entropy"])
+@pytest.mark.parametrize("mode", [dict(threshold=0.5, cache="dual"), dict(factor=1.0, cache="prefix")])
+def test_every_rule_combines_with_fast_modes_and_cfg(dense, rule, mode):
+    out = unmask.generate(dense, torch.randint(0, 380, (2, 5)), remasking=rule, cfg_scale=0.5, temperature=0.7,
+                          generator=torch.Generator().manual_seed(0), **KW, **mode)
+    assert not (out == MASK).any()
+
+
+def test_threshold_above_one_commits_one_token_per_step(dense):
+    prompt = torch.randint(0, 380, (1, 5), generator=torch.Generator().manual_seed(4))
+    committed = []
+    out = unmask.generate(dense, prompt, **KW | dict(threshold=1.5), callback=lambda s: committed.append(int(s.committed.sum())),
+                          return_dict_in_generate=True)
+    assert committed == [1] * 32 and out.forward_passes == 32
+    assert torch.equal(out.sequences, unmask.generate(dense, prompt, **KW | dict(steps=32)))  # = one per step
+
+
+@pytest.mark.parametrize("mode", [dict(threshold=0.0), dict(factor=1e9), dict(threshold=0.0, cache="dual", cfg_scale=1.0)])
+def test_permissive_parallel_decoding_fills_a_block_per_step(dense, mode):
+    out = unmask.generate(dense, torch.randint(0, 380, (2, 5)), **KW, **mode, return_dict_in_generate=True)
+    assert out.forward_passes == out.steps == 4 and not (out.sequences == MASK).any()
+
+
+def test_parallel_counts():
+    conf = torch.tensor([[0.99, 0.9, 0.7, 0.2], [0.3, float("-inf"), 0.1, float("-inf")]])
+    assert parallel_counts(conf, threshold=0.8).tolist() == [2, 1]  # at least one, even below τ
+    assert parallel_counts(conf, threshold=0.05).tolist() == [4, 2]  # −inf never counts
+    # factor 1: n=1: 2·0.01 < 1, n=2: 3·0.1 < 1, n=3: 4·0.3 ≥ 1
+    assert parallel_counts(conf, factor=1.0).tolist() == [2, 1]
+    assert parallel_counts(conf, factor=10.0).tolist() == [4, 2]
+
+
+def test_finished_rows_drop_out_and_eos_stops():
+    """With this model and prompts, row 0 says EOS (token 347) in its first block and row 1 never."""
+    model = random_model(ModelConfig(), dtype=torch.float64, seed=4)
+    prompts = torch.randint(0, 380, (2, 5), generator=torch.Generator().manual_seed(0))
+    eos = 347
+    sizes = []
+    hook = model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    try:
+        for mode in (dict(cache="dual", cfg_scale=0.2), dict(threshold=0.3, cache="prefix"), dict(factor=1.0)):
+            sizes.clear()
+            out = unmask.generate(model, prompts, stop_at_eos=True, eos_token_id=eos, **KW, **mode)
+            first = int((out[0, 5:] == eos).nonzero()[0])
+            assert first < 8 and (out[0, 5 + first:] == eos).all() and eos not in out[1, 5:].tolist()
+            rows = 2 * (1 + (mode.get("cfg_scale", 0) > 0))
+            assert sizes[0] == rows and sizes[-1] == rows // 2  # row 0 left the batch
+            alone = unmask.generate(model, prompts[1:], stop_at_eos=True, eos_token_id=eos, **KW, **mode)
+            assert torch.equal(out[1:], alone)
+    finally:
+        hook.remove()
+
+
+def test_compile_path_gives_the_same_tokens(dense):
+    prompt = torch.randint(0, 380, (2, 5), generator=torch.Generator().manual_seed(7))
+    mode = dict(cache="dual", cfg_scale=0.5, threshold=0.3)
+    assert torch.equal(unmask.generate(dense, prompt, compile="eager", **KW, **mode),
+                       unmask.generate(dense, prompt, **KW, **mode))
+    assert "_unmask_compiled" not in "".join(dense.state_dict())
+
+
+class Stand_in(torch.nn.Module):
+    """A non-native model (as trust_remote_code loads): no KV cache."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config = model, model.config
+
+    def forward(self, x, attention_mask=None):
+        return self.inner(x, attention_mask=attention_mask)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(cache="full"), "unknown cache"),
+    (dict(cache="dual", cache_refresh=0), "cache_refresh"),
+    (dict(threshold=0.9, factor=1.0), "not both"),
+    (dict(factor=0.0), "factor must be > 0"),
+])
+def test_clear_errors(dense, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        unmask.generate(dense, torch.randint(0, 380, (1, 4)), **KW, **kwargs)
+
+
+def test_cache_refuses_infilling_and_foreign_models(dense):
+    prompt = torch.randint(0, 380, (1, 6))
+    prompt[0, 2] = MASK
+    with pytest.raises(ValueError, match="infilling"):
+        unmask.generate(dense, prompt, cache="dual", **KW)
+    with pytest.raises(ValueError, match="own model"):
+        unmask.generate(Stand_in(dense), prompt[:, 3:], cache="dual", **KW)
+    assert not (unmask.generate(dense, prompt, threshold=0.5, **KW) == MASK).any()  # infilling without a cache
+
+
+def test_parallel_decoding_ignores_steps(dense):
+    out = unmask.generate(dense, torch.randint(0, 380, (1, 4)), steps=3, gen_length=16, block_length=8, threshold=0.9)
+    assert not (out == MASK).any()
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+def test_bench_reference_is_the_exact_algorithm(dense, cfg_scale):
+    prompt = torch.randint(0, 380, (3, 5), generator=torch.Generator().manual_seed(8))
+    assert torch.equal(reference_generate(dense, prompt, cfg_scale=cfg_scale, mask_id=MASK, **KW),
+                       unmask.generate(dense, prompt, cfg_scale=cfg_scale, **KW))
+
+
+def test_random_model_is_finite():
+    model = random_model(ModelConfig(layout="lladamoe", n_experts=4, experts_per_token=2,
+                                   expert_hidden_size=32, qk_norm=True))
+    assert isinstance(model, MaskedDiffusionLM)
+    assert torch.isfinite(model(torch.randint(0, 380, (1, 8))).logits).all()
+
+
+def test_bench_command_runs_tiny_and_writes_json_and_markdown(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    bench_command.register(parser.add_subparsers())
+    args = parser.parse_args(["bench", "--shape", "tiny", "--batch-sizes", "1", "2", "--prompt-len", "6",
+                              "--gen-length", "16", "--block-length", "8", "--repeats", "1", "--device", "cpu",
+                              "--json", str(tmp_path / "b.json"), "--markdown", str(tmp_path / "b.md")])
+    assert args.func(args) == 0
+    result = json.loads((tmp_path / "b.json").read_text())
+    rows = {(r["batch"], r["mode"]): r for r in result["rows"]}
+    assert len(rows) == 2 * 8 and result["meta"]["hardware"]["torch"] == torch.__version__
+    for b in (1, 2):
+        for mode in ("reference (baseline)", "exact", "exact+cfg"):
+            assert rows[b, mode]["agreement"] == 1.0
+        assert rows[b, "threshold 0.9"]["passes_per_token"] <= 1.0 and rows[b, "dual"]["tokens_per_s"] > 0
+    markdown = (tmp_path / "b.md").read_text()
+    assert "| 2 | threshold+dual+cfg |" in markdown and "speedup" in markdown
+    assert "| 1 | dual+cfg |" in capsys.readouterr().out
