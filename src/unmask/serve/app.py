@@ -14,7 +14,6 @@ as server-sent events. Every error leaves as an OpenAI-style body
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import time
 from contextlib import asynccontextmanager
@@ -25,7 +24,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
-from ..sampling import generate, validate_request
+from ..sampling import validate_request
+from ..sampling.generate import validate_fast_options
+from ..sampling.text import encode_prompt, stop_token_ids
 from .batching import (BatchRunner, Failed, Finished, Job, QueueFull, RequestTimeout, SamplingParams, Scheduler,
                        ShuttingDown)
 from .metrics import ServerMetrics
@@ -34,7 +35,6 @@ from .protocol import (AssistantMessage, ChatChoice, ChatCompletion, ChatComplet
                        ErrorResponse, ModelCard, ModelList, SamplingRequest, Usage, new_id, now)
 
 STATIC = Path(__file__).parent / "static"
-OPTIONAL_SAMPLER_ARGS = ("threshold", "cache")
 
 
 @dataclass
@@ -114,13 +114,14 @@ class Server:
     def __init__(self, model, tokenizer, config: ServeConfig):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         mcfg = getattr(model, "config", None)
-        self.mask_id = getattr(mcfg, "mask_token_id", None) or tokenizer.mask_token_id
-        self.eos_id = getattr(mcfg, "eos_token_id", None) or tokenizer.eos_token_id
-        eot_id = getattr(mcfg, "eot_token_id", None)
-        self.end_ids = {i for i in (self.eos_id, eot_id, tokenizer.eos_token_id) if i is not None}
+        self.mask_id = getattr(mcfg, "mask_token_id", None)
+        if self.mask_id is None:
+            self.mask_id = tokenizer.mask_token_id
+        self.end_ids = set(stop_token_ids(model, tokenizer))
+        self.eos_id = getattr(mcfg, "eos_token_id", None)
+        if self.eos_id is None:
+            self.eos_id = tokenizer.eos_token_id
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
-        self.sampler_args = set(inspect.signature(generate).parameters)
-        self.validates_parallel = "parallel" in inspect.signature(validate_request).parameters
         self.scheduler: Scheduler | None = None
         self.metrics = ServerMetrics(lambda: self.scheduler.queue_depth if self.scheduler else 0,
                                      lambda: self.scheduler.in_flight if self.scheduler else 0)
@@ -141,9 +142,6 @@ class Server:
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(req, name) not in (None, 0.0):
                 raise APIError(400, f"{name} is not supported by the diffusion sampler (leave it unset or 0)", name)
-        for name in OPTIONAL_SAMPLER_ARGS:
-            if getattr(req, name) is not None and name not in self.sampler_args:
-                raise APIError(400, f"{name} is not supported by this version of the unmask sampler", name)
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed with stream=true", "stream_options")
 
@@ -176,9 +174,13 @@ class Server:
         try:
             validate_request(self.model, prompt_length, params.steps, params.gen_length, params.block_length,
                              params.temperature, params.cfg_scale, params.remasking, self.mask_id,
-                             **({"parallel": True} if params.threshold is not None and self.validates_parallel else {}))
+                             parallel=params.threshold is not None)
         except ValueError as e:
             raise sampler_error(e, prompt_field) from None
+        try:
+            validate_fast_options(self.model, False, params.cache, "block", params.threshold, None)
+        except ValueError as e:
+            raise APIError(400, str(e), "cache" if "cache" in str(e) else "threshold") from None
         return params
 
     def submit(self, req: SamplingRequest, prompt: list[int], params: SamplingParams) -> Job:
@@ -369,10 +371,9 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         max_field = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            prompt = encode_prompt(tokenizer, messages)
         except Exception as e:  # a template may reject an ordering of roles
             raise APIError(400, f"the chat template rejected these messages: {e}", "messages") from None
-        prompt = tokenizer(text, add_special_tokens=False).input_ids
         max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
         params = server.sampling_params(req, max_tokens, len(prompt),
                                         "messages", max_field)
