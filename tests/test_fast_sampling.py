@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import unmask
-from unmask.bench import random_model, reference_generate
+from unmask.bench import answer_matches, random_model, reference_generate
 from unmask.commands import bench as bench_command
 from unmask.models import KVCache, MaskedDiffusionLM, ModelConfig, load_model
 from unmask.sampling import left_pad, parallel_counts
@@ -215,3 +215,36 @@ def test_bench_command_runs_tiny_and_writes_json_and_markdown(tmp_path, capsys):
     markdown = (tmp_path / "b.md").read_text()
     assert "| 2 | threshold+dual+cfg |" in markdown and "speedup" in markdown
     assert "| 1 | dual+cfg |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("generated, target, expected", [
+    (" orange. Sam Price", "orange", True), ("Orange", "orange", True), ("\n 42,", "42", True),
+    (" oranges", "orange", False), ("", "orange", False), (" the orange", "orange", False)])
+def test_bench_answer_matching(generated, target, expected):
+    assert answer_matches(generated, target) is expected
+
+
+def test_bench_suite_column(tiny_checkpoint, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    bench_command.register(parser.add_subparsers())
+    args = parser.parse_args(["bench", "--model", str(tiny_checkpoint), "--suite", "--suite-items", "4",
+                              "--modes", "exact", "threshold 0.9", "--batch-sizes", "2", "--prompt-len", "6",
+                              "--gen-length", "16", "--block-length", "8", "--repeats", "1", "--device", "cpu",
+                              "--json", str(tmp_path / "b.json"), "--markdown", str(tmp_path / "b.md")])
+    assert args.func(args) == 0
+    rows = {r["mode"]: r for r in json.loads((tmp_path / "b.json").read_text())["rows"]}
+    assert "suite_accuracy" not in rows["reference (baseline)"]
+    for mode in ("exact", "threshold 0.9"):
+        assert 0.0 <= rows[mode]["suite_accuracy"] <= 1.0
+        assert set(rows[mode]["suite_tasks"]) == {"world_cloze", "world_mc"}
+        assert all(0.0 <= acc <= 1.0 for acc in rows[mode]["suite_tasks"].values())
+    assert "| agreement | suite acc |" in (tmp_path / "b.md").read_text()
+    assert "| 2 | threshold 0.9 |" in capsys.readouterr().out
+
+
+def test_bench_suite_needs_a_tokenizer():
+    parser = argparse.ArgumentParser()
+    bench_command.register(parser.add_subparsers())
+    args = parser.parse_args(["bench", "--shape", "tiny", "--suite", "--device", "cpu"])
+    with pytest.raises(ValueError, match="--suite needs a tokenizer"):
+        args.func(args)

@@ -10,6 +10,12 @@ identical; the exact modes must show 1.0, the approximate ones show what they ch
 Without a checkpoint the model is a named shape with random weights (no download): throughput is
 meaningful, agreement much less so (a random model is unconfident, so threshold decoding commits
 about one token per step and the cache approximation flips near-ties).
+
+With `suite_items` (and the checkpoint's tokenizer) each mode also gets a suite accuracy: agreement
+says how far a fast mode strays from the exact output, not whether what it writes is still right.
+Likelihood scoring does not depend on the sampling mode, so the accuracy is measured by generation:
+each mode completes the first items of world_cloze and world_mc, and an item counts when the
+completion's first word is the answer.
 """
 
 from __future__ import annotations
@@ -17,14 +23,19 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import string
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from .eval.encoding import encode_pair
+from .eval.tasks import get_task, load_items
 from .models import PRESETS, MaskedDiffusionLM, ModelConfig
-from .sampling import generate
+from .sampling import generate, left_pad
+from .sampling.generate import context_length
+from .sampling.text import completion_ids, stop_token_ids
 
 # Random-weight shapes: the public ones, unmask's bundled model, and a tiny one for CI.
 SHAPES: dict[str, ModelConfig] = {
@@ -45,6 +56,11 @@ MODES: dict[str, dict] = {
     "threshold+dual+cfg": {"threshold": 0.9, "cache": "dual", "cfg": True},
 }
 
+# The suite's generation tasks and schedule: an answer is one word, so a short canvas decoded one
+# token per step (exact modes) holds it; the fast modes add their own options to this schedule.
+SUITE_TASKS = ("world_cloze", "world_mc")
+SUITE_SCHEDULE = {"steps": 8, "gen_length": 8, "block_length": 8}
+
 
 @dataclass
 class BenchConfig:
@@ -57,6 +73,7 @@ class BenchConfig:
     repeats: int = 3
     modes: list[str] = field(default_factory=lambda: list(MODES))
     seed: int = 0
+    suite_items: int = 0            # items per suite task for the accuracy column; 0: no suite
 
     @property
     def total_steps(self) -> int:
@@ -161,8 +178,81 @@ def mode_kwargs(name: str, cfg: BenchConfig) -> dict:
     return options | {"cfg_scale": cfg.cfg_scale if options.pop("cfg", False) else 0.0}
 
 
-def run_bench(model, cfg: BenchConfig, progress=print) -> list[dict]:
-    """One row per (batch size, mode), the baseline first; see the module docstring for the columns."""
+def first_word(text: str) -> str:
+    """The first whitespace-separated word, without surrounding punctuation."""
+    words = text.split()
+    return words[0].strip(string.punctuation) if words else ""
+
+
+def answer_matches(generated: str, target: str) -> bool:
+    """Whether a completion gives the answer: its first word is the target, case aside.
+
+    The first word only, because a short canvas runs on past the answer ("orange. Sam Price ...").
+    """
+    return first_word(generated).lower() == target.strip().lower()
+
+
+def suite_requests(tokenizer, task_name: str, limit: int,
+                   max_prompt: int | None) -> tuple[list[list[int]], list[str]]:
+    """(prompt ids, answers) of a task's first `limit` items.
+
+    The prompt is the right choice's context and the answer its continuation, as the likelihood
+    eval builds them (lm-eval's formats, BOS in front, the context cut from the left to fit).
+    """
+    items = load_items(get_task(task_name), limit=limit)
+    prompts = [encode_pair(tokenizer, item.requests[item.gold][0], "", max_prompt)[0] for item in items]
+    return prompts, [item.requests[item.gold][1].strip() for item in items]
+
+
+def complete(model, tokenizer, prompts: list[list[int]], batch_size: int, **kwargs) -> tuple[list[str], int]:
+    """(completion texts, forward passes) of `prompts`, `batch_size` rows at a time, left-padded.
+
+    Ends of text are decided last and end a row, as `generate_text` does, so a completion is text.
+    """
+    stops = stop_token_ids(model, tokenizer)
+    if stops:
+        kwargs |= {"eos_last": True, "stop_at_eos": True, "eos_token_id": stops[0]}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    texts, passes = [], 0
+    for start in range(0, len(prompts), batch_size):
+        ids, attention = left_pad(prompts[start:start + batch_size], pad)
+        out = generate(model, ids.to(model.device), attention_mask=attention.to(model.device),
+                       return_dict_in_generate=True, **kwargs)
+        passes += out.forward_passes
+        for row in out.sequences[:, ids.shape[1]:].tolist():
+            kept, _ = completion_ids(row, stops, model.config.mask_token_id)
+            texts.append(tokenizer.decode(kept, skip_special_tokens=True))
+    return texts, passes
+
+
+def suite_scores(model, tokenizer, cfg: BenchConfig, mode: str) -> dict:
+    """Suite accuracy of one mode (mean over SUITE_TASKS, and per task) and its passes per token.
+
+    Batched at the bench's largest batch size. Passes per token are per generated token of one row,
+    a batch's pass counting once, as in the main column.
+    """
+    schedule = SUITE_SCHEDULE | mode_kwargs(mode, cfg)
+    limit = context_length(model)
+    max_prompt = None if limit is None else limit - schedule["gen_length"]
+    batch_size = max(cfg.batch_sizes)
+    per_task, passes, batches = {}, 0, 0
+    for task in SUITE_TASKS:
+        prompts, answers = suite_requests(tokenizer, task, cfg.suite_items, max_prompt)
+        texts, task_passes = complete(model, tokenizer, prompts, batch_size, **schedule)
+        per_task[task] = float(statistics.mean(answer_matches(t, a) for t, a in zip(texts, answers)))
+        passes += task_passes
+        batches += -(-len(prompts) // batch_size)
+    return {"suite_accuracy": statistics.mean(per_task.values()), "suite_tasks": per_task,
+            "suite_passes_per_token": passes / (batches * schedule["gen_length"])}
+
+
+def run_bench(model, cfg: BenchConfig, progress=print, tokenizer=None) -> list[dict]:
+    """One row per (batch size, mode), the baseline first; see the module docstring for the columns.
+
+    With cfg.suite_items the `tokenizer` is needed; the suite columns depend on the mode only, so
+    they are measured once per mode and repeated on each batch size's row (the baseline has none).
+    """
+    suite = {name: suite_scores(model, tokenizer, cfg, name) for name in cfg.modes} if cfg.suite_items else {}
     device = model.device
     mask_id = model.config.mask_token_id
     common = dict(steps=cfg.total_steps, gen_length=cfg.gen_length, block_length=cfg.block_length)
@@ -176,14 +266,14 @@ def run_bench(model, cfg: BenchConfig, progress=print) -> list[dict]:
             exact[cfg_scale] = generate(model, prompt, cfg_scale=cfg_scale, **common)[:, cfg.prompt_len:]
         rows.append(_row(batch, "reference (baseline)", tokens, base_s, base_s, cfg.total_steps, cfg.gen_length,
                          ref[:, cfg.prompt_len:], exact[0.0]))
-        progress(_format_row(rows[-1]))
+        progress(_format_row(rows[-1], bool(suite)))
         for name in cfg.modes:
             kwargs = mode_kwargs(name, cfg)
             out, seconds = timed(lambda: generate(model, prompt, return_dict_in_generate=True, **common, **kwargs),
                                  cfg.repeats, device)
             rows.append(_row(batch, name, tokens, seconds, base_s, out.forward_passes, cfg.gen_length,
-                             out.sequences[:, cfg.prompt_len:], exact[kwargs["cfg_scale"]]))
-            progress(_format_row(rows[-1]))
+                             out.sequences[:, cfg.prompt_len:], exact[kwargs["cfg_scale"]]) | suite.get(name, {}))
+            progress(_format_row(rows[-1], bool(suite)))
     return rows
 
 
@@ -193,9 +283,12 @@ def _row(batch, mode, tokens, seconds, base_seconds, passes, gen_length, generat
             "passes_per_token": passes / gen_length, "speedup": base_seconds / seconds, "agreement": agreement}
 
 
-def _format_row(r: dict) -> str:
-    return (f"| {r['batch']} | {r['mode']} | {r['tokens_per_s']:.1f} | {r['passes_per_token']:.3f} | "
-            f"{r['speedup']:.2f}x | {r['agreement']:.3f} |")
+def _format_row(r: dict, suite: bool = False) -> str:
+    row = (f"| {r['batch']} | {r['mode']} | {r['tokens_per_s']:.1f} | {r['passes_per_token']:.3f} | "
+           f"{r['speedup']:.2f}x | {r['agreement']:.3f} |")
+    if suite:
+        row += f" {r['suite_accuracy']:.3f} |" if "suite_accuracy" in r else " – |"
+    return row
 
 
 def hardware() -> dict:
@@ -207,13 +300,17 @@ def hardware() -> dict:
     return info
 
 
-TABLE_HEADER = "| batch | mode | tokens/s | passes/token | speedup | agreement |\n|---|---|---|---|---|---|"
+def table_header(suite: bool = False) -> str:
+    columns = ["batch", "mode", "tokens/s", "passes/token", "speedup", "agreement"] + ["suite acc"] * suite
+    return "| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|"
 
 
 def to_markdown(rows: list[dict], meta: dict) -> str:
     settings = ", ".join(f"{k}={v}" for k, v in meta.items() if k != "hardware")
     hw = ", ".join(f"{k}: {v}" for k, v in meta["hardware"].items())
-    return "\n".join([f"{settings}", "", f"hardware: {hw}", "", TABLE_HEADER, *map(_format_row, rows), ""])
+    suite = bool(meta.get("suite_items"))
+    return "\n".join([f"{settings}", "", f"hardware: {hw}", "", table_header(suite),
+                      *(_format_row(r, suite) for r in rows), ""])
 
 
 def bench_meta(model, cfg: BenchConfig, model_name: str, dtype: torch.dtype) -> dict:

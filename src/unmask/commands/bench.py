@@ -28,6 +28,10 @@ def register(subparsers) -> None:
                    help="default: float32 on the CPU, bfloat16 on a GPU")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median), after one warm-up")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--suite", action="store_true",
+                   help="add each mode's accuracy on the bundled suite (world_cloze, world_mc) by generation; "
+                        "needs the checkpoint's tokenizer (--model or the bundled model)")
+    p.add_argument("--suite-items", type=int, default=100, help="items per suite task with --suite")
     p.add_argument("--json", help="write the rows and settings as JSON here")
     p.add_argument("--markdown", help="write the table as Markdown here")
     p.set_defaults(func=run)
@@ -39,31 +43,58 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def bench_model_dir(model_dir: str | None, shape: str | None):
+    """The checkpoint to bench: `model_dir`, else the bundled model if installed; None: random `shape`."""
+    from ..models import DEFAULT_MODEL_DIR
+
+    if shape is None and (model_dir is not None or (DEFAULT_MODEL_DIR / "config.json").exists()):
+        return model_dir or DEFAULT_MODEL_DIR
+    return None
+
+
 def load_bench_model(model_dir: str | None, shape: str | None, device: str, dtype):
     """(model, name): the checkpoint, else the bundled model, else random weights of `shape`."""
     from ..bench import SHAPES, random_model
-    from ..models import DEFAULT_MODEL_DIR, load_model
+    from ..models import load_model
 
-    if shape is None and (model_dir is not None or (DEFAULT_MODEL_DIR / "config.json").exists()):
-        return load_model(model_dir, dtype=dtype, device=device), str(model_dir or DEFAULT_MODEL_DIR)
+    checkpoint = bench_model_dir(model_dir, shape)
+    if checkpoint is not None:
+        return load_model(checkpoint, dtype=dtype, device=device), str(checkpoint)
     shape = shape or "bundled"
     return random_model(SHAPES[shape], device, dtype), f"random {shape}"
+
+
+def load_suite_tokenizer(args):
+    """The checkpoint's tokenizer for --suite, checked before any model is built: random weights have none."""
+    from ..models import load_tokenizer
+
+    if args.suite_items < 1:
+        raise ValueError("--suite-items must be >= 1")
+    checkpoint = bench_model_dir(args.model, args.shape)
+    if checkpoint is None:
+        raise ValueError("--suite needs a tokenizer: pass --model DIR (a checkpoint with its tokenizer) or "
+                         "install the bundled model; random --shape weights have none")
+    return load_tokenizer(checkpoint)
 
 
 def run(args) -> int:
     import torch
 
-    from ..bench import TABLE_HEADER, BenchConfig, bench_meta, run_bench, write_outputs
+    from ..bench import BenchConfig, bench_meta, run_bench, table_header, write_outputs
 
+    tokenizer = load_suite_tokenizer(args) if args.suite else None
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
     model, name = load_bench_model(args.model, args.shape, args.device, dtype)
     cfg = BenchConfig(batch_sizes=args.batch_sizes, prompt_len=args.prompt_len, gen_length=args.gen_length,
                       block_length=args.block_length, steps=args.steps, cfg_scale=args.cfg_scale,
-                      repeats=args.repeats, modes=args.modes, seed=args.seed)
+                      repeats=args.repeats, modes=args.modes, seed=args.seed,
+                      suite_items=args.suite_items if args.suite else 0)
     meta = bench_meta(model, cfg, name, dtype)
     print(f"unmask bench: {name}, {meta['parameters']:,} parameters, {meta['dtype']} on {meta['device']}")
-    print(TABLE_HEADER)
-    rows = run_bench(model, cfg)
+    if args.suite:
+        print(f"suite: {args.suite_items} items each of world_cloze and world_mc per mode, by generation")
+    print(table_header(args.suite))
+    rows = run_bench(model, cfg, tokenizer=tokenizer)
     write_outputs(rows, meta, args.json, args.markdown)
     if args.markdown:
         print(f"wrote {args.markdown}")

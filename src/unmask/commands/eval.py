@@ -23,8 +23,9 @@ def register(sub) -> None:
     add_model_args(p)
     p.add_argument("--data-dir", default=None, help="directory with <task>.jsonl/.parquet files")
     p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
-    p.add_argument("--mode", choices=["mc", "chain"], default="mc",
-                   help="likelihood: Monte Carlo bound (mc) or chain rule (chain)")
+    p.add_argument("--mode", choices=["mc", "chain"], default=None,
+                   help="likelihood: Monte Carlo bound (mc, LLaDA's protocol) or chain rule (chain, SMDM's for "
+                        "short answers). Default: chain for the bundled suite (minutes on a CPU), mc otherwise")
     p.add_argument("--mc-num", type=int, default=128, help="Monte Carlo samples per continuation")
     p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (doubled under CFG)")
     p.add_argument("--dev-fraction", type=float, default=0.2, help="dev slice for --cfg-scale auto")
@@ -65,19 +66,20 @@ def run_eval(args) -> int:
 
     scales, auto = parse_scales(args.cfg_scale)
     names = args.tasks.split(",") if args.tasks else BUNDLED_TASKS
+    mode = args.mode or ("mc" if args.tasks else "chain")
     tasks = [get_task(n.strip()) for n in names if n.strip()]
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be >= 1")
     _init_distributed(args.device)
     model, tokenizer = unmask.load(args.model, dtype=args.dtype, device=args.device,
                                    trust_remote_code=args.trust_remote_code)
-    config = EvalConfig(cfg_scales=scales, auto=auto, mode=args.mode, mc_num=args.mc_num,
+    config = EvalConfig(cfg_scales=scales, auto=auto, mode=mode, mc_num=args.mc_num,
                         batch_size=args.batch_size, seed=args.seed, limit=args.limit,
                         dev_fraction=args.dev_fraction)
     results = evaluate(model, tokenizer, tasks, args.data_dir, config)
     if rank_and_world()[0] == 0:
         meta = {"model": str(args.model or "bundled"), "cfg_scales": list(scales), "auto": auto,
-                "mode": args.mode, "mc_num": args.mc_num, "seed": args.seed, "limit": args.limit,
+                "mode": mode, "mc_num": args.mc_num, "seed": args.seed, "limit": args.limit,
                 "world_size": rank_and_world()[1]}
         json_path, md_path = write_report(results, args.out, meta)
         print(markdown_table(results))
