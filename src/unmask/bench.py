@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from .eval.encoding import encode_pair
 from .eval.tasks import get_task, load_items
 from .models import PRESETS, MaskedDiffusionLM, ModelConfig
-from .sampling import generate, left_pad
+from .sampling import generate
 from .sampling.generate import context_length
-from .sampling.text import completion_ids, stop_token_ids
+from .sampling.text import complete_ids
 
 # Random-weight shapes: the public ones, unmask's bundled model, and a tiny one for CI.
 SHAPES: dict[str, ModelConfig] = {
@@ -205,23 +205,12 @@ def suite_requests(tokenizer, task_name: str, limit: int,
 
 
 def complete(model, tokenizer, prompts: list[list[int]], batch_size: int, **kwargs) -> tuple[list[str], int]:
-    """(completion texts, forward passes) of `prompts`, `batch_size` rows at a time, left-padded.
-
-    Ends of text are decided last and end a row, as `generate_text` does, so a completion is text.
-    """
-    stops = stop_token_ids(model, tokenizer)
-    if stops:
-        kwargs |= {"eos_last": True, "stop_at_eos": True, "eos_token_id": stops[0]}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    """(completion texts, forward passes) of `prompts`, `batch_size` rows at a time."""
     texts, passes = [], 0
     for start in range(0, len(prompts), batch_size):
-        ids, attention = left_pad(prompts[start:start + batch_size], pad)
-        out = generate(model, ids.to(model.device), attention_mask=attention.to(model.device),
-                       return_dict_in_generate=True, **kwargs)
-        passes += out.forward_passes
-        for row in out.sequences[:, ids.shape[1]:].tolist():
-            kept, _ = completion_ids(row, stops, model.config.mask_token_id)
-            texts.append(tokenizer.decode(kept, skip_special_tokens=True))
+        batch_texts, batch_passes = complete_ids(model, tokenizer, prompts[start:start + batch_size], **kwargs)
+        texts += batch_texts
+        passes += batch_passes
     return texts, passes
 
 

@@ -44,25 +44,30 @@ def completion_ids(generated: list[int], stop_ids: list[int], mask_id: int | Non
 def generate_text(model, tokenizer, prompts: list[str] | list[list[dict]], chat: bool = False, **kwargs) -> list[str]:
     """Complete each prompt; returns the text up to the end of each completion.
 
-    kwargs go to `generate` (steps, gen_length, block_length, cfg_scale, ...). Ends of text are
-    decided last and finished rows stop early unless the caller says otherwise.
+    kwargs go to `generate` (steps, gen_length, block_length, cfg_scale, ...)."""
+    return complete_ids(model, tokenizer, [encode_prompt(tokenizer, p, chat) for p in prompts], **kwargs)[0]
+
+
+def complete_ids(model, tokenizer, prompts: list[list[int]], **kwargs) -> tuple[list[str], int]:
+    """(completion texts, forward passes) for token-id prompts, batched with left padding.
+
+    Ends of text are decided last and finished rows stop early unless the caller says otherwise.
     """
-    ids = [encode_prompt(tokenizer, p, chat) for p in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
-    batch, attention = left_pad(ids, pad)
+    batch, attention = left_pad(prompts, pad)
     stops = stop_token_ids(model, tokenizer)
     if stops:
         kwargs.setdefault("eos_last", True)
         kwargs.setdefault("stop_at_eos", True)
         kwargs.setdefault("eos_token_id", stops[0])
+    kwargs["return_dict_in_generate"] = True
     out = generate(model, batch.to(model.device), attention_mask=attention.to(model.device), **kwargs)
-    sequences = out.sequences if hasattr(out, "sequences") else out
     mask_id = kwargs.get("mask_id") or getattr(model.config, "mask_token_id", None)
     texts = []
-    for row in sequences[:, batch.shape[1]:].tolist():
+    for row in out.sequences[:, batch.shape[1]:].tolist():
         kept, _ = completion_ids(row, stops, mask_id)
         texts.append(tokenizer.decode(kept, skip_special_tokens=True))
-    return texts
+    return texts, out.forward_passes
 
 
 def decode_canvas(tokenizer, row: torch.Tensor, mask_id: int, mask_text: str = "·") -> list[str]:
