@@ -1,18 +1,11 @@
-"""The model shipped inside the package: loads with no path, writes in-domain text, uses the prompt."""
+"""The model shipped inside the package: loads with no path, small, writes in-domain text."""
 
 import pytest
-import torch
 
 import unmask
 from unmask.models import DEFAULT_MODEL_DIR
+from unmask.data.world import VALUES
 from unmask.sampling.text import generate_text
-
-pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").exists(),
-                                reason="bundled model not built (see recipes/default_model.toml)")
-
-PASSAGE = ("Nora Marsh lives in Ashford. Nora Marsh works as a baker. Tom Hale lives in Millbrook. "
-           "Tom Hale works as a driver.")
-
 
 @pytest.fixture(scope="module")
 def bundled():
@@ -34,10 +27,12 @@ def test_generates_readable_text_without_masks(bundled):
     assert sum(w.strip(".,?").isalpha() for w in words) >= len(words) // 2
 
 
-def test_answers_from_the_passage(bundled):
-    """The prompt matters: the answer is read from the passage (a held-out name pair)."""
+def test_completes_facts_with_values_of_the_right_kind(bundled):
+    """'X lives in' ends in a town of the world, 'X works as a' in a job, and so on (held-out names)."""
     model, tokenizer = bundled
-    prompts = [f"{PASSAGE}\nQuestion: What is Nora Marsh's job?\nAnswer:",
-               f"{PASSAGE}\nQuestion: Where does Tom Hale live?\nAnswer:"]
-    answers = generate_text(model, tokenizer, prompts, steps=8, gen_length=8, block_length=8, cfg_scale=1.0)
-    assert "baker" in answers[0] and "Millbrook" in answers[1]
+    prompts = {"Nora Marsh lives in": "town", "Tom Hale works as a": "job", "Nora Marsh likes the colour": "colour",
+               "Tom Hale lives in the town of": "town"}
+    texts = generate_text(model, tokenizer, list(prompts), steps=8, gen_length=8, block_length=8)
+    for (prompt, kind), text in zip(prompts.items(), texts):
+        words = {w.strip(".,") for w in text.split()}
+        assert words & set(VALUES[kind]), (prompt, text)
