@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .generate import generate, left_pad
+from .generate import generate, left_pad, special_ids
 
 
 def encode_prompt(tokenizer, text: str | list[dict], chat: bool = False) -> list[int]:
@@ -62,7 +62,7 @@ def complete_ids(model, tokenizer, prompts: list[list[int]], **kwargs) -> tuple[
         kwargs.setdefault("eos_token_id", stops[0])
     kwargs["return_dict_in_generate"] = True
     out = generate(model, batch.to(model.device), attention_mask=attention.to(model.device), **kwargs)
-    mask_id = kwargs.get("mask_id") or getattr(model.config, "mask_token_id", None)
+    mask_id = special_ids(model, "mask_token_id", kwargs.get("mask_id"))
     texts = []
     for row in out.sequences[:, batch.shape[1]:].tolist():
         kept, _ = completion_ids(row, stops, mask_id)
