@@ -242,3 +242,8 @@ def test_clear_errors(dense, kwargs, message):
     args = dict(steps=8, gen_length=8, block_length=8) | kwargs
     with pytest.raises(ValueError, match=message):
         unmask.generate(dense, torch.randint(0, 380, (1, 4)), **args)
+
+
+def test_a_model_without_mask_id_needs_one(moe):
+    with pytest.raises(ValueError, match="pass mask_id"):
+        unmask.generate(moe, torch.randint(0, 380, (1, 4)), steps=4, gen_length=4, block_length=4)

@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 
 from .sampling import generate, mix_guidance, unconditional_canvas
-from .sampling.generate import context_length
+from .sampling.generate import context_length, resolve_mask_id
 from .sampling.guidance import forward_logits
 
 MODES = ("mc", "exact", "chain")
@@ -136,7 +136,7 @@ def score_requests(model, requests: Sequence[Request], *, cfg_scales: Sequence[f
 def score_plans(model, requests: Sequence[Request], plans: Sequence[Plan], cfg_scales: Sequence[float],
                 batch_size: int, mask_id: int | None = None) -> list[list[Estimate]]:
     """Run every plan's rows through the model, `batch_size` rows per forward (doubled under CFG)."""
-    mask_id = _mask_id(model, mask_id)
+    mask_id = resolve_mask_id(model, mask_id)
     limit = context_length(model)
     for r in requests:
         if limit is not None and len(r.context) + len(r.continuation) > limit:
@@ -201,13 +201,6 @@ def _estimate(samples: torch.Tensor) -> Estimate:
     return Estimate(float(samples.mean()), stderr, n)
 
 
-def _mask_id(model, mask_id: int | None) -> int:
-    mask_id = mask_id if mask_id is not None else getattr(getattr(model, "config", None), "mask_token_id", None)
-    if mask_id is None:
-        raise ValueError("the model config has no mask_token_id: pass mask_id")
-    return mask_id
-
-
 def _score_one(model, context_ids, continuation_ids, plan: Plan, cfg_scale: float, batch_size: int,
                mask_id: int | None) -> Estimate:
     if cfg_scale < 0:
@@ -249,7 +242,7 @@ def greedy_check(model, context_ids, continuation_ids, *, cfg_scale: float = 0.0
     device = next(model.parameters()).device
     prompt = torch.tensor([list(context_ids)], dtype=torch.long, device=device)
     out = generate(model, prompt, steps=L, gen_length=L, block_length=L, temperature=0.0,
-                   cfg_scale=cfg_scale, mask_id=_mask_id(model, mask_id))
+                   cfg_scale=cfg_scale, mask_id=resolve_mask_id(model, mask_id))
     return out[0, len(context_ids):].tolist() == list(continuation_ids)
 
 

@@ -134,6 +134,14 @@ def special_ids(model, name: str, given: int | None) -> int | None:
     return given if given is not None else getattr(getattr(model, "config", None), name, None)
 
 
+def resolve_mask_id(model, given: int | None) -> int:
+    """`given`, else the model config's mask id; an error when neither exists."""
+    mask_id = special_ids(model, "mask_token_id", given)
+    if mask_id is None:
+        raise ValueError("the model config has no mask_token_id: pass mask_id")
+    return mask_id
+
+
 def ended_rows(gen: torch.Tensor, mask_id: int, stop_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows whose generated text has ended: an EOS/EOT with nothing masked before it.
 
@@ -261,9 +269,7 @@ def generate(
     """
     if prompt.dim() == 1:
         prompt = prompt.unsqueeze(0)
-    mask_id = special_ids(model, "mask_token_id", mask_id)
-    if mask_id is None:
-        raise ValueError("the model config has no mask_token_id: pass mask_id")
+    mask_id = resolve_mask_id(model, mask_id)
     B, P = prompt.shape
     parallel = threshold is not None or factor is not None
     per_block = validate_request(model, P, steps, gen_length, block_length, temperature, cfg_scale,
