@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import unmask
-from unmask.bench import answer_matches, random_model, reference_generate
+from unmask.bench import answer_matches, default_modes, random_model, reference_generate
 from unmask.commands import bench as bench_command
 from unmask.models import KVCache, MaskedDiffusionLM, ModelConfig, load_model
 from unmask.sampling import left_pad, parallel_counts
@@ -73,6 +73,9 @@ def test_cached_step_on_an_unchanged_canvas_equals_full_recompute(dense, span):
 FAST_MODES = [
     dict(cache="prefix"), dict(cache="dual", cfg_scale=1.0), dict(threshold=0.3), dict(factor=1.0, cfg_scale=1.0),
     dict(threshold=0.3, cache="dual", cfg_scale=1.0), dict(factor=2.0, cache="prefix", cache_refresh=3),
+    dict(threshold=0.3, cache="dual", cfg_scale=1.0, reuse_uncond=True),
+    dict(cache="prefix", cfg_scale=1.0, reuse_uncond=True, cache_refresh=3),
+    dict(cache="dual", cfg_scale=1.0, cuda_graph=True), dict(threshold=0.3, cache="dual", cuda_graph=True),
 ]
 
 
@@ -147,6 +150,49 @@ def test_compile_path_gives_the_same_tokens(dense):
     assert "_unmask_compiled" not in "".join(dense.state_dict())
 
 
+GRAPH_MODES = [dict(cache="dual"), dict(cache="dual", cfg_scale=1.0, threshold=0.3),
+               dict(cache="dual", cfg_scale=0.5, reuse_uncond=True), dict(cache="dual", cache_refresh=3, factor=1.0)]
+
+
+@pytest.mark.parametrize("mode", GRAPH_MODES)
+def test_cuda_graph_path_gives_the_same_tokens(dense, batch, mode):
+    """On the CPU the graph runner's static path runs uncaptured: same buffers and indexing as on a GPU."""
+    _, ids, mask = batch
+    kw = KW | dict(attention_mask=mask, stop_at_eos=True, eos_token_id=EOS) | mode
+    expected = unmask.generate(dense, ids, **kw)
+    assert torch.equal(unmask.generate(dense, ids, cuda_graph=True, **kw), expected)
+    assert torch.equal(unmask.generate(dense, ids, cuda_graph=True, **kw), expected)  # kept caches reused
+    runner = dense.__dict__["_unmask_graphed"]
+    assert runner.caches and runner.steps and "_unmask_graphed" not in "".join(dense.state_dict())
+
+
+def test_cuda_graph_path_runs_mixture_of_experts():
+    model = random_model(ModelConfig(layout="lladamoe", n_experts=4, experts_per_token=2, expert_hidden_size=32,
+                                     qk_norm=True), seed=5)
+    prompt = torch.randint(0, 380, (2, 5), generator=torch.Generator().manual_seed(3))
+    kw = KW | dict(cache="dual", cfg_scale=1.0)
+    assert torch.equal(unmask.generate(model, prompt, cuda_graph=True, **kw), unmask.generate(model, prompt, **kw))
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_reuse_uncond_is_exact_when_every_step_refreshes(dense, batch, cache):
+    _, ids, mask = batch
+    kw = KW | dict(cfg_scale=1.0, attention_mask=mask, cache=cache, cache_refresh=1)
+    assert torch.equal(unmask.generate(dense, ids, reuse_uncond=True, **kw), unmask.generate(dense, ids, **kw))
+
+
+def test_reuse_uncond_runs_the_unconditional_rows_only_at_refreshes(dense):
+    prompt = torch.randint(0, 380, (2, 5), generator=torch.Generator().manual_seed(9))
+    sizes = []
+    hook = dense.register_forward_pre_hook(lambda m, args: sizes.append(tuple(args[0].shape)))
+    try:
+        unmask.generate(dense, prompt, cache="dual", cfg_scale=1.0, reuse_uncond=True, **KW)
+    finally:
+        hook.remove()
+    per_block = KW["steps"] // (KW["gen_length"] // KW["block_length"])
+    assert sizes == [(4, 37)] + [(2, 8)] * (per_block - 1) + ([(4, 37)] + [(2, 8)] * (per_block - 1)) * 3
+
+
 class Stand_in(torch.nn.Module):
     """A non-native model (as trust_remote_code loads): no KV cache."""
 
@@ -163,6 +209,9 @@ class Stand_in(torch.nn.Module):
     (dict(cache="dual", cache_refresh=0), "cache_refresh"),
     (dict(threshold=0.9, factor=1.0), "not both"),
     (dict(factor=0.0), "factor must be > 0"),
+    (dict(reuse_uncond=True, cfg_scale=1.0), "needs cache="),
+    (dict(cuda_graph=True, cache="prefix"), "cache='dual'"),
+    (dict(cuda_graph=True, cache="dual", compile=True), "not both"),
 ])
 def test_clear_errors(dense, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -207,11 +256,13 @@ def test_bench_command_runs_tiny_and_writes_json_and_markdown(tmp_path, capsys):
     assert args.func(args) == 0
     result = json.loads((tmp_path / "b.json").read_text())
     rows = {(r["batch"], r["mode"]): r for r in result["rows"]}
-    assert len(rows) == 2 * 8 and result["meta"]["hardware"]["torch"] == torch.__version__
+    assert len(rows) == 2 * (1 + len(default_modes("cpu"))) and result["meta"]["hardware"]["torch"] == torch.__version__
+    assert not any("graph" in mode for _, mode in rows)  # CUDA-graph modes only on a GPU
     for b in (1, 2):
         for mode in ("reference (baseline)", "exact", "exact+cfg"):
             assert rows[b, mode]["agreement"] == 1.0
         assert rows[b, "threshold 0.9"]["passes_per_token"] <= 1.0 and rows[b, "dual"]["tokens_per_s"] > 0
+        assert rows[b, "dual 4/step"]["passes_per_token"] == 0.25
     markdown = (tmp_path / "b.md").read_text()
     assert "| 2 | threshold+dual+cfg |" in markdown and "speedup" in markdown
     assert "| 1 | dual+cfg |" in capsys.readouterr().out
@@ -240,6 +291,18 @@ def test_bench_suite_column(tiny_checkpoint, tmp_path, capsys):
         assert all(0.0 <= acc <= 1.0 for acc in rows[mode]["suite_tasks"].values())
     assert "| agreement | suite acc |" in (tmp_path / "b.md").read_text()
     assert "| 2 | threshold 0.9 |" in capsys.readouterr().out
+
+
+def test_bench_without_agreement_runs_no_exact_reference(tmp_path):
+    parser = argparse.ArgumentParser()
+    bench_command.register(parser.add_subparsers())
+    args = parser.parse_args(["bench", "--shape", "tiny", "--batch-sizes", "2", "--prompt-len", "6", "--gen-length",
+                              "16", "--block-length", "8", "--repeats", "1", "--device", "cpu", "--no-agreement",
+                              "--modes", "dual+cfg reuse", "dual+graph", "--json", str(tmp_path / "b.json")])
+    assert args.func(args) == 0
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["reference (baseline)", "dual+cfg reuse", "dual+graph"]
+    assert all(r["agreement"] is None for r in rows)
 
 
 def test_bench_suite_needs_a_tokenizer():

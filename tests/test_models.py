@@ -146,3 +146,32 @@ def test_logits_slice():
     model = load_model(DATA / "llada-dense-tiny")
     x = torch.randint(0, 380, (1, 16))
     assert torch.allclose(model(x, logits_slice=slice(4, 9)).logits, model(x).logits[:, 4:9], atol=1e-6)
+
+
+def test_kv_cache_writes_by_column_tensor_as_by_slice():
+    model = MaskedDiffusionLM(ModelConfig()).double().eval()
+    x = torch.randint(0, 380, (2, 16), generator=torch.Generator().manual_seed(0))
+    by_slice, by_tensor = KVCache(len(model.blocks)), KVCache(len(model.blocks))
+    for cache in (by_slice, by_tensor):
+        model(x, kv_cache=cache)
+    y = torch.randint(0, 380, (2, 4))
+    a = model(y, kv_cache=by_slice, cache_start=8).logits
+    b = model(y, kv_cache=by_tensor, cache_start=torch.tensor(8)).logits
+    assert torch.equal(a, b) and all(torch.equal(k, j) for k, j in zip(by_slice.keys, by_tensor.keys))
+    copy = KVCache(len(model.blocks))
+    copy.copy_rows(by_tensor, torch.tensor([1]))
+    storage = copy.keys[0].data_ptr()
+    copy.copy_rows(by_tensor, torch.tensor([0]))  # same shape: written in place
+    assert copy.keys[0].data_ptr() == storage and torch.equal(copy.values[-1], by_tensor.values[-1][:1])
+
+
+def test_grouped_matmul_equals_a_loop_over_experts():
+    from unmask.models.transformer import grouped_matmul
+
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(10, 16, generator=g, dtype=torch.float64), torch.randn(4, 8, 16, generator=g, dtype=torch.float64)
+    counts = torch.tensor([3, 0, 6, 1], dtype=torch.int32)
+    expected = torch.cat([x[:3] @ weight[0].T, x[3:9] @ weight[2].T, x[9:] @ weight[3].T])
+    torch.testing.assert_close(grouped_matmul(x, weight, counts), expected)  # float64: the loop
+    with torch.no_grad():  # float32 without autograd: one grouped kernel
+        torch.testing.assert_close(grouped_matmul(x.float(), weight.float(), counts), expected.float())

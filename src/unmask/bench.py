@@ -45,16 +45,30 @@ SHAPES: dict[str, ModelConfig] = {
     **PRESETS,
 }
 
-# Mode name -> generate() options; cfg modes take the bench's cfg_scale.
+# Mode name -> generate() options; cfg modes take the bench's cfg_scale, "tokens_per_step" divides the
+# steps. Graph modes need a GPU (`default_modes`).
 MODES: dict[str, dict] = {
     "exact": {},
     "exact+cfg": {"cfg": True},
     "prefix": {"cache": "prefix"},
     "dual": {"cache": "dual"},
     "dual+cfg": {"cache": "dual", "cfg": True},
+    "dual+cfg reuse": {"cache": "dual", "cfg": True, "reuse_uncond": True},
+    "dual 4/step": {"cache": "dual", "tokens_per_step": 4},
     "threshold 0.9": {"threshold": 0.9},
     "threshold+dual+cfg": {"threshold": 0.9, "cache": "dual", "cfg": True},
+    "dual+graph": {"cache": "dual", "cuda_graph": True},
+    "dual+cfg+graph": {"cache": "dual", "cfg": True, "cuda_graph": True},
+    "dual+cfg reuse+graph": {"cache": "dual", "cfg": True, "reuse_uncond": True, "cuda_graph": True},
+    "dual+graph 4/step": {"cache": "dual", "tokens_per_step": 4, "cuda_graph": True},
+    "threshold+dual+cfg+graph": {"threshold": 0.9, "cache": "dual", "cfg": True, "cuda_graph": True},
 }
+
+
+def default_modes(device: str | torch.device) -> list[str]:
+    """Every mode on a GPU; on a CPU the graph modes are left out (a graph needs CUDA to capture)."""
+    return [m for m in MODES if torch.device(device).type == "cuda" or not MODES[m].get("cuda_graph")]
+
 
 # The suite's generation tasks and schedule: an answer is one word, so a short canvas decoded one
 # token per step (exact modes) holds it; the fast modes add their own options to this schedule.
@@ -71,8 +85,9 @@ class BenchConfig:
     steps: int | None = None        # None: gen_length (one token per step, LLaDA's setting)
     cfg_scale: float = 1.0
     repeats: int = 3
-    modes: list[str] = field(default_factory=lambda: list(MODES))
+    modes: list[str] = field(default_factory=lambda: default_modes("cpu"))
     seed: int = 0
+    agreement: bool = True          # also run the exact modes' outputs to compare tokens with
     suite_items: int = 0            # items per suite task for the accuracy column; 0: no suite
 
     @property
@@ -173,9 +188,12 @@ def timed(fn, repeats: int, device: torch.device):
     return result, statistics.median(times)
 
 
-def mode_kwargs(name: str, cfg: BenchConfig) -> dict:
+def mode_kwargs(name: str, cfg_scale: float, schedule: dict) -> dict:
+    """generate() keywords of mode `name` on top of `schedule` (steps, gen_length, block_length)."""
     options = dict(MODES[name])
-    return options | {"cfg_scale": cfg.cfg_scale if options.pop("cfg", False) else 0.0}
+    steps = schedule["steps"] // options.pop("tokens_per_step", 1)
+    guided = options.pop("cfg", False)
+    return schedule | {"steps": steps} | options | {"cfg_scale": cfg_scale if guided else 0.0}
 
 
 def first_word(text: str) -> str:
@@ -220,7 +238,7 @@ def suite_scores(model, tokenizer, cfg: BenchConfig, mode: str) -> dict:
     Batched at the bench's largest batch size. Passes per token are per generated token of one row,
     a batch's pass counting once, as in the main column.
     """
-    schedule = SUITE_SCHEDULE | mode_kwargs(mode, cfg)
+    schedule = mode_kwargs(mode, cfg.cfg_scale, SUITE_SCHEDULE)
     limit = context_length(model)
     max_prompt = None if limit is None else limit - schedule["gen_length"]
     batch_size = max(cfg.batch_sizes)
@@ -251,30 +269,31 @@ def run_bench(model, cfg: BenchConfig, progress=print, tokenizer=None) -> list[d
         tokens = batch * cfg.gen_length
         ref, base_s = timed(lambda: reference_generate(model, prompt, mask_id=mask_id, **common), cfg.repeats, device)
         exact = {}  # cfg_scale -> unmask's exact output, the agreement reference
-        for cfg_scale in sorted({0.0} | {mode_kwargs(m, cfg)["cfg_scale"] for m in cfg.modes}):
-            exact[cfg_scale] = generate(model, prompt, cfg_scale=cfg_scale, **common)[:, cfg.prompt_len:]
+        if cfg.agreement:
+            for cfg_scale in sorted({0.0} | {mode_kwargs(m, cfg.cfg_scale, common)["cfg_scale"] for m in cfg.modes}):
+                exact[cfg_scale] = generate(model, prompt, cfg_scale=cfg_scale, **common)[:, cfg.prompt_len:]
         rows.append(_row(batch, "reference (baseline)", tokens, base_s, base_s, cfg.total_steps, cfg.gen_length,
-                         ref[:, cfg.prompt_len:], exact[0.0]))
+                         ref[:, cfg.prompt_len:], exact.get(0.0)))
         progress(_format_row(rows[-1], bool(suite)))
         for name in cfg.modes:
-            kwargs = mode_kwargs(name, cfg)
-            out, seconds = timed(lambda: generate(model, prompt, return_dict_in_generate=True, **common, **kwargs),
+            kwargs = mode_kwargs(name, cfg.cfg_scale, common)
+            out, seconds = timed(lambda: generate(model, prompt, return_dict_in_generate=True, **kwargs),
                                  cfg.repeats, device)
             rows.append(_row(batch, name, tokens, seconds, base_s, out.forward_passes, cfg.gen_length,
-                             out.sequences[:, cfg.prompt_len:], exact[kwargs["cfg_scale"]]) | suite.get(name, {}))
+                             out.sequences[:, cfg.prompt_len:], exact.get(kwargs["cfg_scale"])) | suite.get(name, {}))
             progress(_format_row(rows[-1], bool(suite)))
     return rows
 
 
 def _row(batch, mode, tokens, seconds, base_seconds, passes, gen_length, generated, exact) -> dict:
-    agreement = float((generated == exact).float().mean())
+    agreement = None if exact is None else float((generated == exact).float().mean())
     return {"batch": batch, "mode": mode, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "passes_per_token": passes / gen_length, "speedup": base_seconds / seconds, "agreement": agreement}
 
 
 def _format_row(r: dict, suite: bool = False) -> str:
     row = (f"| {r['batch']} | {r['mode']} | {r['tokens_per_s']:.1f} | {r['passes_per_token']:.3f} | "
-           f"{r['speedup']:.2f}x | {r['agreement']:.3f} |")
+           f"{r['speedup']:.2f}x | {'–' if r['agreement'] is None else format(r['agreement'], '.3f')} |")
     if suite:
         row += f" {r['suite_accuracy']:.3f} |" if "suite_accuracy" in r else " – |"
     return row

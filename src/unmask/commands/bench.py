@@ -22,7 +22,11 @@ def register(subparsers) -> None:
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--steps", type=int, help="sampling steps of the schedule modes (default: gen-length)")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance of the +cfg modes")
-    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    p.add_argument("--modes", nargs="+", choices=list(MODES),
+                   help="default: every mode; on a CPU, every mode but the CUDA-graph ones")
+    p.add_argument("--agreement", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the exact outputs to report token agreement (costs an exact run per guidance "
+                        "scale and batch size; random weights make it of little meaning)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on the CPU, bfloat16 on a GPU")
@@ -80,14 +84,15 @@ def load_suite_tokenizer(args):
 def run(args) -> int:
     import torch
 
-    from ..bench import BenchConfig, bench_meta, run_bench, table_header, write_outputs
+    from ..bench import BenchConfig, bench_meta, default_modes, run_bench, table_header, write_outputs
 
     tokenizer = load_suite_tokenizer(args) if args.suite else None
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
     model, name = load_bench_model(args.model, args.shape, args.device, dtype)
     cfg = BenchConfig(batch_sizes=args.batch_sizes, prompt_len=args.prompt_len, gen_length=args.gen_length,
                       block_length=args.block_length, steps=args.steps, cfg_scale=args.cfg_scale,
-                      repeats=args.repeats, modes=args.modes, seed=args.seed,
+                      repeats=args.repeats, modes=args.modes or default_modes(args.device), seed=args.seed,
+                      agreement=args.agreement,
                       suite_items=args.suite_items if args.suite else 0)
     meta = bench_meta(model, cfg, name, dtype)
     print(f"unmask bench: {name}, {meta['parameters']:,} parameters, {meta['dtype']} on {meta['device']}")

@@ -41,25 +41,27 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape (B, 1, T, head_dim) in float32 for integer positions (B, T)."""
+    """cos and signed sin of shape (B, 1, T, head_dim) in float32 for integer positions (B, T).
+
+    The sin table's first half is negated, so the rotation is one multiply-add with the halves
+    swapped (`apply_rope`), no negation per layer.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     freqs = positions.float()[..., None] * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-    return emb.cos(), emb.sin()
+    return torch.cat((freqs, freqs), dim=-1)[:, None].cos(), torch.cat((-freqs, freqs), dim=-1)[:, None].sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, D) by the half-split convention of LLaDA/OLMo, in float32."""
+    """Rotate (B, H, T, D) by the half-split convention of LLaDA/OLMo, in float32.
+
+    With x = (x1, x2): (x1·cos − x2·sin, x2·cos + x1·sin); `sin` carries the sign of the first half.
+    """
     h = x.float()
-    h1, h2 = h.chunk(2, dim=-1)
-    rotated = torch.cat((-h2, h1), dim=-1)
-    return (h * cos + rotated * sin).to(x.dtype)
+    return torch.addcmul(h * cos, h.roll(h.shape[-1] // 2, dims=-1), sin).to(x.dtype)
 
 
 class KVCache:
@@ -68,27 +70,47 @@ class KVCache:
     A forward pass over the slice [start, start + n) writes that slice's keys/values and attends
     over the whole buffer, so positions outside the slice are served from the cache. That is both
     the prefix cache (slice = current block to the end) and the dual cache (slice = current block).
+    The first pass allocates the buffers; later passes, full-canvas refreshes included, write into
+    them in place, so a cache kept across blocks keeps its storage (what a CUDA graph needs).
     """
 
     def __init__(self, n_layers: int):
         self.keys: list[torch.Tensor | None] = [None] * n_layers
         self.values: list[torch.Tensor | None] = [None] * n_layers
 
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, columns: slice | torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v at `columns` (a slice, or a tensor of column indices) and return the buffers.
+
+        Tensor columns write with `index_copy_`, which needs no host sync: the start of the slice
+        can then change between replays of a captured graph.
+        """
         if self.keys[layer] is None:
-            if start != 0:
+            if not isinstance(columns, slice) or columns.start != 0:
                 raise ValueError("the first forward pass with an empty KVCache must cover the whole canvas")
             self.keys[layer], self.values[layer] = k.clone(), v.clone()
+        elif isinstance(columns, slice):
+            self.keys[layer][:, :, columns] = k
+            self.values[layer][:, :, columns] = v
         else:
-            end = start + k.shape[2]
-            self.keys[layer][:, :, start:end] = k
-            self.values[layer][:, :, start:end] = v
+            self.keys[layer].index_copy_(2, columns, k)
+            self.values[layer].index_copy_(2, columns, v)
         return self.keys[layer], self.values[layer]
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only the given batch rows (for rows that finished early)."""
         self.keys = [k[rows] if k is not None else None for k in self.keys]
         self.values = [v[rows] if v is not None else None for v in self.values]
+
+    def copy_rows(self, source: "KVCache", rows: torch.Tensor) -> None:
+        """Fill this cache with the given batch rows of `source`, into its own storage if it has some."""
+        for mine, theirs in ((self.keys, source.keys), (self.values, source.values)):
+            for layer, t in enumerate(theirs):
+                picked = t[rows]
+                if mine[layer] is not None and mine[layer].shape == picked.shape:
+                    mine[layer].copy_(picked)
+                else:
+                    mine[layer] = picked
 
 
 class Attention(nn.Module):
@@ -101,19 +123,19 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x, cos, sin, key_mask, kv_cache=None, layer=0, cache_start=0):
+    def forward(self, x, cos, sin, key_mask, kv_cache=None, layer=0, columns=None):
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
-                                     self.n_kv_heads * self.head_dim], dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.qkv(x)
         if self.q_norm is not None:  # LLaDA-MoE normalises each head before the rotation
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)
-        k = apply_rope(k.transpose(1, 2), cos, sin)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            qk = torch.cat([self.q_norm(qkv[..., :H * D].view(B, T, H, D)),
+                            self.k_norm(qkv[..., H * D:(H + H_kv) * D].view(B, T, H_kv, D))], dim=2)
+        else:  # q and k are adjacent in the fused projection's output: one view, one rotation
+            qk = qkv[..., :(H + H_kv) * D].view(B, T, H + H_kv, D)
+        q, k = apply_rope(qk.transpose(1, 2), cos, sin).split([H, H_kv], dim=1)
+        v = qkv[..., (H + H_kv) * D:].view(B, T, H_kv, D).transpose(1, 2)
         if kv_cache is not None:
-            k, v = kv_cache.update(layer, cache_start, k, v)
+            k, v = kv_cache.update(layer, columns, k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.out(y.transpose(1, 2).reshape(B, T, -1))
@@ -135,7 +157,8 @@ class MoE(nn.Module):
     """Softmax router, top-k experts, optional renormalisation and shared expert (OLMoE/LLaDA-MoE).
 
     Experts are stacked tensors. Token-expert pairs are sorted by expert so each expert runs one
-    matmul over all its tokens (grouped), never a loop over tokens.
+    matmul over all its tokens (grouped), never a loop over tokens; the pairs are put back in token
+    order and summed, so the result is deterministic (no atomic adds).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -168,17 +191,39 @@ class MoE(nn.Module):
         flat = experts.flatten()
         order = torch.argsort(flat, stable=True)
         token_of = order // self.top_k
-        counts = torch.bincount(flat, minlength=self.w_gate.shape[0]).tolist()
-        outputs = []
-        for e, xe in enumerate(x[token_of].split(counts)):
-            if xe.shape[0]:
-                h = F.silu(xe @ self.w_gate[e].T) * (xe @ self.w_up[e].T)
-                outputs.append(h @ self.w_down[e].T)
-        y = torch.cat(outputs) * weights.flatten()[order, None]
-        out = torch.zeros_like(x).index_add_(0, token_of, y)
+        counts = torch.zeros(self.w_gate.shape[0], dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        xs = x[token_of]
+        h = F.silu(grouped_matmul(xs, self.w_gate, counts)) * grouped_matmul(xs, self.w_up, counts)
+        y = grouped_matmul(h, self.w_down, counts) * weights.flatten()[order, None]
+        unsorted = torch.empty_like(y).index_copy_(0, order, y)  # a permutation: no atomics, deterministic
+        out = unsorted.view(-1, self.top_k, shape[-1]).sum(1)
         if self.shared is not None:
             out = out + self.shared(x)
         return out.view(shape)
+
+
+def _has_grouped_mm(x: torch.Tensor) -> bool:
+    """Whether F.grouped_mm takes x: on the CPU in 16/32-bit floats, on CUDA in bfloat16; inference only
+    (its backward fails on the CPU in torch 2.13, so training takes the loop)."""
+    if torch.is_grad_enabled():
+        return False
+    supported = (torch.float32, torch.bfloat16, torch.float16) if x.device.type == "cpu" else (torch.bfloat16,)
+    return hasattr(F, "grouped_mm") and x.dtype in supported
+
+
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x grouped by expert (counts[e] rows for expert e, in order) times weight[e].T.
+
+    One `grouped_mm` kernel where PyTorch has one for this device and dtype: it needs no host sync,
+    so a forward pass through MoE layers can be captured as a CUDA graph. Otherwise a loop over
+    the experts with rows (that reads `counts` on the host).
+    """
+    if _has_grouped_mm(x):
+        offsets = counts.cumsum(0, dtype=torch.int32)
+        return F.grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+    parts = [xe @ weight[e].T for e, xe in enumerate(x.split(counts.tolist())) if xe.shape[0]]
+    return torch.cat(parts) if parts else x.new_zeros(0, weight.shape[1])
 
 
 class Block(nn.Module):
@@ -189,8 +234,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MoE(cfg) if moe else SwiGLU(cfg.d_model, cfg.mlp_hidden_size)
 
-    def forward(self, x, cos, sin, key_mask, kv_cache=None, layer=0, cache_start=0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, key_mask, kv_cache, layer, cache_start)
+    def forward(self, x, cos, sin, key_mask, kv_cache=None, layer=0, columns=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, key_mask, kv_cache, layer, columns)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -222,7 +267,7 @@ class MaskedDiffusionLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-        cache_start: int = 0,
+        cache_start: int | torch.Tensor = 0,
         logits_slice: slice | None = None,
     ) -> MaskedLMOutput:
         """Logits for `input_ids` (B, T).
@@ -230,17 +275,22 @@ class MaskedDiffusionLM(nn.Module):
         attention_mask: (B, T_total) with 1 for real tokens and 0 for padding; padding is never
         attended to. Positions then count real tokens only, so a left-padded prompt sees the same
         positions as the prompt alone. With `kv_cache`, `input_ids` is the slice of the canvas that
-        starts at `cache_start`, and attention_mask still covers the whole canvas.
+        starts at `cache_start`, and attention_mask still covers the whole canvas. A 0-dim tensor
+        `cache_start` makes the pass free of host syncs (for CUDA graphs); an int slices.
         logits_slice: compute logits only for these positions of `input_ids`.
         """
         B, T = input_ids.shape
         total = T if kv_cache is None or kv_cache.keys[0] is None else kv_cache.keys[0].shape[2]
+        if isinstance(cache_start, torch.Tensor):
+            columns = cache_start + torch.arange(T, device=input_ids.device)
+        else:
+            columns = slice(cache_start, cache_start + T)
         if position_ids is None:
             if attention_mask is not None:
                 full = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             else:
                 full = torch.arange(total, device=input_ids.device).expand(B, total)
-            position_ids = full[:, cache_start:cache_start + T]
+            position_ids = full[:, columns]
         cos, sin = rope_tables(position_ids, self.config.head_dim, self.config.rope_theta)
         key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         x = self.embed(input_ids)
@@ -248,7 +298,7 @@ class MaskedDiffusionLM(nn.Module):
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, cos, sin, key_mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, key_mask, kv_cache, i, cache_start)
+                x = block(x, cos, sin, key_mask, kv_cache, i, columns)
         if logits_slice is not None:
             x = x[:, logits_slice]
         return MaskedLMOutput(logits=self.lm_head(self.norm(x)))

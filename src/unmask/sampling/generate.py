@@ -27,6 +27,7 @@ changes no output).
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, field
 from typing import Callable
@@ -34,7 +35,8 @@ from typing import Callable
 import torch
 
 from ..models.transformer import KVCache
-from .guidance import guided_logits, is_native
+from .cuda_graph import graphed
+from .guidance import branch_logits, forward_logits, guided_logits, is_native, mix_guidance
 from .noise import propose_tokens
 from .remasking import REMASKING_RULES, parallel_counts, select_top, token_confidence
 from .schedule import transfer_schedule
@@ -158,8 +160,9 @@ CACHE_MODES = ("prefix", "dual")
 
 
 def validate_fast_options(model, prompt_masked: bool, cache: str | None, cache_refresh: str | int,
-                          threshold: float | None, factor: float | None) -> None:
-    """Check the opt-in fast options (cache, parallel decoding); every error says what to change."""
+                          threshold: float | None, factor: float | None, reuse_uncond: bool = False,
+                          cuda_graph: bool = False, compile: bool | str = False) -> None:
+    """Check the opt-in fast options (cache, parallel decoding, graphs); every error says what to change."""
     if cache is not None:
         if cache not in CACHE_MODES:
             raise ValueError(f"unknown cache {cache!r}: choose None, 'prefix' or 'dual'")
@@ -176,6 +179,13 @@ def validate_fast_options(model, prompt_masked: bool, cache: str | None, cache_r
         raise ValueError("pass threshold or factor, not both")
     if factor is not None and factor <= 0:
         raise ValueError(f"factor must be > 0 (got {factor}); Fast-dLLM uses about 1")
+    if reuse_uncond and cache is None:
+        raise ValueError("reuse_uncond keeps the unconditional logits of a cache refresh for the steps after it: "
+                         "it needs cache='prefix' or 'dual'")
+    if cuda_graph and cache != "dual":
+        raise ValueError("cuda_graph captures the dual cache's block step (a fixed shape): use it with cache='dual'")
+    if cuda_graph and compile:
+        raise ValueError("pass cuda_graph or compile, not both")
 
 
 def compiled(model, backend: bool | str):
@@ -199,21 +209,61 @@ class BlockCache:
     """The KV cache of the current block, for the canvas rows it holds.
 
     With CFG the cache holds 2n rows: the n conditional rows, then their unconditional twins.
+    With `reuse_uncond` it holds the n conditional rows only, and `uncond` keeps the unconditional
+    logits of the refresh for columns [uncond_start, block end).
     Rows only leave within a block (a row with nothing left to commit), so `keep` is a subset.
     """
 
     kv: KVCache
     rows: torch.Tensor   # (n,) canvas rows held, ascending
     guided: bool
+    uncond: torch.Tensor | None = None
+    uncond_start: int = 0
 
     def keep(self, rows: torch.Tensor) -> None:
         if rows.numel() == self.rows.numel():
             return
         index = torch.searchsorted(self.rows, rows)
+        if self.uncond is not None:
+            self.uncond = self.uncond[index]
         if self.guided:
             index = torch.cat([index, index + self.rows.numel()])
         self.kv.select_rows(index)
         self.rows = rows
+
+
+def fresh_cache(model, rows: int) -> KVCache:
+    """An empty cache for `model`; the first pass allocates it for however many rows it runs."""
+    return KVCache(model.config.n_layers)
+
+
+def cached_logits(runner, block_cache: BlockCache | None, refresh: bool, new_cache: Callable[[int], KVCache],
+                  x: torch.Tensor, rows: torch.Tensor, prompt_index: torch.Tensor, mask_id: int, cfg_scale: float,
+                  attention_mask: torch.Tensor | None, window: slice, span: slice,
+                  reuse_uncond: bool) -> tuple[torch.Tensor, BlockCache]:
+    """One cached step's (guided) logits over `window`, and the block cache it leaves.
+
+    At a refresh the whole canvas runs into a new cache (`new_cache(n_rows)`); otherwise `span` runs
+    against the cache. With `reuse_uncond` and guidance, a refresh computes both branches, keeps the
+    unconditional logits and moves the conditional rows to a cache of their own; the steps after it
+    run the conditional rows only and mix with the kept unconditional logits.
+    """
+    guided = cfg_scale > 0
+    if refresh:
+        block_cache = BlockCache(new_cache(rows.numel() * (2 if guided else 1)), rows, guided)
+    else:
+        block_cache.keep(rows)
+    if not (reuse_uncond and guided):
+        return guided_logits(runner, x, prompt_index, mask_id, cfg_scale, attention_mask, window,
+                             block_cache.kv, span), block_cache
+    if refresh:
+        cond, uncond = branch_logits(runner, x, prompt_index, mask_id, attention_mask, window, block_cache.kv, span)
+        conditional = new_cache(rows.numel())
+        conditional.copy_rows(block_cache.kv, torch.arange(rows.numel(), device=rows.device))
+        block_cache = BlockCache(conditional, rows, False, uncond, window.start)
+        return mix_guidance(cond, uncond, cfg_scale), block_cache
+    cond = forward_logits(runner, x, attention_mask, window, block_cache.kv, span)
+    return mix_guidance(cond, block_cache.uncond[:, window.start - block_cache.uncond_start:], cfg_scale), block_cache
 
 
 @torch.no_grad()
@@ -242,6 +292,8 @@ def generate(
     cache_refresh: str | int = "block",
     threshold: float | None = None,
     factor: float | None = None,
+    reuse_uncond: bool = False,
+    cuda_graph: bool = False,
     compile: bool | str = False,
 ):
     """Sample `gen_length` tokens after `prompt` (B, P); returns the canvas (B, P + gen_length).
@@ -262,6 +314,10 @@ def generate(
     threshold τ / factor f: parallel decoding; each step commits the positions chosen by
       `parallel_counts` (at least one) instead of the schedule's count, and a block takes as many
       steps as it needs, so `steps` is unused.
+    reuse_uncond: with a cache and CFG, compute the unconditional branch only at cache refreshes and
+      reuse its logits until the next one: CFG then costs one extra row per refresh, not per step.
+    cuda_graph: with cache='dual' on a GPU, replay the block step as a CUDA graph (cuda_graph.py);
+      the same tokens as without it, up to kernel rounding. Rows do not drop out.
     compile: True (inductor) or a torch.compile backend name: compile the per-step forward.
       Meant for GPUs; the first calls pay the compilation.
     Rows with nothing left to commit in the current block (a finished block, or a text ended by
@@ -291,9 +347,14 @@ def generate(
         valid = torch.ones_like(x, dtype=torch.bool)
     prompt_index = (x != mask_id) & valid
     validate_fast_options(model, bool(((x[:, :P] == mask_id) & valid[:, :P]).any()), cache, cache_refresh,
-                          threshold, factor)
+                          threshold, factor, reuse_uncond, cuda_graph, compile)
     suppressed = torch.tensor(suppress_tokens or [], dtype=torch.long, device=device)
-    runner = compiled(model, compile)
+    runner = graphed(model) if cuda_graph else compiled(model, compile)
+    if cuda_graph:  # the graphs' caches live across blocks and calls
+        new_cache = functools.partial(runner.kv_cache, total=x.shape[1])
+    else:
+        new_cache = functools.partial(fresh_cache, model)
+    all_rows = torch.arange(B, device=device)
 
     out = GenerationOutput(sequences=x)
     step = 0
@@ -308,6 +369,8 @@ def generate(
             rows = candidates.any(1).nonzero().squeeze(1)  # rows with something left to commit
             if rows.numel() == 0:
                 break
+            if cuda_graph:  # a graph's batch size is fixed
+                rows = all_rows
             start = int(candidates.any(0).nonzero()[0])
             window = slice(start, block_end)
             xa, candidates = x[rows], candidates[rows]
@@ -317,13 +380,12 @@ def generate(
             else:
                 refresh = block_cache is None or (cache_refresh != "block" and i % cache_refresh == 0)
                 if refresh:  # the whole canvas runs and fills a fresh cache
-                    block_cache = BlockCache(KVCache(model.config.n_layers), rows, cfg_scale > 0)
                     span = slice(0, x.shape[1])
                 else:
-                    block_cache.keep(rows)
                     span = slice(block_start, x.shape[1] if cache == "prefix" else block_end)
-                logits = guided_logits(runner, xa, prompt_index[rows], mask_id, cfg_scale, mask_a, window,
-                                       block_cache.kv, span)
+                logits, block_cache = cached_logits(runner, block_cache, refresh, new_cache, xa, rows,
+                                                    prompt_index[rows], mask_id, cfg_scale, mask_a, window,
+                                                    span, reuse_uncond)
             out.forward_passes += 1
             if suppressed.numel():
                 logits[..., suppressed] = float("-inf")

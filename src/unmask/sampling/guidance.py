@@ -30,14 +30,19 @@ def guided_logits(model, x: torch.Tensor, prompt_index: torch.Tensor, mask_id: i
     `logits_slice` is in canvas columns either way.
     """
     if cfg_scale > 0:
-        x = torch.cat([x, unconditional_canvas(x, prompt_index, mask_id)])
-        if attention_mask is not None:
-            attention_mask = torch.cat([attention_mask, attention_mask])
-    logits = forward_logits(model, x, attention_mask, logits_slice, kv_cache, span)
-    if cfg_scale > 0:
-        cond, uncond = logits.chunk(2)
+        cond, uncond = branch_logits(model, x, prompt_index, mask_id, attention_mask, logits_slice, kv_cache, span)
         return mix_guidance(cond, uncond, cfg_scale)
-    return logits
+    return forward_logits(model, x, attention_mask, logits_slice, kv_cache, span)
+
+
+def branch_logits(model, x: torch.Tensor, prompt_index: torch.Tensor, mask_id: int,
+                  attention_mask: torch.Tensor | None = None, logits_slice: slice | None = None,
+                  kv_cache=None, span: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(conditional, unconditional) logits of canvas x from one pass over the doubled batch."""
+    x = torch.cat([x, unconditional_canvas(x, prompt_index, mask_id)])
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask, attention_mask])
+    return forward_logits(model, x, attention_mask, logits_slice, kv_cache, span).chunk(2)
 
 
 def is_native(model) -> bool:

@@ -208,6 +208,8 @@ def setup_distributed(device: str | None) -> Dist:
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
+        if dev.index is None:  # "--device cuda": this process's local GPU
+            dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")

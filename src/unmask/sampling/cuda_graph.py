@@ -1,0 +1,112 @@
+"""The dual cache's block step as one CUDA graph: the per-step forward without launch overhead.
+
+At batch 1 on a large GPU a cached step is bound by kernel launches and Python, not by the GPU:
+an 8B model's step over a 32-token block launches hundreds of kernels whose work takes about as
+long as reading the weights once (~5 ms on an H100). Capturing the step once and replaying it
+turns those launches into one.
+
+A graph replays fixed shapes at fixed addresses, so the runner keeps, per (rows, canvas length):
+- one KV cache whose buffers live for the whole run: every block's full-canvas refresh (run
+  eagerly, its shape is different) writes into them in place;
+- static input buffers (block ids, the block's start as a 0-dim tensor, the attention mask) that
+  each step copies into before the replay; the block's start being a tensor is what lets one
+  graph serve every block (`KVCache.update` writes by column index, with no host sync).
+Rows never drop out of a graphed step (the batch size is part of the shape): a row with nothing
+left to commit is computed and ignored.
+
+On a CPU the same static-buffer path runs without capture, so the tests cover everything but the
+capture itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..models.transformer import KVCache, MaskedLMOutput
+
+
+@dataclass
+class _CapturedStep:
+    ids: torch.Tensor                    # (rows, width) block tokens
+    start: torch.Tensor                  # 0-dim long: the block's first canvas column
+    attention_mask: torch.Tensor | None  # (rows, total)
+    logits: torch.Tensor | None = None   # (rows, width, vocab): the graph's output
+    graph: "torch.cuda.CUDAGraph | None" = None
+
+
+class GraphedBlockStep:
+    """Callable like the model; full-canvas refreshes run eagerly, block steps replay a graph.
+
+    `_orig_mod` marks it, like a torch.compile'd model, as a wrapper of unmask's own model that
+    computes the logits of every column it runs (the sampler slices them).
+    """
+
+    def __init__(self, model):
+        self._orig_mod = model
+        self.config = model.config
+        self.caches: dict[tuple[int, int], KVCache] = {}
+        self.steps: dict[tuple, _CapturedStep] = {}
+
+    def kv_cache(self, rows: int, total: int) -> KVCache:
+        """The long-lived cache for `rows` canvas rows of length `total`."""
+        return self.caches.setdefault((rows, total), KVCache(self.config.n_layers))
+
+    def __call__(self, input_ids, attention_mask=None, kv_cache=None, cache_start=0, logits_slice=None):
+        model = self._orig_mod
+        if kv_cache is None or kv_cache.keys[0] is None or input_ids.shape[1] == kv_cache.keys[0].shape[2]:
+            return model(input_ids, attention_mask=attention_mask, kv_cache=kv_cache, cache_start=cache_start,
+                         logits_slice=logits_slice)
+        step = self._step(kv_cache, input_ids, attention_mask)
+        step.ids.copy_(input_ids)
+        step.start.fill_(cache_start)
+        if attention_mask is not None:
+            step.attention_mask.copy_(attention_mask)
+        if step.logits is None and input_ids.device.type == "cuda":
+            self._capture(step, kv_cache)  # with this step's inputs: the warm-up passes write its cache slice
+        if step.graph is None:
+            step.logits = self._forward(step, kv_cache)
+        else:
+            step.graph.replay()
+        logits = step.logits if logits_slice is None else step.logits[:, logits_slice]
+        return MaskedLMOutput(logits=logits)
+
+    def _forward(self, step: _CapturedStep, kv_cache: KVCache) -> torch.Tensor:
+        return self._orig_mod(step.ids, attention_mask=step.attention_mask, kv_cache=kv_cache,
+                              cache_start=step.start).logits
+
+    def _step(self, kv_cache: KVCache, input_ids: torch.Tensor, attention_mask) -> _CapturedStep:
+        key = (id(kv_cache), tuple(input_ids.shape), attention_mask is not None)
+        if key not in self.steps:
+            self.steps[key] = _CapturedStep(
+                ids=torch.empty_like(input_ids), start=torch.zeros((), dtype=torch.long, device=input_ids.device),
+                attention_mask=None if attention_mask is None else torch.empty_like(attention_mask))
+        return self.steps[key]
+
+    def _capture(self, step: _CapturedStep, kv_cache: KVCache) -> None:
+        """Warm up on a side stream (allocator, cuBLAS handles), then capture one step.
+
+        The static inputs already hold this step's tokens and block start, so the warm-up passes
+        write exactly the slice the replay that follows writes again: nothing is left stale. (With
+        any other start they would overwrite another block's cached keys/values.)
+        """
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(step, kv_cache)
+        torch.cuda.current_stream().wait_stream(side)
+        step.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(step.graph):
+            step.logits = self._forward(step, kv_cache)
+
+
+def graphed(model) -> GraphedBlockStep:
+    """The model's GraphedBlockStep, built once per model (graphs and caches are kept for reuse).
+
+    Kept in the model's __dict__, not as a submodule, so state_dict() and parameters() are unchanged.
+    """
+    if "_unmask_graphed" not in model.__dict__:
+        model.__dict__["_unmask_graphed"] = GraphedBlockStep(model)
+    return model.__dict__["_unmask_graphed"]
