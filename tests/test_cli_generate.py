@@ -65,3 +65,17 @@ def test_generate_text_batches_prompts_of_different_lengths(tiny_checkpoint):
     kw = dict(steps=8, gen_length=8, block_length=8, cfg_scale=1.0)
     batch = generate_text(model, tok, ["a", "a much longer prompt"], **kw)
     assert batch == [generate_text(model, tok, [p], **kw)[0] for p in ["a", "a much longer prompt"]]
+
+
+def test_fast_sampling_flags_reach_the_sampler(tiny_checkpoint, capsys):
+    args = ["--gen-length", "16", "--block-length", "8", "--cfg-scale", "1", "--cache", "dual", "--threshold", "0.2",
+            "--reuse-uncond"]
+    assert main(["generate", "hello", "--model", str(tiny_checkpoint), *args]) == 0
+    model, tok = unmask.load(tiny_checkpoint)
+    expected = generate_text(model, tok, ["hello"], steps=16, gen_length=16, block_length=8, cfg_scale=1.0,
+                             cache="dual", threshold=0.2, reuse_uncond=True)[0]
+    assert capsys.readouterr().out == "hello" + expected + "\n"
+    r = run_cli("generate", "x", "--model", str(tiny_checkpoint), "--gen-length", "8", "--reuse-uncond")
+    assert r.returncode == 2 and "reuse_uncond" in r.stderr and "needs cache=" in r.stderr
+    r = run_cli("generate", "x", "--model", str(tiny_checkpoint), "--gen-length", "8", "--cuda-graph")
+    assert r.returncode == 2 and "cache='dual'" in r.stderr and "Traceback" not in r.stderr

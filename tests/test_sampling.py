@@ -247,3 +247,13 @@ def test_clear_errors(dense, kwargs, message):
 def test_a_model_without_mask_id_needs_one(moe):
     with pytest.raises(ValueError, match="pass mask_id"):
         unmask.generate(moe, torch.randint(0, 380, (1, 4)), steps=4, gen_length=4, block_length=4)
+
+
+@pytest.mark.parametrize("gen_length, preferred, steps, expected", [
+    (64, 32, None, 32), (48, 32, None, 24), (97, 32, None, 97), (10, 32, None, 10), (6, 4, None, 6),
+    (64, 32, 8, 32), (64, 32, 1, 64), (64, 16, 6, 64)])
+def test_block_length_for_cuts_any_length_into_whole_blocks(gen_length, preferred, steps, expected):
+    from unmask.sampling import block_length_for
+
+    block = block_length_for(gen_length, preferred, steps)
+    assert block == expected and gen_length % block == 0

@@ -56,6 +56,8 @@ MODES: dict[str, dict] = {
     "dual+cfg reuse": {"cache": "dual", "cfg": True, "reuse_uncond": True},
     "dual 4/step": {"cache": "dual", "tokens_per_step": 4},
     "threshold 0.9": {"threshold": 0.9},
+    "threshold 0.7": {"threshold": 0.7},
+    "threshold 0.5": {"threshold": 0.5},
     "threshold+dual+cfg": {"threshold": 0.9, "cache": "dual", "cfg": True},
     "dual+graph": {"cache": "dual", "cuda_graph": True},
     "dual+cfg+graph": {"cache": "dual", "cfg": True, "cuda_graph": True},

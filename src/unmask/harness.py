@@ -35,7 +35,7 @@ from .eval.encoding import encode, encode_pair  # noqa: E402
 from .eval.tasks import SUITE_DIR  # noqa: E402
 from .likelihood import Request, document_bound, greedy_check, score_requests  # noqa: E402
 from .models import load_model, load_tokenizer  # noqa: E402
-from .sampling import generate  # noqa: E402
+from .sampling import block_length_for, generate  # noqa: E402
 from .sampling.generate import context_length  # noqa: E402
 
 DEFAULT_BATCH_SIZE = 32
@@ -96,9 +96,8 @@ class UnmaskLM(LM):
     def _generate_one(self, context: str, gen_kwargs: dict) -> str:
         until = gen_kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
-        max_new = int(gen_kwargs.get("max_gen_toks", self.gen_length))
-        block = min(self.block_length or max_new, max_new)
-        gen_length = -(-max_new // block) * block          # the sampler needs whole blocks
+        gen_length = int(gen_kwargs.get("max_gen_toks", self.gen_length))
+        block = block_length_for(gen_length, self.block_length or gen_length)
         blocks = gen_length // block
         steps = max(blocks, min(gen_length, (self.steps or gen_length) // blocks * blocks))
         temperature = float(gen_kwargs.get("temperature", 0.0)) if gen_kwargs.get("do_sample") else 0.0
@@ -110,7 +109,7 @@ class UnmaskLM(LM):
         out = generate(self.model, prompt, steps=steps, gen_length=gen_length, block_length=block,
                        temperature=temperature, cfg_scale=self.cfg_scale, remasking=self.remasking,
                        generator=generator, stop_at_eos=self.model.config.eos_token_id is not None)
-        text = self.tokenizer.decode(out[0, len(ids):len(ids) + max_new].tolist(), skip_special_tokens=True)
+        text = self.tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
         for stop in until:
             if stop and stop in text:
                 text = text[:text.index(stop)]

@@ -23,6 +23,16 @@ def add_sampling_args(p: argparse.ArgumentParser, gen_length: int = 64) -> None:
     p.add_argument("--remasking", default="low_confidence",
                    choices=["low_confidence", "random", "margin", "entropy"])
     p.add_argument("--seed", type=int, default=0)
+    fast = p.add_argument_group("fast sampling (opt-in approximations; docs/fast-sampling.md)")
+    fast.add_argument("--cache", choices=["prefix", "dual"], default=None, help="approximate KV cache")
+    fast.add_argument("--cache-refresh", type=int, default=None,
+                      help="also refresh the cache every N steps inside a block (default: at block starts only)")
+    fast.add_argument("--threshold", type=float, default=None,
+                      help="parallel decoding: commit every position scoring >= this (steps is then unused)")
+    fast.add_argument("--factor", type=float, default=None, help="parallel decoding by Fast-dLLM's factor rule")
+    fast.add_argument("--reuse-uncond", action="store_true",
+                      help="with --cache and --cfg-scale: run the unconditional branch only at cache refreshes")
+    fast.add_argument("--cuda-graph", action="store_true", help="with --cache dual on a GPU: replay each step as a CUDA graph")
 
 
 def sampling_kwargs(args) -> dict:
@@ -31,7 +41,9 @@ def sampling_kwargs(args) -> dict:
     block = args.block_length or args.gen_length
     return dict(steps=args.steps or args.gen_length, gen_length=args.gen_length, block_length=block,
                 temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking,
-                generator=torch.Generator(args.device).manual_seed(args.seed))
+                generator=torch.Generator(args.device).manual_seed(args.seed), cache=args.cache,
+                cache_refresh=args.cache_refresh or "block", threshold=args.threshold, factor=args.factor,
+                reuse_uncond=args.reuse_uncond, cuda_graph=args.cuda_graph)
 
 
 def register(sub) -> None:

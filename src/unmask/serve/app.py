@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
-from ..sampling import validate_request
+from ..sampling import block_length_for, validate_request
 from ..sampling.generate import validate_fast_options
 from ..sampling.text import encode_prompt, stop_token_ids
 from .batching import (BatchRunner, Failed, Finished, Job, QueueFull, RequestTimeout, SamplingParams, Scheduler,
@@ -99,15 +99,6 @@ def sampler_error(e: ValueError, prompt_field: str) -> APIError:
     return APIError(400, msg, param)
 
 
-def default_block_length(gen_length: int, preferred: int, steps: int | None) -> int:
-    """The largest block <= preferred that divides gen_length (and fits `steps`), else one block."""
-    for block in range(min(preferred, gen_length), 0, -1):
-        blocks = gen_length // block
-        if gen_length % block == 0 and (steps is None or (steps % blocks == 0 and steps // blocks <= block)):
-            return block if block >= min(8, gen_length) else gen_length
-    return gen_length
-
-
 class Server:
     """The model, its tokenizer, the scheduler and the per-request logic shared by both endpoints."""
 
@@ -163,7 +154,7 @@ class Server:
             raise APIError(400, f"{max_tokens_field} ({gen_length}) exceeds this server's limit of "
                                 f"{cfg.max_tokens_limit}", max_tokens_field)
         steps = req.steps if req.steps is not None else cfg.steps
-        block = req.block_length if req.block_length is not None else default_block_length(gen_length, cfg.block_length, steps)
+        block = req.block_length if req.block_length is not None else block_length_for(gen_length, cfg.block_length, steps)
         if steps is None or (req.steps is None and (steps % (gen_length // block) or steps // (gen_length // block) > block)):
             steps = gen_length
         params = SamplingParams(
