@@ -311,3 +311,13 @@ def test_bench_suite_needs_a_tokenizer():
     args = parser.parse_args(["bench", "--shape", "tiny", "--suite", "--device", "cpu"])
     with pytest.raises(ValueError, match="--suite needs a tokenizer"):
         args.func(args)
+
+
+def test_cuda_graph_runner_keeps_only_recent_shapes(dense):
+    from unmask.sampling.cuda_graph import GraphedBlockStep
+
+    runner = GraphedBlockStep(dense, max_shapes=2)
+    caches = [runner.kv_cache(1, total) for total in (40, 48)]
+    assert runner.kv_cache(1, 40) is caches[0]  # reused, and now the most recent
+    runner.kv_cache(2, 40)
+    assert list(runner.caches) == [(1, 40), (2, 40)]  # (1, 48) was the least recently used

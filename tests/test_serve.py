@@ -13,6 +13,7 @@ import openai
 import pytest
 
 import unmask
+from unmask.sampling.text import generate_text
 from serve_fixtures import live_server
 from unmask.serve import ServeConfig, create_app
 from unmask.serve.batching import (BatchRunner, Job, QueueFull, SamplingParams, Scheduler, ShuttingDown)
@@ -292,16 +293,21 @@ def test_row_text_holds_back_partial_characters_and_stop_prefixes(loaded):
     assert row.ending.completion_tokens == len(ids) + 1
 
 
-@pytest.mark.parametrize("extra", [dict(threshold=0.9), dict(cache="prefix"), dict(cache="dual", threshold=0.5)])
-def test_fast_sampler_options_pass_through(url, extra):
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 32, "block_length": 16,
-            **extra}
+@pytest.mark.parametrize("extra", [dict(threshold=0.9), dict(cache="prefix"), dict(cache="dual", threshold=0.5),
+                                   dict(cache="dual", cfg_scale=1.0, reuse_uncond=True)])
+def test_fast_sampler_options_pass_through(url, loaded, extra):
+    messages = [{"role": "user", "content": "hi"}]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 32, "block_length": 16, **extra}
     r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] <= 32
+    [expected] = generate_text(*loaded, [messages], chat=True, steps=32, gen_length=32, block_length=16, **extra)
+    assert r.json()["choices"][0]["message"]["content"] == expected
 
 
-def test_invalid_fast_option_is_a_400(url):
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16, "cache": "bogus"}
+@pytest.mark.parametrize("extra, field", [(dict(cache="bogus"), "cache"), (dict(reuse_uncond=True), "reuse_uncond")])
+def test_invalid_fast_option_is_a_400(url, extra, field):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16, **extra}
     r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
-    assert r.status_code == 400 and "cache" in r.json()["error"]["message"]
+    error = r.json()["error"]
+    assert r.status_code == 400 and field in error["message"] and error["param"] == field

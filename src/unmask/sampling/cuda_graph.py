@@ -12,7 +12,9 @@ A graph replays fixed shapes at fixed addresses, so the runner keeps, per (rows,
   each step copies into before the replay; the block's start being a tensor is what lets one
   graph serve every block (`KVCache.update` writes by column index, with no host sync).
 Rows never drop out of a graphed step (the batch size is part of the shape): a row with nothing
-left to commit is computed and ignored.
+left to commit is computed and ignored. Each shape holds a cache and graphs, so only the
+`max_shapes` most recently used shapes are kept (varying prompt lengths would otherwise grow
+memory without bound).
 
 On a CPU the same static-buffer path runs without capture, so the tests cover everything but the
 capture itself.
@@ -20,6 +22,7 @@ capture itself.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -43,15 +46,23 @@ class GraphedBlockStep:
     computes the logits of every column it runs (the sampler slices them).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, max_shapes: int = 8):
         self._orig_mod = model
         self.config = model.config
-        self.caches: dict[tuple[int, int], KVCache] = {}
+        self.max_shapes = max_shapes
+        self.caches: OrderedDict[tuple[int, int], KVCache] = OrderedDict()
         self.steps: dict[tuple, _CapturedStep] = {}
 
     def kv_cache(self, rows: int, total: int) -> KVCache:
-        """The long-lived cache for `rows` canvas rows of length `total`."""
-        return self.caches.setdefault((rows, total), KVCache(self.config.n_layers))
+        """The long-lived cache for `rows` canvas rows of length `total` (least recently used dropped)."""
+        key = (rows, total)
+        if key not in self.caches:
+            self.caches[key] = KVCache(self.config.n_layers)
+            if len(self.caches) > self.max_shapes:
+                _, dropped = self.caches.popitem(last=False)
+                self.steps = {k: v for k, v in self.steps.items() if k[0] != id(dropped)}
+        self.caches.move_to_end(key)
+        return self.caches[key]
 
     def __call__(self, input_ids, attention_mask=None, kv_cache=None, cache_start=0, logits_slice=None):
         model = self._orig_mod

@@ -161,7 +161,8 @@ class Server:
             steps=steps, gen_length=gen_length, block_length=block,
             temperature=cfg.temperature if req.temperature is None else req.temperature,
             cfg_scale=cfg.cfg_scale if req.cfg_scale is None else req.cfg_scale,
-            remasking=req.remasking or cfg.remasking, threshold=req.threshold, cache=req.cache)
+            remasking=req.remasking or cfg.remasking, threshold=req.threshold, cache=req.cache,
+            reuse_uncond=req.reuse_uncond)
         try:
             validate_request(self.model, prompt_length, params.steps, params.gen_length, params.block_length,
                              params.temperature, params.cfg_scale, params.remasking, self.mask_id,
@@ -169,9 +170,11 @@ class Server:
         except ValueError as e:
             raise sampler_error(e, prompt_field) from None
         try:
-            validate_fast_options(self.model, False, params.cache, "block", params.threshold, None)
+            validate_fast_options(self.model, False, params.cache, "block", params.threshold, None, params.reuse_uncond)
         except ValueError as e:
-            raise APIError(400, str(e), "cache" if "cache" in str(e) else "threshold") from None
+            message = str(e)
+            field = "reuse_uncond" if "reuse_uncond" in message else "cache" if "cache" in message else "threshold"
+            raise APIError(400, message, field) from None
         return params
 
     def submit(self, req: SamplingRequest, prompt: list[int], params: SamplingParams) -> Job:

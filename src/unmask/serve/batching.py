@@ -47,6 +47,7 @@ class SamplingParams:
     remasking: str
     threshold: float | None = None
     cache: str | None = None
+    reuse_uncond: bool = False
 
     @property
     def stochastic(self) -> bool:
@@ -164,7 +165,8 @@ class BatchRunner:
                       mask_id=self.mask_id, attention_mask=attention.to(self.device), generator=generator,
                       eos_token_id=self.eos_id, eos_last=self.eos_id is not None,
                       stop_at_eos=self.eos_id is not None, callback=on_step)
-        kwargs.update({k: v for k, v in (("threshold", params.threshold), ("cache", params.cache)) if v is not None})
+        kwargs.update({k: v for k, v in (("threshold", params.threshold), ("cache", params.cache),
+                                         ("reuse_uncond", params.reuse_uncond or None)) if v is not None})
         try:
             x = generate(self.model, ids.to(self.device), **kwargs)
             for r, job in enumerate(jobs):   # rows whose text ran to the last position

@@ -35,6 +35,7 @@ class DiffusionParams(Request):
     remasking: str | None = None
     threshold: float | None = None
     cache: str | None = None
+    reuse_uncond: bool = False           # with cache and cfg_scale: the unconditional branch only at refreshes
     diffusion_progress: bool = False     # stream chunks carry the canvas in an extra `diffusion` field
 
 
