@@ -22,12 +22,14 @@ bench() {  # time-limit shape batch modes...
   log "bench $shape batch $batch"
   eval timeout "$T" python3 -m unmask.cli bench --shape "$shape" --device cuda --dtype bfloat16 --batch-sizes "$batch" \
     --prompt-len 64 --gen-length 256 --block-length 32 --repeats 1 --no-agreement --modes "$@" \
-    --json "$OUT/bench_${shape}_b${batch}.json" --markdown "$OUT/bench_${shape}_b${batch}.md"
+    --json "$OUT/bench_${shape}_b${batch}${TAG:-}.json" --markdown "$OUT/bench_${shape}_b${batch}${TAG:-}.md"
 }
 bench 150 llada-8b 1 $B1 $G1
 bench 130 llada-8b 8 $B8 $G8
 bench 130 llada-moe-7b-a1b 1 $B1 $G1
 bench 110 llada-moe-7b-a1b 8 $B8 $G8
+# inductor-compiled layers inside the graph (compiling an 8B model takes minutes: its own stage, last)
+[ -n "$G1" ] && TAG=_compile bench 300 llada-8b 1 dual+graph dual+graph+compile
 
 log "train smoke (bf16, compile, activation checkpointing, resume)"
 python3 -m unmask.data.world --out /tmp/world --docs 4000 --sft 0 --no-suite > /dev/null

@@ -162,7 +162,7 @@ def test_cuda_graph_path_gives_the_same_tokens(dense, batch, mode):
     expected = unmask.generate(dense, ids, **kw)
     assert torch.equal(unmask.generate(dense, ids, cuda_graph=True, **kw), expected)
     assert torch.equal(unmask.generate(dense, ids, cuda_graph=True, **kw), expected)  # kept caches reused
-    runner = dense.__dict__["_unmask_graphed"]
+    runner = dense.__dict__["_unmask_graphed"][id(dense)]
     assert runner.caches and runner.steps and "_unmask_graphed" not in "".join(dense.state_dict())
 
 
@@ -211,7 +211,6 @@ class Stand_in(torch.nn.Module):
     (dict(factor=0.0), "factor must be > 0"),
     (dict(reuse_uncond=True, cfg_scale=1.0), "needs cache="),
     (dict(cuda_graph=True, cache="prefix"), "cache='dual'"),
-    (dict(cuda_graph=True, cache="dual", compile=True), "not both"),
 ])
 def test_clear_errors(dense, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -311,6 +310,15 @@ def test_bench_suite_needs_a_tokenizer():
     args = parser.parse_args(["bench", "--shape", "tiny", "--suite", "--device", "cpu"])
     with pytest.raises(ValueError, match="--suite needs a tokenizer"):
         args.func(args)
+
+
+def test_cuda_graph_captures_the_compiled_forward(dense):
+    prompt = torch.randint(0, 380, (2, 5), generator=torch.Generator().manual_seed(6))
+    mode = dict(cache="dual", cfg_scale=0.5, threshold=0.3)
+    assert torch.equal(unmask.generate(dense, prompt, cuda_graph=True, compile="eager", **KW, **mode),
+                       unmask.generate(dense, prompt, **KW, **mode))
+    compiled_model = dense.__dict__["_unmask_compiled"]["eager"]
+    assert dense.__dict__["_unmask_graphed"][id(compiled_model)].forward is compiled_model
 
 
 def test_cuda_graph_runner_keeps_only_recent_shapes(dense):

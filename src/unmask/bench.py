@@ -64,6 +64,7 @@ MODES: dict[str, dict] = {
     "dual+cfg reuse+graph": {"cache": "dual", "cfg": True, "reuse_uncond": True, "cuda_graph": True},
     "dual+graph 4/step": {"cache": "dual", "tokens_per_step": 4, "cuda_graph": True},
     "threshold+dual+cfg+graph": {"threshold": 0.9, "cache": "dual", "cfg": True, "cuda_graph": True},
+    "dual+graph+compile": {"cache": "dual", "cuda_graph": True, "compile": True},
 }
 
 

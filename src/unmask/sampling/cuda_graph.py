@@ -17,7 +17,8 @@ left to commit is computed and ignored. Each shape holds a cache and graphs, so 
 memory without bound).
 
 On a CPU the same static-buffer path runs without capture, so the tests cover everything but the
-capture itself.
+capture itself. With `forward` a torch.compile'd model, the compiled (fused) kernels are what the
+graph captures: fewer, larger kernels per layer, which is what the graph step is bound by.
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ class GraphedBlockStep:
     """Callable like the model; full-canvas refreshes run eagerly, block steps replay a graph.
 
     `_orig_mod` marks it, like a torch.compile'd model, as a wrapper of unmask's own model that
-    computes the logits of every column it runs (the sampler slices them).
+    computes the logits of every column it runs (the sampler slices them). `forward` is the model
+    itself or its torch.compile'd twin.
     """
 
-    def __init__(self, model, max_shapes: int = 8):
+    def __init__(self, model, max_shapes: int = 8, forward=None):
         self._orig_mod = model
+        self.forward = model if forward is None else forward
         self.config = model.config
         self.max_shapes = max_shapes
         self.caches: OrderedDict[tuple[int, int], KVCache] = OrderedDict()
@@ -65,10 +68,13 @@ class GraphedBlockStep:
         return self.caches[key]
 
     def __call__(self, input_ids, attention_mask=None, kv_cache=None, cache_start=0, logits_slice=None):
-        model = self._orig_mod
         if kv_cache is None or kv_cache.keys[0] is None or input_ids.shape[1] == kv_cache.keys[0].shape[2]:
-            return model(input_ids, attention_mask=attention_mask, kv_cache=kv_cache, cache_start=cache_start,
-                         logits_slice=logits_slice)
+            if self.forward is self._orig_mod:
+                return self.forward(input_ids, attention_mask=attention_mask, kv_cache=kv_cache,
+                                    cache_start=cache_start, logits_slice=logits_slice)
+            logits = self.forward(input_ids, attention_mask=attention_mask, kv_cache=kv_cache,
+                                  cache_start=cache_start).logits  # a moving slice would recompile
+            return MaskedLMOutput(logits=logits if logits_slice is None else logits[:, logits_slice])
         step = self._step(kv_cache, input_ids, attention_mask)
         step.ids.copy_(input_ids)
         step.start.fill_(cache_start)
@@ -84,8 +90,8 @@ class GraphedBlockStep:
         return MaskedLMOutput(logits=logits)
 
     def _forward(self, step: _CapturedStep, kv_cache: KVCache) -> torch.Tensor:
-        return self._orig_mod(step.ids, attention_mask=step.attention_mask, kv_cache=kv_cache,
-                              cache_start=step.start).logits
+        return self.forward(step.ids, attention_mask=step.attention_mask, kv_cache=kv_cache,
+                            cache_start=step.start).logits
 
     def _step(self, kv_cache: KVCache, input_ids: torch.Tensor, attention_mask) -> _CapturedStep:
         key = (id(kv_cache), tuple(input_ids.shape), attention_mask is not None)
@@ -113,11 +119,14 @@ class GraphedBlockStep:
             step.logits = self._forward(step, kv_cache)
 
 
-def graphed(model) -> GraphedBlockStep:
-    """The model's GraphedBlockStep, built once per model (graphs and caches are kept for reuse).
+def graphed(model, forward=None) -> GraphedBlockStep:
+    """The model's GraphedBlockStep for `forward` (default: the model itself), built once and kept.
 
-    Kept in the model's __dict__, not as a submodule, so state_dict() and parameters() are unchanged.
+    Graphs and caches are reused across calls. Kept in the model's __dict__, not as a submodule, so
+    state_dict() and parameters() are unchanged.
     """
-    if "_unmask_graphed" not in model.__dict__:
-        model.__dict__["_unmask_graphed"] = GraphedBlockStep(model)
-    return model.__dict__["_unmask_graphed"]
+    forward = model if forward is None else forward
+    runners = model.__dict__.setdefault("_unmask_graphed", {})
+    if id(forward) not in runners:
+        runners[id(forward)] = GraphedBlockStep(model, forward=forward)
+    return runners[id(forward)]

@@ -184,8 +184,6 @@ def validate_fast_options(model, prompt_masked: bool, cache: str | None, cache_r
                          "it needs cache='prefix' or 'dual'")
     if cuda_graph and cache != "dual":
         raise ValueError("cuda_graph captures the dual cache's block step (a fixed shape): use it with cache='dual'")
-    if cuda_graph and compile:
-        raise ValueError("pass cuda_graph or compile, not both")
 
 
 def compiled(model, backend: bool | str):
@@ -317,7 +315,8 @@ def generate(
     reuse_uncond: with a cache and CFG, compute the unconditional branch only at cache refreshes and
       reuse its logits until the next one: CFG then costs one extra row per refresh, not per step.
     cuda_graph: with cache='dual' on a GPU, replay the block step as a CUDA graph (cuda_graph.py);
-      the same tokens as without it, up to kernel rounding. Rows do not drop out.
+      the same tokens as without it, up to kernel rounding. Rows do not drop out. With `compile`
+      the graph captures the compiled kernels.
     compile: True (inductor) or a torch.compile backend name: compile the per-step forward.
       Meant for GPUs; the first calls pay the compilation.
     Rows with nothing left to commit in the current block (a finished block, or a text ended by
@@ -349,7 +348,7 @@ def generate(
     validate_fast_options(model, bool(((x[:, :P] == mask_id) & valid[:, :P]).any()), cache, cache_refresh,
                           threshold, factor, reuse_uncond, cuda_graph, compile)
     suppressed = torch.tensor(suppress_tokens or [], dtype=torch.long, device=device)
-    runner = graphed(model) if cuda_graph else compiled(model, compile)
+    runner = graphed(model, compiled(model, compile)) if cuda_graph else compiled(model, compile)
     if cuda_graph:  # the graphs' caches live across blocks and calls
         new_cache = functools.partial(runner.kv_cache, total=x.shape[1])
     else:
