@@ -142,6 +142,17 @@ def test_finished_rows_drop_out_and_eos_stops():
         hook.remove()
 
 
+def test_reuse_uncond_with_eos_stops_and_rows_leaving():
+    """The model and prompts of the test above: row 0 ends in its first block, row 1 never."""
+    model = random_model(ModelConfig(), dtype=torch.float64, seed=4)
+    prompts = torch.randint(0, 380, (2, 5), generator=torch.Generator().manual_seed(0))
+    mode = dict(cache="dual", cfg_scale=0.2, reuse_uncond=True, stop_at_eos=True, eos_token_id=347)
+    out = unmask.generate(model, prompts, **KW, **mode)
+    first = int((out[0, 5:] == 347).nonzero()[0])
+    assert first < 8 and (out[0, 5 + first:] == 347).all() and 347 not in out[1, 5:].tolist()
+    assert torch.equal(out[1:], unmask.generate(model, prompts[1:], **KW, **mode))
+
+
 def test_compile_path_gives_the_same_tokens(dense):
     prompt = torch.randint(0, 380, (2, 5), generator=torch.Generator().manual_seed(7))
     mode = dict(cache="dual", cfg_scale=0.5, threshold=0.3)
