@@ -340,3 +340,13 @@ def test_cuda_graph_runner_keeps_only_recent_shapes(dense):
     assert runner.kv_cache(1, 40) is caches[0]  # reused, and now the most recent
     runner.kv_cache(2, 40)
     assert list(runner.caches) == [(1, 40), (2, 40)]  # (1, 48) was the least recently used
+
+
+def test_bench_defaults_to_the_bundled_model_on_cpu_and_a_real_shape_on_gpu():
+    from unmask.models import DEFAULT_MODEL_DIR
+
+    assert bench_command.bench_model_dir(None, None, "cpu") == DEFAULT_MODEL_DIR
+    assert bench_command.bench_model_dir(None, None, "cuda") is None
+    assert bench_command.default_shape("cuda:0") == "llada-8b" and bench_command.default_shape("cpu") == "bundled"
+    assert bench_command.bench_model_dir("some/dir", None, "cuda") == "some/dir"
+    assert bench_command.bench_model_dir("some/dir", "tiny", "cpu") is None

@@ -13,9 +13,10 @@ def register(subparsers) -> None:
         description="Run the reference sampler and unmask's modes on the same model and prompts; print "
                     "tokens/s, forward passes per token, speedup and token agreement with the exact output.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", help="checkpoint directory (default: the bundled model; without it, --shape)")
+    p.add_argument("--model", help="checkpoint directory (default on a CPU: the bundled model)")
     p.add_argument("--shape", choices=list(SHAPES),
-                   help="random weights of this shape instead of a checkpoint (default when no model: bundled)")
+                   help="random weights of this shape instead of a checkpoint (default on a GPU: llada-8b; "
+                        "on a CPU without the bundled model: bundled)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--gen-length", type=int, default=256)
@@ -47,37 +48,51 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def bench_model_dir(model_dir: str | None, shape: str | None):
-    """The checkpoint to bench: `model_dir`, else the bundled model if installed; None: random `shape`."""
+def bench_model_dir(model_dir: str | None, shape: str | None, device: str = "cpu"):
+    """The checkpoint to bench: `model_dir`, else on a CPU the bundled model if installed; None: random weights.
+
+    On a GPU the default is random weights of a real shape (`default_shape`): the bundled model is
+    too small to say anything about GPU throughput.
+    """
     from ..models import DEFAULT_MODEL_DIR
 
-    if shape is None and (model_dir is not None or (DEFAULT_MODEL_DIR / "config.json").exists()):
-        return model_dir or DEFAULT_MODEL_DIR
+    if model_dir is not None and shape is None:
+        return model_dir
+    if shape is None and not _is_gpu(device) and (DEFAULT_MODEL_DIR / "config.json").exists():
+        return DEFAULT_MODEL_DIR
     return None
 
 
+def default_shape(device: str) -> str:
+    return "llada-8b" if _is_gpu(device) else "bundled"
+
+
+def _is_gpu(device: str) -> bool:
+    return not str(device).startswith("cpu")
+
+
 def load_bench_model(model_dir: str | None, shape: str | None, device: str, dtype):
-    """(model, name): the checkpoint, else the bundled model, else random weights of `shape`."""
+    """(model, name): the checkpoint, else the bundled model (CPU), else random weights of a shape."""
     from ..bench import SHAPES, random_model
     from ..models import load_model
 
-    checkpoint = bench_model_dir(model_dir, shape)
+    checkpoint = bench_model_dir(model_dir, shape, device)
     if checkpoint is not None:
         return load_model(checkpoint, dtype=dtype, device=device), str(checkpoint)
-    shape = shape or "bundled"
+    shape = shape or default_shape(device)
     return random_model(SHAPES[shape], device, dtype), f"random {shape}"
 
 
 def load_suite_tokenizer(args):
     """The checkpoint's tokenizer for --suite, checked before any model is built: random weights have none."""
-    from ..models import load_tokenizer
+    from ..models import DEFAULT_MODEL_DIR, load_tokenizer
 
     if args.suite_items < 1:
         raise ValueError("--suite-items must be >= 1")
-    checkpoint = bench_model_dir(args.model, args.shape)
+    checkpoint = bench_model_dir(args.model, args.shape, args.device)
     if checkpoint is None:
-        raise ValueError("--suite needs a tokenizer: pass --model DIR (a checkpoint with its tokenizer) or "
-                         "install the bundled model; random --shape weights have none")
+        raise ValueError("--suite needs a tokenizer: pass --model DIR (a checkpoint with its tokenizer, e.g. "
+                         f"{DEFAULT_MODEL_DIR}); random --shape weights, the default on a GPU, have none")
     return load_tokenizer(checkpoint)
 
 
