@@ -67,14 +67,10 @@ class GraphedBlockStep:
         self.caches.move_to_end(key)
         return self.caches[key]
 
-    def __call__(self, input_ids, attention_mask=None, kv_cache=None, cache_start=0, logits_slice=None):
+    def __call__(self, input_ids, attention_mask=None, kv_cache=None, cache_start=0):
+        """Logits of every column of input_ids (the sampler slices them: `_orig_mod` says so)."""
         if kv_cache is None or kv_cache.keys[0] is None or input_ids.shape[1] == kv_cache.keys[0].shape[2]:
-            if self.forward is self._orig_mod:
-                return self.forward(input_ids, attention_mask=attention_mask, kv_cache=kv_cache,
-                                    cache_start=cache_start, logits_slice=logits_slice)
-            logits = self.forward(input_ids, attention_mask=attention_mask, kv_cache=kv_cache,
-                                  cache_start=cache_start).logits  # a moving slice would recompile
-            return MaskedLMOutput(logits=logits if logits_slice is None else logits[:, logits_slice])
+            return self.forward(input_ids, attention_mask=attention_mask, kv_cache=kv_cache, cache_start=cache_start)
         step = self._step(kv_cache, input_ids, attention_mask)
         step.ids.copy_(input_ids)
         step.start.fill_(cache_start)
@@ -86,8 +82,7 @@ class GraphedBlockStep:
             step.logits = self._forward(step, kv_cache)
         else:
             step.graph.replay()
-        logits = step.logits if logits_slice is None else step.logits[:, logits_slice]
-        return MaskedLMOutput(logits=logits)
+        return MaskedLMOutput(logits=step.logits)
 
     def _forward(self, step: _CapturedStep, kv_cache: KVCache) -> torch.Tensor:
         return self.forward(step.ids, attention_mask=step.attention_mask, kv_cache=kv_cache,
