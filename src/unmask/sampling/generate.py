@@ -161,7 +161,7 @@ CACHE_MODES = ("prefix", "dual")
 
 def validate_fast_options(model, prompt_masked: bool, cache: str | None, cache_refresh: str | int,
                           threshold: float | None, factor: float | None, reuse_uncond: bool = False,
-                          cuda_graph: bool = False, compile: bool | str = False) -> None:
+                          cuda_graph: bool = False) -> None:
     """Check the opt-in fast options (cache, parallel decoding, graphs); every error says what to change."""
     if cache is not None:
         if cache not in CACHE_MODES:
@@ -346,7 +346,7 @@ def generate(
         valid = torch.ones_like(x, dtype=torch.bool)
     prompt_index = (x != mask_id) & valid
     validate_fast_options(model, bool(((x[:, :P] == mask_id) & valid[:, :P]).any()), cache, cache_refresh,
-                          threshold, factor, reuse_uncond, cuda_graph, compile)
+                          threshold, factor, reuse_uncond, cuda_graph)
     suppressed = torch.tensor(suppress_tokens or [], dtype=torch.long, device=device)
     runner = graphed(model, compiled(model, compile)) if cuda_graph else compiled(model, compile)
     if cuda_graph:  # the graphs' caches live across blocks and calls
