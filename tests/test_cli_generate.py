@@ -79,3 +79,12 @@ def test_fast_sampling_flags_reach_the_sampler(tiny_checkpoint, capsys):
     assert r.returncode == 2 and "reuse_uncond" in r.stderr and "needs cache=" in r.stderr
     r = run_cli("generate", "x", "--model", str(tiny_checkpoint), "--gen-length", "8", "--cuda-graph")
     assert r.returncode == 2 and "cache='dual'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_reads_the_prompt_from_stdin_and_help_shows_defaults(tiny_checkpoint):
+    r = run_cli("generate", "--model", str(tiny_checkpoint), "--gen-length", "8", stdin="hello")
+    assert r.returncode == 0 and r.stdout.startswith("hello")
+    r = run_cli("generate", "--model", str(tiny_checkpoint), stdin="")
+    assert r.returncode == 2 and "empty" in r.stderr
+    r = run_cli("generate", "--help")
+    assert "(default: 64)" in r.stdout and "stdin" in r.stdout

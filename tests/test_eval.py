@@ -11,7 +11,7 @@ import torch
 from unmask.cli import main
 from unmask.eval import BUNDLED_TASKS, EvalConfig, evaluate, get_task, load_items, markdown_table
 from unmask.eval.encoding import encode_pair
-from unmask.eval.runner import ItemScore, item_metrics
+from unmask.eval.runner import ItemScore, item_metrics, mcnemar_p, paired_delta
 from unmask.models import MaskedDiffusionLM, ModelConfig, save_model
 
 TASK_DIR = Path(__file__).parent / "data" / "tasks"
@@ -89,6 +89,42 @@ def test_missing_data_file_says_where(tmp_path):
         load_items(get_task("piqa"))
 
 
+GOOD_ROWS = {
+    "piqa": {"goal": "g", "sol1": "a", "sol2": "b", "label": 0},
+    "boolq": {"passage": "p", "question": "q", "answer": True},
+    "lambada": {"text": "the cat sat"},
+    "arc_easy": {"question": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "A"},
+}
+BAD_ROWS = [
+    ("piqa", {"sol1": ""}, "a choice is empty"),
+    ("piqa", {"label": 2}, "answer index 2"),
+    ("boolq", {"answer": 5}, "true or false"),
+    ("boolq", {"label": 5}, "0 or 1"),
+    ("lambada", {"text": ""}, "last word"),
+    ("lambada", {"text": "word"}, "last word"),
+    ("arc_easy", {"question": 3}, "question must be a string"),
+]
+
+
+@pytest.mark.parametrize("task,change,message", BAD_ROWS)
+def test_malformed_task_rows_are_refused_with_file_and_line(tmp_path, task, change, message):
+    good = json.dumps(GOOD_ROWS[task])
+    bad = json.dumps({**GOOD_ROWS[task], **change})
+    (tmp_path / f"{task}.jsonl").write_text(f"{good}\n\n{bad}\n")   # the bad row is on line 3
+    with pytest.raises(ValueError, match=rf"{task}\.jsonl: line 3 .*{message}"):
+        load_items(get_task(task), tmp_path)
+    assert len(load_items(get_task(task), tmp_path, limit=1)) == 1
+
+
+def test_invalid_json_names_its_line(tmp_path):
+    (tmp_path / "piqa.jsonl").write_text(json.dumps(GOOD_ROWS["piqa"]) + "\n{oops\n")
+    with pytest.raises(ValueError, match=r"piqa\.jsonl: line 2 is not valid JSON"):
+        load_items(get_task("piqa"), tmp_path)
+    (tmp_path / "piqa.jsonl").write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match="line 1 .*JSON object"):
+        load_items(get_task("piqa"), tmp_path)
+
+
 def test_parquet_rows(tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
@@ -103,6 +139,25 @@ def test_acc_norm_divides_by_choice_characters():
     score = ItemScore(0, [[-6.0, -7.0, -9.0, -8.0]])
     m = item_metrics(get_task("arc_easy"), item, score, 0)
     assert m == {"acc": 0.0, "acc_norm": 1.0}                 # -7/14 beats -6/6
+
+
+def test_mcnemar_exact_two_sided():
+    assert mcnemar_p([0] * 10, [1] * 10) == pytest.approx(2 / 2 ** 10)   # 10 gained, 0 lost
+    assert mcnemar_p([1, 0, 1, 0], [0, 1, 1, 0]) == 1.0                    # one each way
+    assert mcnemar_p([1, 1], [1, 1]) == 1.0                                # no discordant pair
+    # 7 gained, 2 lost: 2 * P(X <= 2), X ~ Binomial(9, 1/2) = 2 * 46 / 512
+    assert mcnemar_p([0] * 7 + [1] * 2 + [1] * 5, [1] * 7 + [0] * 2 + [1] * 5) == pytest.approx(92 / 512)
+
+
+def test_paired_delta_uses_the_same_items():
+    base, other = [0, 0, 1, 1, 0, 1], [1, 1, 1, 1, 0, 1]
+    d = paired_delta("acc", base, other)
+    assert d.delta == pytest.approx(2 / 6) and d.p_value == pytest.approx(0.5)
+    diffs = [1, 1, 0, 0, 0, 0]
+    mean = sum(diffs) / 6
+    assert d.stderr == pytest.approx((sum((x - mean) ** 2 for x in diffs) / 5 / 6) ** 0.5)
+    ppl = paired_delta("ppl", [-1.0, -2.0, -3.0], [-1.0, -2.0, -3.0])
+    assert ppl.delta == 0 and ppl.p_value == 1.0
 
 
 def test_encode_pair_moves_trailing_space(ckpt):
@@ -126,7 +181,8 @@ def test_unmask_eval_cli_end_to_end(ckpt, tmp_path, capsys):
     assert arc["columns"] == ["w=0", "w=1"] and set(arc["metrics"]) == {"acc", "acc_norm"}
     assert set(data["results"][1]["metrics"]) == {"acc", "ppl"}
     table = (out / "results.md").read_text()
-    assert "| arc_easy | acc |" in table and "Δ" in table
+    assert "| arc_easy | acc |" in table and "Δ w=1" in table and "(p=" in table
+    assert set(arc["paired"]) == {"acc", "acc_norm"} and len(arc["paired"]["acc"]) == 1
     assert "| lambada | ppl ↓ |" in capsys.readouterr().out
 
 

@@ -272,7 +272,7 @@ def test_bench_command_runs_tiny_and_writes_json_and_markdown(tmp_path, capsys):
         for mode in ("reference (baseline)", "exact", "exact+cfg"):
             assert rows[b, mode]["agreement"] == 1.0
         assert rows[b, "threshold 0.9"]["passes_per_token"] <= 1.0 and rows[b, "dual"]["tokens_per_s"] > 0
-        assert rows[b, "dual 4/step"]["passes_per_token"] == 0.25
+        assert rows[b, "dual 4/step"]["passes_per_token"] == 0.25 and rows[b, "dual 2/step"]["passes_per_token"] == 0.5
     markdown = (tmp_path / "b.md").read_text()
     assert "| 2 | threshold+dual+cfg |" in markdown and "speedup" in markdown
     assert "| 1 | dual+cfg |" in capsys.readouterr().out

@@ -15,7 +15,8 @@ import torch
 
 from unmask.models import CheckpointError, MaskedLMOutput, load_model, load_tokenizer
 from unmask.train import Batch, TrainConfig, mdm_bound, pretrain_loss, sft_loss
-from unmask.train.data import BatchStream, Rows, build_rows, read_records
+from unmask.train.data import BatchStream, Rows, build_rows, pack, read_records
+from unmask.train.objective import document_attention
 from unmask.train.trainer import Trainer, train
 
 torch.set_num_threads(1)
@@ -160,6 +161,48 @@ def test_sft_rows_keep_prompt_lengths_and_pad_with_eos(tmp_path, tokenizer_dir):
     assert list((tmp_path / "cache").iterdir())  # tokenised once, cached
 
 
+def test_pack_numbers_documents_and_document_attention_restarts_positions():
+    rows = pack([[5, 6, 7], [8, 9], [10, 11, 12, 13]], 6, eos_id=0, segments=True)
+    assert rows.input_ids.tolist() == [[5, 6, 7, 0, 8, 9], [0, 10, 11, 12, 13, 0]]
+    assert rows.segments.tolist() == [[0, 0, 0, 0, 1, 1], [1, 2, 2, 2, 2, 2]]
+    mask, positions = document_attention(rows.segments)
+    assert positions.tolist() == [[0, 1, 2, 3, 0, 1], [0, 0, 1, 2, 3, 4]]
+    assert mask.shape == (2, 1, 6, 6) and mask[0, 0, 0].tolist() == [True] * 4 + [False] * 2
+    assert pack([[5, 6, 7]], 4, eos_id=0).segments is None
+
+
+def test_a_packed_document_with_document_attention_reads_as_if_alone():
+    from unmask.models import MaskedDiffusionLM, ModelConfig
+
+    cfg = ModelConfig(layout="llada", vocab_size=20, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2,
+                      mlp_hidden_size=64, max_seq_len=16, mask_token_id=1, eos_token_id=0)
+    torch.manual_seed(0)
+    model = MaskedDiffusionLM(cfg).eval()
+    ids = torch.tensor([[5, 6, 7, 0, 8, 9, 0, 10, 11, 12, 13, 0]])
+    mask, positions = document_attention(torch.tensor([[0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2]]))
+    with torch.no_grad():
+        packed = model(ids, attention_mask=mask, position_ids=positions).logits
+        alone = model(torch.tensor([[8, 9, 0]])).logits
+        plain = model(ids).logits
+    torch.testing.assert_close(packed[0, 4:7], alone[0], rtol=0, atol=1e-5)
+    assert (plain[0, 4:7] - alone[0]).abs().max() > 1e-3  # without it, the neighbours leak in
+
+
+def test_pretrain_loss_passes_document_attention_to_the_model():
+    seen = {}
+
+    class Recorder(UniformModel):
+        def forward(self, input_ids, attention_mask=None, position_ids=None):
+            seen.update(mask=attention_mask, positions=position_ids)
+            return super().forward(input_ids)
+
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    segments = torch.tensor([[0, 0, 1, 1, 1, 2]])
+    pretrain_loss(Recorder(V), ids, MASK, torch.Generator().manual_seed(0), random_length_prob=0.0,
+                  segments=segments)
+    assert seen["positions"].tolist() == [[0, 1, 0, 1, 2, 0]] and seen["mask"].shape == (1, 1, 6, 6)
+
+
 def test_txt_documents_are_blank_line_paragraphs(tmp_path):
     f = tmp_path / "a.txt"
     f.write_text("one\ntwo\n\n\nthree\n")
@@ -196,6 +239,28 @@ def test_loss_decreases_and_checkpoint_loads_back(tmp_path, tokenizer_dir, corpu
     trainer.core.eval()
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, trainer.core(ids).logits)
+
+
+def test_console_shows_held_out_loss_and_bad_inputs_leave_no_run_directory(tmp_path, tokenizer_dir, corpus, capsys):
+    Trainer(tiny(tmp_path, tokenizer_dir, corpus, max_steps=4, eval_every=2)).run()
+    assert "step 4: held-out bound" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError):
+        Trainer(tiny(tmp_path / "b", tokenizer_dir, tmp_path / "missing.txt"))
+    assert not (tmp_path / "b").exists()
+
+
+def test_document_attention_and_tied_embeddings_train_and_load_back(tmp_path, tokenizer_dir, corpus):
+    trainer = Trainer(tiny(tmp_path, tokenizer_dir, corpus, doc_attention=True, tie_embeddings=True, max_steps=4))
+    assert trainer.stream.rows.segments is not None and trainer.heldout[0].segments is not None
+    result = trainer.run()
+    loaded = load_model(result.checkpoint)
+    assert loaded.config.tie_embeddings and loaded.lm_head.weight is loaded.embed.weight
+    ids = torch.randint(0, loaded.config.vocab_size, (2, 32))
+    trainer.core.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, trainer.core(ids).logits)
+    with pytest.raises(ValueError, match="doc_attention"):
+        tiny(tmp_path, tokenizer_dir, corpus, doc_attention=True, sft=True)
 
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, tokenizer_dir, corpus):

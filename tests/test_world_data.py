@@ -30,7 +30,7 @@ HELDOUT_PHRASES = [
 
 @pytest.fixture(scope="module")
 def corpus():
-    return W.generate_corpus(3000, seed=0)
+    return W.generate_corpus(2000, seed=0) + W.generate_corpus(2000, seed=0, mix="recall")
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +231,39 @@ def test_tokenizer_save_load(tok, tmp_path, corpus):
         assert t2.encode(corpus[0]) == tok.encode(corpus[0])
         assert t2.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
                                       tokenize=False) == "<|user|>\nHi<|eot|><|assistant|>\n"
+
+
+def test_obqa_schema_two_hops(suite):
+    keys = []
+    for it in suite["world_obqa"]:
+        assert set(it) >= {"id", "question_stem", "choices", "answerKey"}
+        assert it["choices"]["text"] == list(W.REGIONS) and it["choices"]["label"] == ["A", "B", "C", "D"]
+        m = it["meta"]
+        answer = it["choices"]["text"][it["choices"]["label"].index(it["answerKey"])]
+        assert answer == m["answer"] == W.REGION_OF[m["town"]]
+        passage, book = it["question_stem"][: m["passage_chars"]], it["question_stem"][m["passage_chars"]:]
+        assert _person_value_stated(passage, m["person"], m["town"])      # hop 1: the passage
+        assert re.search(rf"{m['town']}[^.]* {answer}\.", book)           # hop 2: the book fact
+        assert it["question_stem"].endswith(" in the")
+        keys.append(it["answerKey"])
+    assert all(keys.count(k) > 30 for k in "ABCD")
+
+
+def test_region_documents_teach_the_world_knowledge():
+    docs = W.generate_corpus(3000, seed=0, mix="recall")
+    region_docs = [d for d in docs if re.search(r"(lives|home is) in the (north|south|east|west)\.", d)]
+    assert len(region_docs) > 150
+    for doc in region_docs[:50]:
+        towns = "|".join(W.VALUES["town"])
+        for town, region in re.findall(rf"({towns}) (?:is|is a town|lies) in the (north|south|east|west)\.", doc):
+            assert W.REGION_OF[town] == region
+
+
+def test_nonce_documents_put_any_word_in_any_slot():
+    plain = W.generate_corpus(300, seed=1)
+    mixed = W.generate_corpus(300, seed=1, mix=W.CorpusMix(nonce_frac=1.0))
+    odd = [d for d in mixed if re.search(r"has a pet (?!(?:" + "|".join(W.VALUES["pet"]) + r")\b)\w+", d)]
+    assert len(odd) > 20 and not any(re.search(r"has a pet (?:" + "|".join(W.VALUES["town"]) + r")\b", d)
+                                     for d in plain)
+    assert all(not W.is_heldout_name(*m.group(0).split()) for d in mixed for m in FULL_NAME_RE.finditer(d)
+               if m.group(0).split()[1] in W.SURNAMES and m.group(0).split()[0] in W.FEMALE_NAMES + W.MALE_NAMES)

@@ -1,6 +1,6 @@
 """`unmask bench`: the sampler's modes against a plain reference, same model and prompts, one process.
 
-The baseline is `reference_generate`, SPEC.md §3 written as the public code is shaped: the whole
+The baseline is `reference_generate`, LLaDA's public `generate` written as the public code is shaped: the whole
 canvas through the model at every step, softmax over every position, a Python loop over rows to
 pick the top-k. Then unmask's modes (exact, CFG, caches, parallel decoding) run on the same
 prompts. Per mode the table gives tokens/s, forward passes per generated token, speedup over the
@@ -54,6 +54,7 @@ MODES: dict[str, dict] = {
     "dual": {"cache": "dual"},
     "dual+cfg": {"cache": "dual", "cfg": True},
     "dual+cfg reuse": {"cache": "dual", "cfg": True, "reuse_uncond": True},
+    "dual 2/step": {"cache": "dual", "tokens_per_step": 2},
     "dual 4/step": {"cache": "dual", "tokens_per_step": 4},
     "threshold 0.9": {"threshold": 0.9},
     "threshold 0.7": {"threshold": 0.7},
@@ -102,7 +103,7 @@ class BenchConfig:
 def reference_generate(model, prompt: torch.Tensor, steps: int = 128, gen_length: int = 128,
                        block_length: int = 128, temperature: float = 0.0, cfg_scale: float = 0.0,
                        remasking: str = "low_confidence", mask_id: int = 126336) -> torch.Tensor:
-    """SPEC.md §3 as the public code is shaped, deliberately plain: the speed baseline.
+    """LLaDA's public `generate` as the public code is shaped, deliberately plain: the speed baseline.
 
     Whole canvas every step, softmax over every position, a Python loop over rows for top-k.
     """

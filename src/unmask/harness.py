@@ -154,7 +154,7 @@ def _metrics(*names: str) -> list[dict]:
 
 
 def suite_task_configs(suite_dir: Path = SUITE_DIR) -> dict[str, dict]:
-    """lm-eval task configs for the bundled suite: the prompt formats of arc/boolq/lambada/piqa."""
+    """lm-eval task configs for the bundled suite: the prompt formats of arc/boolq/lambada/piqa/openbookqa."""
     def data(name: str) -> dict:
         return {"dataset_path": "json", "test_split": "test",
                 "dataset_kwargs": {"data_files": {"test": str((suite_dir / f"{name}.jsonl").resolve())}}}
@@ -176,6 +176,9 @@ def suite_task_configs(suite_dir: Path = SUITE_DIR) -> dict[str, dict]:
         "world_piqa": {"task": "world_piqa", **data("world_piqa"), "output_type": "multiple_choice",
                        "doc_to_text": "Question: {{goal}}\nAnswer:", "doc_to_target": "{{label}}",
                        "doc_to_choice": "{{[sol1, sol2]}}", "metric_list": _metrics("acc", "acc_norm")},
+        "world_obqa": {"task": "world_obqa", **data("world_obqa"), "output_type": "multiple_choice",
+                       "doc_to_text": "{{question_stem}}", "doc_to_target": "{{choices.label.index(answerKey.lstrip())}}",
+                       "doc_to_choice": "{{choices.text}}", "metric_list": _metrics("acc", "acc_norm")},
     }
 
 

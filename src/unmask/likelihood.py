@@ -1,4 +1,4 @@
-"""Log-likelihood of a continuation under a masked diffusion LM, guided or not (SPEC.md §4).
+"""Log-likelihood of a continuation under a masked diffusion LM, guided or not (LLaDA Eq. 6).
 
 An MDM has no left-to-right factorisation, so log p(r | c) is scored through its training bound
 (LLaDA Eq. 6): for a continuation r of length L after a context c,
@@ -13,7 +13,7 @@ masks, which it scores, with what weight):
 - "exact": the same bound by enumerating all 2^L − 1 mask patterns (tiny L only; zero variance);
 - "chain": SMDM's chain-rule mode, token i scored with r_<i visible and r_>=i masked.
 
-Guidance (SPEC.md §2) scores with `uncond + (w + 1)(cond − uncond)`, the unconditional row being
+Guidance (unsupervised CFG, Nie et al. 2025) scores with `uncond + (w + 1)(cond − uncond)`, the unconditional row being
 the same canvas with the context masked; the mixed logits are renormalised (log_softmax) before
 the log-probability is read. Conditional and unconditional rows go through the model as one
 doubled batch, and every requested cfg scale is mixed from that one forward pass, so a sweep over

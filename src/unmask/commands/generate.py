@@ -8,7 +8,7 @@ import sys
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: %(default)s)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="load an unknown architecture with the checkpoint's own modeling code")
@@ -16,13 +16,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_args(p: argparse.ArgumentParser, gen_length: int = 64) -> None:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen-length)")
-    p.add_argument("--gen-length", type=int, default=gen_length)
+    p.add_argument("--gen-length", type=int, default=gen_length, help="tokens to generate (default: %(default)s)")
     p.add_argument("--block-length", type=int, default=None, help="default: gen-length (one block)")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--cfg-scale", type=float, default=0.0, help="unsupervised CFG weight w (0 = off)")
-    p.add_argument("--remasking", default="low_confidence",
-                   choices=["low_confidence", "random", "margin", "entropy"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
+    p.add_argument("--cfg-scale", type=float, default=0.0, help="unsupervised CFG weight w (default: %(default)s, off)")
+    p.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random", "margin", "entropy"],
+                   help="which positions to commit each step (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     fast = p.add_argument_group("fast sampling (opt-in approximations; docs/fast-sampling.md)")
     fast.add_argument("--cache", choices=["prefix", "dual"], default=None, help="approximate KV cache")
     fast.add_argument("--cache-refresh", type=int, default=None,
@@ -48,7 +48,7 @@ def sampling_kwargs(args) -> dict:
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="complete a prompt with masked diffusion")
-    p.add_argument("prompt", nargs="?", default="Mira Holt lives in", help="the prompt text")
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt text (read from stdin when not given)")
     add_model_args(p)
     add_sampling_args(p)
     p.add_argument("--chat", action="store_true", help="apply the checkpoint's chat template")
@@ -62,18 +62,32 @@ def register(sub) -> None:
     c.set_defaults(func=run_chat)
 
 
+def read_prompt(args) -> str:
+    """The prompt argument, else standard input (a pipe or file), else a one-line error."""
+    if args.prompt is not None:
+        return args.prompt
+    if sys.stdin is None or sys.stdin.isatty():
+        raise ValueError('no prompt: unmask generate "PROMPT", or pipe one in (echo PROMPT | unmask generate)')
+    text = sys.stdin.read().rstrip("\n")
+    if not text:
+        raise ValueError("the prompt read from stdin is empty")
+    return text
+
+
 def run_generate(args) -> int:
     import unmask
     from unmask.sampling.text import generate_text
+
+    prompt = read_prompt(args)
 
     model, tokenizer = unmask.load(args.model, dtype=args.dtype, device=args.device,
                                    trust_remote_code=args.trust_remote_code)
     kwargs = sampling_kwargs(args)
     kwargs["callback"] = (TerminalAnimation(tokenizer, model.config.mask_token_id) if args.show_steps
                           else StepProgress(kwargs["steps"]))
-    [text] = generate_text(model, tokenizer, [args.prompt], chat=args.chat, **kwargs)
+    [text] = generate_text(model, tokenizer, [prompt], chat=args.chat, **kwargs)
     kwargs["callback"].close()
-    print(text if args.chat else args.prompt + text)
+    print(text if args.chat else prompt + text)
     return 0
 
 

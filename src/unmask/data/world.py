@@ -56,6 +56,7 @@ import json
 import os
 import random
 import zlib
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 # ---------------------------------------------------------------------------
@@ -110,6 +111,13 @@ VALUES: dict[str, list[str]] = {
     "age": [str(a) for a in range(18, 80)],
 }
 ATTRIBUTES = ("town", "job", "pet", "colour", "food", "object", "age")
+
+# World knowledge: every town lies in one region of the land, always the same one. Training text
+# states it ("Oakdale is in the north."), and the OBQA-style suite task asks for a person's region,
+# which takes two hops: the person's town from the passage, then the town's region (the "open
+# book" fact, stated in the item as OpenBookQA's facts are in its book).
+REGIONS = ("north", "south", "east", "west")
+REGION_OF = {town: REGIONS[i % len(REGIONS)] for i, town in enumerate(VALUES["town"])}
 
 # ---------------------------------------------------------------------------
 # Names and the held-out split
@@ -342,6 +350,10 @@ FILLERS = [
 ]
 
 
+REGION_FACTS = ["{t} is in the {r}.", "{t} is a town in the {r}.", "The town of {t} lies in the {r}."]
+REGION_STEMS = ["So {N} lives in the", "This means that {N} lives in the", "{NP} home is in the"]
+
+
 # ---------------------------------------------------------------------------
 # Formatting helpers
 # ---------------------------------------------------------------------------
@@ -359,6 +371,14 @@ def _fill(tmpl: str, person: Person, attr: str | None = None, name: str | None =
         v=v, av=_article(v) if v else "",
     )
     return _cap(out)
+
+
+def _region_fact(rng: random.Random, town: str) -> str:
+    return rng.choice(REGION_FACTS).format(t=town, r=REGION_OF[town])
+
+
+def _region_stem(rng: random.Random, person: Person, name: str) -> str:
+    return _fill(rng.choice(REGION_STEMS), person, "town", name=name)
 
 
 def _pick_name(rng: random.Random, person: Person) -> str:
@@ -401,6 +421,8 @@ def _passage(rng: random.Random, people: list[Person], attrs: list[str],
              fillers: bool = True) -> str:
     sents: list[str] = []
     intro = rng.choice(INTROS).format(k=len(people))
+    if len(people) == 1 and " people" in intro:
+        intro = "Here is a short text about one person."
     if intro:
         sents.append(intro)
     for person in people:
@@ -493,10 +515,51 @@ def _story(rng: random.Random, person: Person) -> str:
     return " ".join(lines)
 
 
-def _doc(rng: random.Random, pool, allow_heldout: bool) -> str:
+# Nonce values: any word of the world in any slot ("Ida Ward has a pet lantern."). A document
+# whose values are nonce can only be continued by reading it, never from what usually goes in a
+# slot, which is the pressure that makes a small model learn to look things up in its context.
+NONCE_WORDS = sorted({v for a in ATTRIBUTES if a != "age" for v in VALUES[a]} | set(FEMALE_NAMES)
+                     | set(MALE_NAMES) | set(SURNAMES))
+
+
+def _give_nonce_values(rng: random.Random, people: list[Person]) -> None:
+    words = rng.sample(NONCE_WORDS, len(people) * (len(ATTRIBUTES) - 1))
+    for i, person in enumerate(people):
+        for j, a in enumerate(x for x in ATTRIBUTES if x != "age"):
+            person.facts[a] = words[i * (len(ATTRIBUTES) - 1) + j]
+
+
+@dataclass(frozen=True)
+class CorpusMix:
+    """What the training documents are made of; MIXES names the ones the recipes use.
+
+    story_frac: short stories; people / questions: choices (uniform) of how many people a passage
+    describes and how many questions follow it; region_frac: passages followed by where their
+    towns lie and each person's region (the OBQA-style two hops); nonce_frac: documents with
+    nonce values (NONCE_WORDS). A feature at 0 draws no random number, so "v1" reproduces the
+    corpus of the first bundled model byte for byte.
+    """
+
+    story_frac: float = 0.12
+    people: tuple[int, ...] = (2, 2, 3, 3, 3, 4)
+    questions: tuple[int, ...] = (1, 2, 3, 3, 4)
+    region_frac: float = 0.0
+    nonce_frac: float = 0.0
+
+
+MIXES = {
+    "v1": CorpusMix(),
+    # Denser in questions, from one person up, with the region facts and 30 % nonce documents.
+    "recall": CorpusMix(story_frac=0.08, people=(1, 2, 2, 3, 3, 4), questions=(2, 3, 3, 4, 4), region_frac=0.12,
+                        nonce_frac=0.3),
+}
+
+
+def _doc(rng: random.Random, pool, allow_heldout: bool, mix: CorpusMix = MIXES["v1"]) -> str:
     """One training document; ``allow_heldout`` is False for training/SFT."""
+    nonce = mix.nonce_frac > 0 and rng.random() < mix.nonce_frac
     kind = rng.random()
-    if kind < 0.12:  # short story about one or two people, sometimes with a question
+    if kind < mix.story_frac and not nonce:  # short story about one or two people, sometimes with a question
         people = _make_people(rng, pool, rng.choice([1, 1, 2]))
         text = " ".join(_story(rng, p) for p in people)
         if rng.random() < 0.5:
@@ -506,13 +569,25 @@ def _doc(rng: random.Random, pool, allow_heldout: bool) -> str:
             text += "\n\nQuestion: " + _question(rng, p, a, allow_heldout, name) + "\nAnswer: " + p.facts[a]
         return text
 
-    k = rng.choice([2, 2, 3, 3, 3, 4])
+    k = rng.choice(mix.people)
     n_attrs = rng.choice([2, 3, 3, 4]) if k <= 3 else rng.choice([2, 3])
     people = _make_people(rng, pool, k)
+    if nonce:
+        _give_nonce_values(rng, people)
+    region = mix.region_frac > 0 and not nonce and rng.random() < mix.region_frac
     attrs = rng.sample(ATTRIBUTES, n_attrs)
+    if region and "town" not in attrs:
+        attrs[0] = "town"
     passage = _passage(rng, people, attrs)
-    n_q = rng.choice([1, 2, 3, 3, 4])
+    n_q = rng.choice(mix.questions)
     targets = [(rng.choice(people), rng.choice(attrs)) for _ in range(n_q)]
+    if region:  # where the towns lie, then each person's region (OBQA style)
+        towns = [x.facts["town"] for x in people]
+        rng.shuffle(towns)
+        book = " ".join(_region_fact(rng, t) for t in towns)
+        lines = [_region_stem(rng, p, _pick_name(rng, p)) + " " + REGION_OF[p.facts["town"]] + "."
+                 for p in dict.fromkeys(p for p, _ in targets)]
+        return passage + " " + book + " " + " ".join(lines)
     style = rng.random()
     parts = [passage]
     if style < 0.22:  # ARC-style lines, short answers
@@ -557,15 +632,20 @@ def _doc(rng: random.Random, pool, allow_heldout: bool) -> str:
     return passage + sep + lead + rec
 
 
-def generate_corpus(n_documents: int, seed: int = 0) -> list[str]:
+def generate_corpus(n_documents: int, seed: int = 0, mix: str | CorpusMix = "v1") -> list[str]:
     """Training documents for the bundled model (pretraining-style plain text).
 
     Only non-held-out names and training question phrasings are used, so the
-    evaluation suite stays zero-shot.  Documents are short (typically 60-180
+    evaluation suite stays zero-shot.  Documents are short (typically 20-180
     tokens with the bundled tokenizer) so each fits a 256-token context.
+    ``mix``: a CorpusMix or the name of one in MIXES.
     """
+    if isinstance(mix, str):
+        if mix not in MIXES:
+            raise ValueError(f"unknown corpus mix {mix!r}: choose from {', '.join(MIXES)}")
+        mix = MIXES[mix]
     rng = random.Random(f"train:{seed}")
-    return [_doc(rng, TRAIN_NAMES, allow_heldout=False) for _ in range(n_documents)]
+    return [_doc(rng, TRAIN_NAMES, allow_heldout=False, mix=mix) for _ in range(n_documents)]
 
 
 SFT_INSTRUCTIONS = [
@@ -613,7 +693,7 @@ def generate_sft_pairs(n: int, seed: int = 0) -> list[dict]:
 # Evaluation suite (held-out, public-dataset schemas)
 # ---------------------------------------------------------------------------
 
-TASKS = ("world_mc", "world_boolq", "world_cloze", "world_piqa")
+TASKS = ("world_mc", "world_boolq", "world_cloze", "world_piqa", "world_obqa")
 
 
 def _suite_passage(rng: random.Random):
@@ -692,6 +772,28 @@ def _piqa_item(rng: random.Random, i: int) -> dict:
     }
 
 
+def _obqa_item(rng: random.Random, i: int) -> dict:
+    """OpenBookQA schema: the passage, the book facts (each passage town's region), an open stem."""
+    k = rng.choice([2, 3, 3])
+    people = _make_people(rng, SUITE_NAMES, k)
+    attrs = ["town"] + rng.sample([a for a in ATTRIBUTES if a != "town"], rng.choice([1, 2]))
+    passage = _passage(rng, people, attrs)
+    towns = [x.facts["town"] for x in people]
+    rng.shuffle(towns)
+    book = " ".join(_region_fact(rng, t) for t in towns)
+    p = rng.choice(people)
+    stem = _region_stem(rng, p, _pick_name(rng, p))
+    labels = ["A", "B", "C", "D"]
+    correct = REGION_OF[p.facts["town"]]
+    return {
+        "id": f"world_obqa/{i:04d}",
+        "question_stem": passage + " " + book + " " + stem,
+        "choices": {"text": list(REGIONS), "label": labels},
+        "answerKey": labels[REGIONS.index(correct)],
+        "meta": {"person": p.full, "town": p.facts["town"], "answer": correct, "passage_chars": len(passage)},
+    }
+
+
 def generate_suite(seed: int = 1234, n_items: int = 250) -> dict[str, list[dict]]:
     """The held-out zero-shot evaluation suite, one list of items per task.
 
@@ -703,6 +805,8 @@ def generate_suite(seed: int = 1234, n_items: int = 250) -> dict[str, list[dict]
     * ``world_boolq`` -- BoolQ (``question``, ``passage``, ``answer``), exactly balanced.
     * ``world_cloze`` -- LAMBADA (``text``; target = last word, a fact from the passage).
     * ``world_piqa``  -- PIQA (``goal`` includes the passage; ``sol1``/``sol2``; ``label``).
+    * ``world_obqa``  -- OpenBookQA (``question_stem``: passage, the region of each town in it,
+      then an open statement about one person's region; the 4 regions are the choices).
 
     BoolQ negatives and PIQA wrong solutions always use a value stated in the
     passage for another person, so "was this value mentioned?" is at chance;
@@ -715,18 +819,22 @@ def generate_suite(seed: int = 1234, n_items: int = 250) -> dict[str, list[dict]
     rng = random.Random(f"suite:{seed}")
     truths = [True] * (n_items // 2) + [False] * (n_items - n_items // 2)
     rng.shuffle(truths)
-    return {
+    suite = {
         "world_mc": [_mc_item(rng, i) for i in range(n_items)],
         "world_boolq": [_boolq_item(rng, i, truths[i]) for i in range(n_items)],
         "world_cloze": [_cloze_item(rng, i) for i in range(n_items)],
         "world_piqa": [_piqa_item(rng, i) for i in range(n_items)],
     }
+    obqa_rng = random.Random(f"suite-obqa:{seed}")  # its own stream: the older tasks stay byte-identical
+    suite["world_obqa"] = [_obqa_item(obqa_rng, i) for i in range(n_items)]
+    return suite
 
 
 def suite_passages(suite: dict[str, list[dict]]) -> list[str]:
     """The passage text of every suite item (for leak checks against training data)."""
     out = [it["passage"] for it in suite["world_boolq"]]
-    for task, key in (("world_mc", "question"), ("world_cloze", "text"), ("world_piqa", "goal")):
+    for task, key in (("world_mc", "question"), ("world_cloze", "text"), ("world_piqa", "goal"),
+                      ("world_obqa", "question_stem")):
         out += [it[key][: it["meta"]["passage_chars"]] for it in suite[task]]
     return out
 
@@ -764,6 +872,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--docs", type=int, default=40000, help="number of training documents")
     ap.add_argument("--sft", type=int, default=20000, help="number of SFT pairs")
     ap.add_argument("--seed", type=int, default=0, help="training / SFT seed")
+    ap.add_argument("--mix", default="v1", choices=sorted(MIXES), help="what the documents are made of (CorpusMix)")
     ap.add_argument("--suite-seed", type=int, default=1234)
     ap.add_argument("--suite-items", type=int, default=250)
     ap.add_argument("--suite-dir", default=None, help="where to write the suite (default OUT/suite)")
@@ -775,7 +884,7 @@ def main(argv: list[str] | None = None) -> None:
         os.makedirs(args.out, exist_ok=True)
     if args.docs:
         n = write_jsonl(os.path.join(args.out, "train.jsonl"),
-                        ({"text": t} for t in generate_corpus(args.docs, args.seed)))
+                        ({"text": t} for t in generate_corpus(args.docs, args.seed, args.mix)))
         print(f"wrote {n} documents to {os.path.join(args.out, 'train.jsonl')}")
     if args.sft:
         n = write_jsonl(os.path.join(args.out, "sft.jsonl"), generate_sft_pairs(args.sft, args.seed))

@@ -1,7 +1,10 @@
-"""The results table: one row per task and metric, one column per cfg scale, the delta, stderrs.
+"""The results table: one row per task and metric, one column per cfg scale, then one paired
+comparison per scale against the first column.
 
-Accuracies are shown in percent, perplexities as they are; Δ is the last column minus the first
-(with `--cfg-scale auto`: the tuned scale minus w = 0, on the test items).
+Accuracies are shown in percent, perplexities as they are. Each "Δ w" cell is that column minus
+the first (w = 0) on the same items, with its paired standard error and the p-value of a paired
+test (exact McNemar for accuracies; see `PairedDelta`). With `--cfg-scale auto` the one Δ is the
+tuned scale minus w = 0, on the test items.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .runner import MetricValue, TaskResult
+from .runner import MetricValue, PairedDelta, TaskResult
 
 
 def _fmt(metric: str, v: MetricValue) -> str:
@@ -18,9 +21,9 @@ def _fmt(metric: str, v: MetricValue) -> str:
     return f"{v.value * scale:.2f} ± {v.stderr * scale:.2f}"
 
 
-def _delta(metric: str, values: list[MetricValue]) -> str:
+def _delta(metric: str, d: PairedDelta) -> str:
     scale = 1.0 if metric == "ppl" else 100.0
-    return f"{(values[-1].value - values[0].value) * scale:+.2f}"
+    return f"{d.delta * scale:+.2f} ± {d.stderr * scale:.2f} (p={d.p_value:.2g})"
 
 
 def markdown_table(results: list[TaskResult]) -> str:
@@ -28,12 +31,13 @@ def markdown_table(results: list[TaskResult]) -> str:
         return ""
     columns = results[0].columns
     auto = any(r.chosen_scale is not None for r in results)
-    head = ["task", "metric", "n", *columns, "Δ", *(["auto w", "dev n"] if auto else [])]
+    deltas = [f"Δ {c}" for c in columns[1:]]
+    head = ["task", "metric", "n", *columns, *deltas, *(["auto w", "dev n"] if auto else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         for metric, values in r.metrics.items():
             cells = [r.task, metric + (" ↓" if metric == "ppl" else ""), str(r.n),
-                     *(_fmt(metric, v) for v in values), _delta(metric, values)]
+                     *(_fmt(metric, v) for v in values), *(_delta(metric, d) for d in r.paired[metric])]
             if auto:
                 cells += [f"{r.chosen_scale:g}", str(r.dev.n if r.dev else 0)]
             lines.append("| " + " | ".join(cells) + " |")

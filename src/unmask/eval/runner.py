@@ -55,6 +55,17 @@ class MetricValue:
 
 
 @dataclass
+class PairedDelta:
+    """A column minus the first column on the same items: the difference, its paired standard
+    error, and the two-sided p-value of a paired test (exact McNemar for 0/1 metrics, a paired
+    z-test on per-item log-likelihoods for ppl)."""
+
+    delta: float
+    stderr: float
+    p_value: float
+
+
+@dataclass
 class TaskResult:
     task: str
     n: int
@@ -62,6 +73,7 @@ class TaskResult:
     scales: list[float]
     metrics: dict[str, list[MetricValue]]        # metric -> one value per column
     primary: str
+    paired: dict[str, list[PairedDelta]] = field(default_factory=dict)  # metric -> columns[1:] vs columns[0]
     chosen_scale: float | None = None            # auto only
     dev: TaskResult | None = None                # auto only: the dev slice at every grid scale
 
@@ -109,11 +121,39 @@ def aggregate(metric: str, values: list[float]) -> MetricValue:
     return MetricValue(mean, se)
 
 
+def mcnemar_p(base: list[float], other: list[float]) -> float:
+    """Exact two-sided McNemar test of paired 0/1 outcomes: only the discordant items count, and under
+    the null each is equally likely to favour either side (a binomial with p = 1/2)."""
+    gained = sum(1 for a, b in zip(base, other) if b > a)
+    lost = sum(1 for a, b in zip(base, other) if a > b)
+    n, k = gained + lost, min(gained, lost)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_delta(metric: str, base: list[float], other: list[float]) -> PairedDelta:
+    """`other` minus `base` on the same items (see PairedDelta)."""
+    diffs = [b - a for a, b in zip(base, other)]
+    se = aggregate("acc", diffs).stderr
+    if metric == "ppl":  # per-item values are log-likelihoods; report the change of perplexity
+        mean = sum(diffs) / len(diffs)
+        z = mean / se if se > 0 else 0.0
+        p = math.erfc(abs(z) / math.sqrt(2)) if se > 0 else 1.0
+        ppl_base, ppl_other = aggregate("ppl", base).value, aggregate("ppl", other).value
+        return PairedDelta(ppl_other - ppl_base, ppl_base * se, p)
+    return PairedDelta(sum(diffs) / len(diffs), se, mcnemar_p(base, other))
+
+
 def summarise(task: Task, items: list[Item], scores: list[ItemScore], scale_idx: list[int],
               scales: list[float], columns: list[str]) -> TaskResult:
-    metrics = {m: [aggregate(m, [item_metrics(task, items[sc.index], sc, s)[m] for sc in scores])
-                   for s in scale_idx] for m in task.metrics}
-    return TaskResult(task.name, len(scores), columns, [scales[s] for s in scale_idx], metrics, task.primary)
+    per_item = {m: [[item_metrics(task, items[sc.index], sc, s)[m] for sc in scores] for s in scale_idx]
+                for m in task.metrics}
+    metrics = {m: [aggregate(m, values) for values in by_scale] for m, by_scale in per_item.items()}
+    paired = {m: [paired_delta(m, by_scale[0], values) for values in by_scale[1:]] for m, by_scale in per_item.items()}
+    return TaskResult(task.name, len(scores), columns, [scales[s] for s in scale_idx], metrics, task.primary,
+                      paired)
 
 
 def rank_and_world() -> tuple[int, int]:

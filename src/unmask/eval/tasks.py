@@ -17,7 +17,8 @@ lm-evaluation-harness 0.4 (its task YAMLs), so numbers are comparable with lm-ev
   lambada        lambada.jsonl (lambada_openai test)    "{text minus last word}" -> " {last word}"
 
 The bundled `world_*` tasks (src/unmask/assets/suite) use the formats of their schema twins:
-world_mc like arc, world_boolq like boolq, world_cloze like lambada, world_piqa like piqa.
+world_mc like arc, world_boolq like boolq, world_cloze like lambada, world_piqa like piqa,
+world_obqa like openbookqa.
 Metrics: acc for every choice task, plus acc_norm (log-likelihood divided by the choice's length
 in characters, as lm-eval computes it) where lm-eval reports it; lambada: acc (the greedy
 sampler reproduces the last word) and ppl (exp of minus the mean log-likelihood of the word).
@@ -63,19 +64,44 @@ class Task:
         return "acc"
 
 
+def _text(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a string, not {type(value).__name__}")
+    return value
+
+
 def choice_item(context: str, choices: list[str], gold: int) -> Item:
-    """lm-eval's multiple_choice request layout: one shared context, " " + each choice."""
+    """lm-eval's multiple_choice request layout: one shared context, " " + each choice.
+
+    Refuses what would be scored silently wrong: a non-string context or choice, an empty choice
+    (acc_norm would divide by its length 0), fewer than two choices, a gold index out of range."""
+    _text(context, "the context")
+    if len(choices) < 2:
+        raise ValueError(f"an item needs at least 2 choices, got {len(choices)}")
+    for c in choices:
+        if not _text(c, "a choice").strip():
+            raise ValueError("a choice is empty")
+    if isinstance(gold, bool) or not 0 <= int(gold) < len(choices):
+        raise ValueError(f"the answer index {gold!r} is not one of the {len(choices)} choices")
     return Item(tuple((context, " " + c) for c in choices), int(gold), tuple(len(c) for c in choices))
 
 
 def arc_item(d: dict) -> Item:
-    return choice_item(f"Question: {d['question']}\nAnswer:", list(d["choices"]["text"]),
+    return choice_item(f"Question: {_text(d['question'], 'question')}\nAnswer:", list(d["choices"]["text"]),
                        list(d["choices"]["label"]).index(d["answerKey"]))
 
 
 def boolq_item(d: dict) -> Item:
-    gold = int(d["label"]) if "label" in d else int(bool(d["answer"]))  # super_glue vs google/boolq
-    return choice_item(f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:", ["no", "yes"], gold)
+    if "label" in d:  # super_glue
+        if d["label"] not in (0, 1):
+            raise ValueError(f"label must be 0 or 1, not {d['label']!r}")
+        gold = int(d["label"])
+    elif isinstance(d["answer"], bool):  # google/boolq
+        gold = int(d["answer"])
+    else:
+        raise ValueError(f"answer must be true or false, not {d['answer']!r}")
+    passage, question = _text(d["passage"], "passage"), _text(d["question"], "question")
+    return choice_item(f"{passage}\nQuestion: {question}?\nAnswer:", ["no", "yes"], gold)
 
 
 def _hellaswag_clean(text: str) -> str:
@@ -92,12 +118,12 @@ def hellaswag_item(d: dict) -> Item:
 
 
 def openbookqa_item(d: dict) -> Item:
-    return choice_item(d["question_stem"], list(d["choices"]["text"]),
+    return choice_item(_text(d["question_stem"], "question_stem"), list(d["choices"]["text"]),
                        list(d["choices"]["label"]).index(d["answerKey"].lstrip()))
 
 
 def piqa_item(d: dict) -> Item:
-    return choice_item(f"Question: {d['goal']}\nAnswer:", [d["sol1"], d["sol2"]], int(d["label"]))
+    return choice_item(f"Question: {_text(d['goal'], 'goal')}\nAnswer:", [d["sol1"], d["sol2"]], int(d["label"]))
 
 
 def siqa_item(d: dict) -> Item:
@@ -130,7 +156,9 @@ def race_item(d: dict) -> Item:
 
 
 def lambada_item(d: dict) -> Item:
-    words = d["text"].split(" ")
+    words = _text(d["text"], "text").split(" ")
+    if len(words) < 2 or not words[-1].strip() or not " ".join(words[:-1]).strip():
+        raise ValueError("text needs a context and a last word to predict, separated by a space")
     return Item(((" ".join(words[:-1]), " " + words[-1]),), 0, (len(words[-1]),))
 
 
@@ -151,6 +179,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("world_boolq", "choice", _CHOICE, boolq_item, "BoolQ schema (bundled suite)", bundled=True),
     Task("world_cloze", "cloze", _CLOZE, lambada_item, "LAMBADA schema (bundled suite)", bundled=True),
     Task("world_piqa", "choice", _NORM, piqa_item, "PIQA schema (bundled suite)", bundled=True),
+    Task("world_obqa", "choice", _NORM, openbookqa_item, "OpenBookQA schema (bundled suite)", bundled=True),
 ]}
 ALIASES = {"social_iqa": "siqa", "lambada_openai": "lambada", "obqa": "openbookqa"}
 BUNDLED_TASKS = [name for name, t in TASKS.items() if t.bundled]
@@ -178,32 +207,44 @@ def find_data_file(task: Task, data_dir: str | Path | None) -> Path:
                             f"{where / task.name}.jsonl (or .json/.parquet){hint}")
 
 
-def read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[tuple[str, dict]]:
+    """(where, row) pairs: "line N" of a JSONL file (blank lines counted), "row N" otherwise."""
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow), "
                              "or convert the file to .jsonl") from None
-        return pq.read_table(path).to_pylist()
+        return [(f"row {i}", r) for i, r in enumerate(pq.read_table(path).to_pylist(), 1)]
     text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".json":
-            return list(json.loads(text))
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid {path.suffix[1:].upper()} ({e})") from None
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e})") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: a .json task file holds a list of rows")
+        return [(f"row {i}", r) for i, r in enumerate(rows, 1)]
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                out.append((f"line {n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+    return out
 
 
 def load_items(task: Task, data_dir: str | Path | None = None, limit: int | None = None) -> list[Item]:
     """The task's items in file order (the first `limit`); a malformed row names its line."""
     path = find_data_file(task, data_dir)
-    rows = read_rows(path)[:limit]
     items = []
-    for i, row in enumerate(rows):
+    for where, row in read_rows(path)[:limit]:
         try:
+            if not isinstance(row, dict):
+                raise TypeError(f"a row is a JSON object, not {type(row).__name__}")
             items.append(task.to_item(row))
-        except (KeyError, ValueError, TypeError, IndexError, SyntaxError) as e:
-            raise ValueError(f"{path}: row {i + 1} does not fit the {task.name} schema "
+        except (KeyError, ValueError, TypeError, IndexError, SyntaxError, AttributeError) as e:
+            raise ValueError(f"{path}: {where} does not fit the {task.name} schema "
                              f"({task.schema}): {type(e).__name__}: {e}") from None
     return items

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 # Special ids of the public checkpoints, which their config.json files do not all record.
-# Keyed by (layout, vocab_size). Source: SPEC.md §5, the LLaDA / LLaDA-MoE model cards.
+# Keyed by (layout, vocab_size). Source: the LLaDA / LLaDA-MoE model cards and tokenizer files.
 KNOWN_SPECIAL_IDS = {
     ("llada", 126464): {"mask_token_id": 126336, "eos_token_id": 126081, "eot_token_id": 126348},
     ("lladamoe", 157184): {"mask_token_id": 156895, "eos_token_id": 156892, "eot_token_id": None},

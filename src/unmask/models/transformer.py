@@ -274,7 +274,9 @@ class MaskedDiffusionLM(nn.Module):
 
         attention_mask: (B, T_total) with 1 for real tokens and 0 for padding; padding is never
         attended to. Positions then count real tokens only, so a left-padded prompt sees the same
-        positions as the prompt alone. With `kv_cache`, `input_ids` is the slice of the canvas that
+        positions as the prompt alone. Or a boolean (B, 1, T, T_total) mask, True where a query may
+        attend to a key (training on packed documents that only see themselves); positions then
+        come from `position_ids`, or count from 0 across the canvas. With `kv_cache`, `input_ids` is the slice of the canvas that
         starts at `cache_start`, and attention_mask still covers the whole canvas. A 0-dim tensor
         `cache_start` makes the pass free of host syncs (for CUDA graphs); an int slices.
         logits_slice: compute logits only for these positions of `input_ids`.
@@ -285,14 +287,18 @@ class MaskedDiffusionLM(nn.Module):
             columns = cache_start + torch.arange(T, device=input_ids.device)
         else:
             columns = slice(cache_start, cache_start + T)
+        pairwise = attention_mask is not None and attention_mask.dim() == 4
         if position_ids is None:
-            if attention_mask is not None:
+            if attention_mask is not None and not pairwise:
                 full = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             else:
                 full = torch.arange(total, device=input_ids.device).expand(B, total)
             position_ids = full[:, columns]
         cos, sin = rope_tables(position_ids, self.config.head_dim, self.config.rope_theta)
-        key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        if attention_mask is None or pairwise:
+            key_mask = attention_mask
+        else:
+            key_mask = attention_mask.bool()[:, None, None, :]
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training:

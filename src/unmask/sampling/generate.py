@@ -1,4 +1,5 @@
-"""The masked-diffusion sampler: the reference algorithm (SPEC.md §3), batched and without its defects.
+"""The masked-diffusion sampler: the reference algorithm (the `generate` of the LLaDA model
+cards), batched and without its defects.
 
 The canvas is [prompt | gen_length × MASK]. The generated part is split into blocks decoded left
 to right; within a block, each step runs the model (guided when cfg_scale > 0), proposes a token

@@ -135,26 +135,38 @@ def _text_key(text: str) -> int:
 
 @dataclass
 class Rows:
-    """Fixed-length training rows; prompt_lengths is None for pretraining."""
+    """Fixed-length training rows; prompt_lengths is None for pretraining; segments (packed
+    pretraining rows with document attention) numbers the document each token belongs to."""
 
     input_ids: torch.Tensor
     prompt_lengths: torch.Tensor | None = None
+    segments: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def batch(self, index: torch.Tensor) -> Batch:
         pl = None if self.prompt_lengths is None else self.prompt_lengths[index]
-        return Batch(self.input_ids[index], pl)
+        seg = None if self.segments is None else self.segments[index]
+        return Batch(self.input_ids[index], pl, seg)
 
 
-def pack(docs: list[list[int]], seq_len: int, eos_id: int) -> Rows:
-    """Each document + EOS, concatenated and cut into rows of seq_len (tail padded with EOS)."""
+def pack(docs: list[list[int]], seq_len: int, eos_id: int, segments: bool = False) -> Rows:
+    """Each document + EOS, concatenated and cut into rows of seq_len (tail padded with EOS).
+
+    segments: also number each token's document (the tail padding is one more), so that
+    training can keep attention inside documents (`Batch.segments`).
+    """
     if not docs:
         raise ValueError("no documents to pack")
     flat = torch.cat([torch.tensor(d + [eos_id], dtype=torch.long) for d in docs])
-    flat = torch.cat([flat, flat.new_full((-len(flat) % seq_len,), eos_id)])
-    return Rows(flat.view(-1, seq_len))
+    pad = -len(flat) % seq_len
+    flat = torch.cat([flat, flat.new_full((pad,), eos_id)])
+    if not segments:
+        return Rows(flat.view(-1, seq_len))
+    lengths = torch.tensor([len(d) + 1 for d in docs] + ([pad] if pad else []))
+    doc_of = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    return Rows(flat.view(-1, seq_len), segments=doc_of.view(-1, seq_len))
 
 
 def sft_rows(prompts: list[list[int]], responses: list[list[int]], seq_len: int, eos_id: int) -> tuple[Rows, int]:
@@ -176,8 +188,9 @@ def sft_rows(prompts: list[list[int]], responses: list[list[int]], seq_len: int,
 
 
 def build_rows(paths: list[str], tokenizer, seq_len: int, heldout_frac: float, cache_dir,
-               eval_paths: list[str] | None = None) -> tuple[Rows, Rows | None, dict]:
-    """(train rows, held-out rows or None, info). Held-out: `eval_paths`, else a hashed fraction."""
+               eval_paths: list[str] | None = None, segments: bool = False) -> tuple[Rows, Rows | None, dict]:
+    """(train rows, held-out rows or None, info). Held-out: `eval_paths`, else a hashed fraction.
+    segments: packed pretraining rows carry their document numbers (see `pack`)."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token (eos_token); training needs one")
@@ -202,7 +215,7 @@ def build_rows(paths: list[str], tokenizer, seq_len: int, heldout_frac: float, c
     def rows(d):
         if sft:
             return sft_rows(d["prompts"], d["responses"], seq_len, eos)
-        return pack(d["docs"], seq_len, eos), 0
+        return pack(d["docs"], seq_len, eos, segments), 0
 
     first = next(iter(held.values()))
     train_rows, dropped = rows(train)

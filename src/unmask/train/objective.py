@@ -1,4 +1,4 @@
-"""Training objectives of a masked diffusion LM and the held-out bound (SPEC §1).
+"""Training objectives of a masked diffusion LM and the held-out bound (LLaDA Eq. 3).
 
 Forward process: a sequence draws one time t ~ U[0, 1); each scored token is replaced by the mask
 id independently with probability p_mask = (1 - eps)·t + eps (eps keeps p_mask away from 0, where
@@ -24,14 +24,29 @@ EPS = 1e-3
 
 @dataclass
 class Batch:
-    """Clean sequences (B, L); for SFT also each row's prompt length (B,), whose tokens stay visible."""
+    """Clean sequences (B, L); for SFT also each row's prompt length (B,), whose tokens stay visible;
+    for packed pretraining rows with document attention, each token's document number (B, L)."""
 
     input_ids: torch.Tensor
     prompt_lengths: torch.Tensor | None = None
+    segments: torch.Tensor | None = None
 
     def to(self, device) -> "Batch":
         pl = None if self.prompt_lengths is None else self.prompt_lengths.to(device)
-        return Batch(self.input_ids.to(device), pl)
+        seg = None if self.segments is None else self.segments.to(device)
+        return Batch(self.input_ids.to(device), pl, seg)
+
+
+def document_attention(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 1, L, L) mask letting each token attend only within its own document, and positions
+    that restart at 0 with every document: each packed document is then trained as if it were
+    alone in its row, with no other document's facts to attend to."""
+    mask = (segments[:, :, None] == segments[:, None, :])[:, None]
+    index = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return mask, index - first
 
 
 def mask_probability(t: torch.Tensor, eps: float = EPS) -> torch.Tensor:
@@ -52,9 +67,13 @@ def add_noise(input_ids: torch.Tensor, scored: torch.Tensor, t: torch.Tensor, ma
 
 
 def _weighted_ce(model, noisy: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor,
-                 p_mask: torch.Tensor) -> torch.Tensor:
+                 p_mask: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
     """(B, L) cross-entropy / p_mask at masked positions, 0 elsewhere; float32 whatever the autocast."""
-    logits = model(noisy).logits
+    if segments is None:
+        logits = model(noisy).logits
+    else:
+        mask, positions = document_attention(segments)
+        logits = model(noisy, attention_mask=mask, position_ids=positions).logits
     ce = F.cross_entropy(logits[masked].float(), targets[masked], reduction="none")
     out = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
     out[masked] = ce / p_mask[masked].float()
@@ -62,21 +81,24 @@ def _weighted_ce(model, noisy: torch.Tensor, targets: torch.Tensor, masked: torc
 
 
 def pretrain_loss(model, input_ids: torch.Tensor, mask_id: int, generator: torch.Generator,
-                  eps: float = EPS, random_length_prob: float = 0.01) -> torch.Tensor:
+                  eps: float = EPS, random_length_prob: float = 0.01,
+                  segments: torch.Tensor | None = None) -> torch.Tensor:
     """LLaDA pretraining loss: Σ_masked CE / p_mask, divided by batch × length.
 
     With probability `random_length_prob` the whole batch is cut to a random length in [1, L]
     (LLaDA's choice: one cut per batch keeps the batch rectangular and needs no padding or
     attention mask) so the model also sees short inputs; the division is then by B × cut length.
+    segments: each token's document number; attention then stays inside documents.
     """
     if torch.rand((), generator=generator) < random_length_prob:
         length = int(torch.randint(1, input_ids.shape[1] + 1, (), generator=generator))
         input_ids = input_ids[:, :length]
+        segments = None if segments is None else segments[:, :length]
     B, L = input_ids.shape
     t = torch.rand(B, generator=generator)
     scored = torch.ones_like(input_ids, dtype=torch.bool)
     noisy, masked, p_mask = add_noise(input_ids, scored, t, mask_id, generator, eps)
-    return _weighted_ce(model, noisy, input_ids, masked, p_mask).sum() / (B * L)
+    return _weighted_ce(model, noisy, input_ids, masked, p_mask, segments).sum() / (B * L)
 
 
 def response_positions(input_ids: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:
@@ -91,7 +113,7 @@ def sft_loss(model, input_ids: torch.Tensor, prompt_lengths: torch.Tensor, mask_
 
     Each row's Σ CE / p_mask is divided by that row's response length, then averaged over rows.
     cond_drop: with this probability a row's whole prompt is replaced by mask tokens (still never
-    scored), which trains p(response | masked prompt) explicitly — "standard" CFG training (SPEC §2).
+    scored), which trains p(response | masked prompt) explicitly — "standard" CFG training, as opposed to the unsupervised CFG of a pretrained model.
     """
     B, _ = input_ids.shape
     response = response_positions(input_ids, prompt_lengths)
@@ -107,7 +129,7 @@ def sft_loss(model, input_ids: torch.Tensor, prompt_lengths: torch.Tensor, mask_
 def batch_loss(model, batch: Batch, mask_id: int, generator: torch.Generator, cond_drop: float = 0.0) -> torch.Tensor:
     """The training loss of `batch`: SFT when it carries prompt lengths, pretraining otherwise."""
     if batch.prompt_lengths is None:
-        return pretrain_loss(model, batch.input_ids, mask_id, generator)
+        return pretrain_loss(model, batch.input_ids, mask_id, generator, segments=batch.segments)
     return sft_loss(model, batch.input_ids, batch.prompt_lengths, mask_id, generator, cond_drop=cond_drop)
 
 
@@ -145,7 +167,7 @@ def mdm_bound(model, batches: Iterable[Batch], mask_id: int, mc_samples: int = 8
         for k in range(mc_samples):
             t = (k + u) / mc_samples
             noisy, masked, p_mask = add_noise(ids, scored, t, mask_id, gen)
-            total += float(_weighted_ce(model, noisy, ids, masked, p_mask).sum())
+            total += float(_weighted_ce(model, noisy, ids, masked, p_mask, batch.segments).sum())
         tokens += int(scored.sum())
     model.train(was_training)
     if tokens == 0:

@@ -52,6 +52,8 @@ class TrainConfig:
     cache_dir: str | None = _f(None, "token cache directory (default: OUT_DIR/cache)")
     heldout_frac: float = _f(0.01, "fraction of documents held out for evaluation")
     seq_len: int = _f(256, "tokens per training row")
+    doc_attention: bool = _f(False, "pretraining: packed documents attend only within themselves, positions "
+                                    "restarting at each (no facts of a neighbouring document to confuse)")
     sft: bool = _f(False, "supervised fine-tuning: the data is prompt/response pairs, prompts never masked")
     cond_drop: float = _f(0.0, "SFT only: probability of replacing a row's prompt by mask tokens")
     # model
@@ -64,6 +66,8 @@ class TrainConfig:
     n_kv_heads: int = _f(0, "key/value heads (0: same as n_heads)")
     mlp_hidden_size: int = _f(0, "SwiGLU hidden size (0: 8/3·d_model rounded up to 32)")
     rope_theta: float = _f(10000.0, "RoPE base")
+    tie_embeddings: bool = _f(False, "share the input embedding and the output projection (helps small models "
+                                     "learn to copy tokens from their context)")
     # optimisation
     batch_size: int = _f(16, "rows per micro-batch per process")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
@@ -101,6 +105,8 @@ class TrainConfig:
             raise ValueError("cond_drop must be in [0, 1)")
         if self.cond_drop and not self.sft:
             raise ValueError("cond_drop applies to SFT only (add --sft)")
+        if self.doc_attention and self.sft:
+            raise ValueError("doc_attention applies to packed pretraining rows; SFT rows hold one example each")
         if self.preset and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}: choose from {', '.join(PRESETS)}")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps"):
@@ -156,7 +162,7 @@ def model_config(cfg: TrainConfig, tokenizer) -> ModelConfig:
     hidden = cfg.mlp_hidden_size or -(-8 * cfg.d_model // 3 // 32) * 32
     return ModelConfig(layout=cfg.layout, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                        n_kv_heads=cfg.n_kv_heads or cfg.n_heads, mlp_hidden_size=hidden,
-                       rope_theta=cfg.rope_theta, max_seq_len=cfg.seq_len, **ids)
+                       rope_theta=cfg.rope_theta, max_seq_len=cfg.seq_len, tie_embeddings=cfg.tie_embeddings, **ids)
 
 
 def init_weights(model: MaskedDiffusionLM) -> None:
@@ -316,14 +322,14 @@ class Trainer:
             raise ValueError(f"{self.out_dir} already holds a run: pass --resume to continue it, or another --out")
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         cache = cfg.cache_dir or self.out_dir / "cache"
-        if self.dist.main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.main:  # the inputs are read before the run directory is made
             train_rows, held_rows, info = build_rows(cfg.data, self.tokenizer, cfg.seq_len, cfg.heldout_frac,
-                                                     cache, cfg.eval_data)
+                                                     cache, cfg.eval_data, cfg.doc_attention)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         self._barrier()  # rank 0 filled the token cache; the others read it
         if not self.dist.main:
             train_rows, held_rows, info = build_rows(cfg.data, self.tokenizer, cfg.seq_len, cfg.heldout_frac,
-                                                     cache, cfg.eval_data)
+                                                     cache, cfg.eval_data, cfg.doc_attention)
         if info["sft"] != cfg.sft:
             raise ValueError("the data holds prompt/response pairs: add --sft" if info["sft"]
                              else "--sft needs prompt/response (or messages) rows, the data has plain text")
@@ -504,6 +510,8 @@ class Trainer:
                 if self.heldout and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
                     row["eval_nats_per_token"] = result.evals[self.step] = self.evaluate()
                     row["eval_ppl_bound"] = math.exp(row["eval_nats_per_token"])
+                    self.log(f"step {self.step}: held-out bound {row['eval_nats_per_token']:.4f} nats/token "
+                             f"(perplexity <= {row['eval_ppl_bound']:.2f})")
                 if self.dist.main:
                     self.metrics.write(**row)
                 bar.update(1)

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Build a model of the synthetic world from nothing, with one command (run from anywhere):
+#   bash recipes/build_model.sh default      # the bundled model: 73 minutes on one CPU core
+#   bash recipes/build_model.sh recall       # the recall recipe on 2 CPU cores (about 75 minutes)
+#   bash recipes/build_model.sh recall-gpu   # the recall recipe on one CUDA GPU
+# Steps: the corpus (unmask.data.world), its tokenizer, `unmask train` with the recipe's TOML,
+# then for the recall recipes every kept checkpoint scored on the bundled suite at w = 0, 0.5, 1, 2
+# (OUT/curve.json and .png). The finished model is OUT/$(cat OUT/latest); to ship one, copy its
+# config.json, model.safetensors and tokenizer files into src/unmask/assets/model/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+case "${1:-}" in
+  default)    mix=v1;     docs=150000;  sft=20000; config=recipes/default_model.toml; threads=1 ;;
+  recall)     mix=recall; docs=400000;  sft=0;     config=recipes/recall_model.toml;  threads=2 ;;
+  recall-gpu) mix=recall; docs=1500000; sft=0;     config=recipes/recall_model_gpu.toml; threads= ;;
+  *) echo "usage: bash recipes/build_model.sh default|recall|recall-gpu" >&2; exit 2 ;;
+esac
+setting() { python3 -c "import sys, tomllib; print(tomllib.load(open(sys.argv[1], 'rb'))[sys.argv[2]])" "$config" "$1"; }
+out=$(setting out_dir)
+corpus=$(dirname "$(setting tokenizer)")
+if [ -e "$out/latest" ]; then
+  echo "$out already holds a run: move it away, or continue it with: unmask train --config $config --resume" >&2
+  exit 2
+fi
+
+python3 -m unmask.data.world --out "$corpus" --docs "$docs" --sft "$sft" --mix "$mix" --no-suite
+texts=("$corpus/train.jsonl")
+if [ "$sft" != 0 ]; then texts+=("$corpus/sft.jsonl"); fi
+python3 -m unmask.data.tokenizer --corpus "${texts[@]}" --out "$corpus/tokenizer" --vocab-size 2048
+if [ -n "$threads" ]; then export OMP_NUM_THREADS=$threads; fi
+unmask train --config "$config"
+if [ "$mix" = recall ]; then
+  python3 scripts/eval_checkpoints.py "$out" --out "$out/curve"
+fi
+echo "done: $out/$(cat "$out/latest")"
