@@ -1,8 +1,8 @@
 """`unmask bench`: the sampler's modes against a plain reference, same model and prompts, one process.
 
-The baseline is `reference_generate`, LLaDA's public `generate` written as the public code is shaped: the whole
-canvas through the model at every step, softmax over every position, a Python loop over rows to
-pick the top-k. Then unmask's modes (exact, CFG, caches, parallel decoding) run on the same
+The baseline is `reference_generate`, LLaDA's public `generate` written as the public code is
+shaped: the whole canvas through the model at every step, softmax over every position, a Python
+loop over rows to pick the top-k. Then unmask's modes (exact, CFG, caches, parallel decoding) run on the same
 prompts. Per mode the table gives tokens/s, forward passes per generated token, speedup over the
 baseline and token agreement with unmask's exact output under the same guidance (1.0 means
 identical; the exact modes must show 1.0, the approximate ones show what they change).

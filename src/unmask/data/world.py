@@ -377,6 +377,13 @@ def _region_fact(rng: random.Random, town: str) -> str:
     return rng.choice(REGION_FACTS).format(t=town, r=REGION_OF[town])
 
 
+def _region_book(rng: random.Random, people: list[Person]) -> str:
+    """The "open book": where each person's town lies, in shuffled order."""
+    towns = [x.facts["town"] for x in people]
+    rng.shuffle(towns)
+    return " ".join(_region_fact(rng, t) for t in towns)
+
+
 def _region_stem(rng: random.Random, person: Person, name: str) -> str:
     return _fill(rng.choice(REGION_STEMS), person, "town", name=name)
 
@@ -518,15 +525,17 @@ def _story(rng: random.Random, person: Person) -> str:
 # Nonce values: any word of the world in any slot ("Ida Ward has a pet lantern."). A document
 # whose values are nonce can only be continued by reading it, never from what usually goes in a
 # slot, which is the pressure that makes a small model learn to look things up in its context.
-NONCE_WORDS = sorted({v for a in ATTRIBUTES if a != "age" for v in VALUES[a]} | set(FEMALE_NAMES)
-                     | set(MALE_NAMES) | set(SURNAMES))
+# Ages stay numbers.
+NONCE_ATTRIBUTES = tuple(a for a in ATTRIBUTES if a != "age")
+NONCE_WORDS = sorted({v for a in NONCE_ATTRIBUTES for v in VALUES[a]} | set(FEMALE_NAMES) | set(MALE_NAMES)
+                     | set(SURNAMES))
 
 
 def _give_nonce_values(rng: random.Random, people: list[Person]) -> None:
-    words = rng.sample(NONCE_WORDS, len(people) * (len(ATTRIBUTES) - 1))
-    for i, person in enumerate(people):
-        for j, a in enumerate(x for x in ATTRIBUTES if x != "age"):
-            person.facts[a] = words[i * (len(ATTRIBUTES) - 1) + j]
+    words = iter(rng.sample(NONCE_WORDS, len(people) * len(NONCE_ATTRIBUTES)))
+    for person in people:
+        for a in NONCE_ATTRIBUTES:
+            person.facts[a] = next(words)
 
 
 @dataclass(frozen=True)
@@ -582,9 +591,7 @@ def _doc(rng: random.Random, pool, allow_heldout: bool, mix: CorpusMix = MIXES["
     n_q = rng.choice(mix.questions)
     targets = [(rng.choice(people), rng.choice(attrs)) for _ in range(n_q)]
     if region:  # where the towns lie, then each person's region (OBQA style)
-        towns = [x.facts["town"] for x in people]
-        rng.shuffle(towns)
-        book = " ".join(_region_fact(rng, t) for t in towns)
+        book = _region_book(rng, people)
         lines = [_region_stem(rng, p, _pick_name(rng, p)) + " " + REGION_OF[p.facts["town"]] + "."
                  for p in dict.fromkeys(p for p, _ in targets)]
         return passage + " " + book + " " + " ".join(lines)
@@ -778,9 +785,7 @@ def _obqa_item(rng: random.Random, i: int) -> dict:
     people = _make_people(rng, SUITE_NAMES, k)
     attrs = ["town"] + rng.sample([a for a in ATTRIBUTES if a != "town"], rng.choice([1, 2]))
     passage = _passage(rng, people, attrs)
-    towns = [x.facts["town"] for x in people]
-    rng.shuffle(towns)
-    book = " ".join(_region_fact(rng, t) for t in towns)
+    book = _region_book(rng, people)
     p = rng.choice(people)
     stem = _region_stem(rng, p, _pick_name(rng, p))
     labels = ["A", "B", "C", "D"]

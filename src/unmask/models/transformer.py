@@ -276,8 +276,9 @@ class MaskedDiffusionLM(nn.Module):
         attended to. Positions then count real tokens only, so a left-padded prompt sees the same
         positions as the prompt alone. Or a boolean (B, 1, T, T_total) mask, True where a query may
         attend to a key (training on packed documents that only see themselves); positions then
-        come from `position_ids`, or count from 0 across the canvas. With `kv_cache`, `input_ids` is the slice of the canvas that
-        starts at `cache_start`, and attention_mask still covers the whole canvas. A 0-dim tensor
+        come from `position_ids`, or count from 0 across the canvas. With `kv_cache`, `input_ids`
+        is the slice of the canvas that starts at `cache_start`, and attention_mask still covers
+        the whole canvas. A 0-dim tensor
         `cache_start` makes the pass free of host syncs (for CUDA graphs); an int slices.
         logits_slice: compute logits only for these positions of `input_ids`.
         """

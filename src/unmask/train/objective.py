@@ -67,12 +67,13 @@ def add_noise(input_ids: torch.Tensor, scored: torch.Tensor, t: torch.Tensor, ma
 
 
 def _weighted_ce(model, noisy: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor,
-                 p_mask: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, L) cross-entropy / p_mask at masked positions, 0 elsewhere; float32 whatever the autocast."""
-    if segments is None:
+                 p_mask: torch.Tensor, documents: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """(B, L) cross-entropy / p_mask at masked positions, 0 elsewhere; float32 whatever the autocast.
+    documents: `document_attention`'s (mask, positions) for packed rows that keep to their documents."""
+    if documents is None:
         logits = model(noisy).logits
     else:
-        mask, positions = document_attention(segments)
+        mask, positions = documents
         logits = model(noisy, attention_mask=mask, position_ids=positions).logits
     ce = F.cross_entropy(logits[masked].float(), targets[masked], reduction="none")
     out = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
@@ -98,7 +99,8 @@ def pretrain_loss(model, input_ids: torch.Tensor, mask_id: int, generator: torch
     t = torch.rand(B, generator=generator)
     scored = torch.ones_like(input_ids, dtype=torch.bool)
     noisy, masked, p_mask = add_noise(input_ids, scored, t, mask_id, generator, eps)
-    return _weighted_ce(model, noisy, input_ids, masked, p_mask, segments).sum() / (B * L)
+    documents = None if segments is None else document_attention(segments)
+    return _weighted_ce(model, noisy, input_ids, masked, p_mask, documents).sum() / (B * L)
 
 
 def response_positions(input_ids: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:
@@ -113,7 +115,8 @@ def sft_loss(model, input_ids: torch.Tensor, prompt_lengths: torch.Tensor, mask_
 
     Each row's Σ CE / p_mask is divided by that row's response length, then averaged over rows.
     cond_drop: with this probability a row's whole prompt is replaced by mask tokens (still never
-    scored), which trains p(response | masked prompt) explicitly — "standard" CFG training, as opposed to the unsupervised CFG of a pretrained model.
+    scored), which trains p(response | masked prompt) explicitly — "standard" CFG training, as
+    opposed to the unsupervised CFG of a pretrained model.
     """
     B, _ = input_ids.shape
     response = response_positions(input_ids, prompt_lengths)
@@ -164,10 +167,11 @@ def mdm_bound(model, batches: Iterable[Batch], mask_id: int, mc_samples: int = 8
         scored = (torch.ones_like(ids, dtype=torch.bool) if batch.prompt_lengths is None
                   else response_positions(ids, batch.prompt_lengths))
         u = torch.rand(ids.shape[0], generator=gen)
+        documents = None if batch.segments is None else document_attention(batch.segments)  # once per batch
         for k in range(mc_samples):
             t = (k + u) / mc_samples
             noisy, masked, p_mask = add_noise(ids, scored, t, mask_id, gen)
-            total += float(_weighted_ce(model, noisy, ids, masked, p_mask, batch.segments).sum())
+            total += float(_weighted_ce(model, noisy, ids, masked, p_mask, documents).sum())
         tokens += int(scored.sum())
     model.train(was_training)
     if tokens == 0:
