@@ -2,6 +2,8 @@
 
 - the CUDA-graph block step gives the same tokens as the eager dual cache (dense fp32, MoE bf16),
   with padding, CFG, reuse_uncond, threshold decoding and EOS stops;
+- the server's fixed shapes for graphs (extra rows and left-padding columns, serve/batching.py)
+  leave each row's graphed tokens those of the eager, unpadded batch;
 - the MoE's grouped kernel (F.grouped_mm, bf16 on CUDA) matches the per-expert loop;
 - the random-weight bench models give finite logits in bf16.
 Prints one PASS/FAIL line per check; exit status 1 if any failed.
@@ -17,6 +19,7 @@ from unmask.bench import random_model
 from unmask.models import ModelConfig
 from unmask.models.transformer import grouped_matmul
 from unmask.sampling import left_pad
+from unmask.serve.batching import FixedShapes
 
 failures = []
 
@@ -47,6 +50,19 @@ def graph_tokens_match(model, label):
         agree.append(float((graph == eager).float().mean()))
     assert min(agree) >= 0.98, f"{label}: token agreement graph vs eager {agree}"
     return f"token agreement with the eager dual cache per mode: {agree}"
+
+
+def padded_shapes_match(model, label):
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (5, 40, 8)]
+    ids, mask = left_pad(prompts, pad_id=0)
+    fixed_ids, fixed_mask = FixedShapes(max_rows=16).pad(prompts, pad_id=0)   # 4 rows, 64 columns
+    base = dict(steps=32, gen_length=64, block_length=16, cache="dual")
+    eager = unmask.generate(model, ids.cuda(), attention_mask=mask.cuda(), **base)[:, -64:]
+    graph = unmask.generate(model, fixed_ids.cuda(), attention_mask=fixed_mask.cuda(), cuda_graph=True, **base)
+    agree = float((graph[:len(prompts), -64:] == eager).float().mean())
+    assert tuple(fixed_ids.shape) == (4, 64) and agree >= 0.98, f"{label}: agreement {agree}"
+    return f"token agreement, graphed at {tuple(fixed_ids.shape)} vs eager at {tuple(ids.shape)}: {agree}"
 
 
 def dense_graph():
@@ -95,6 +111,8 @@ if __name__ == "__main__":
     print(torch.__version__, torch.cuda.get_device_name(), "F.grouped_mm:", hasattr(torch.nn.functional, "grouped_mm"))
     check("graph tokens = eager tokens, dense fp32", dense_graph)
     check("graph tokens = eager tokens, moe bf16", moe_graph)
+    check("server's fixed shapes: graphed tokens = eager unpadded tokens, dense fp32",
+          lambda: padded_shapes_match(random_model(ModelConfig(), "cuda", torch.float32, seed=3), "dense fp32"))
     check("grouped_mm bf16 = per-expert loop", grouped_kernel)
     check("bench shapes give finite bf16 logits", bench_shapes_finite)
     sys.exit(1 if failures else 0)

@@ -65,3 +65,24 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     assert tok.convert_tokens_to_ids(["<|mask|>", "<|endoftext|>", "<|eot|>"]) == [383, 381, 380]
     tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_llada2_checkpoint(tmp_path_factory) -> Path:
+    """A random block-diffusion (LLaDA2 layout) model over the same byte tokenizer, saved with it."""
+    import torch
+
+    from unmask.bench import random_model
+    from unmask.models import ModelConfig, save_model
+
+    d = tmp_path_factory.mktemp("tiny-llada2-checkpoint")
+    cfg = ModelConfig(layout="llada2_moe", vocab_size=384, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                      mlp_hidden_size=128, max_seq_len=512, rope_theta=600000.0, norm_eps=1e-6, qk_norm=True,
+                      partial_rotary_factor=0.5, router="sigmoid", n_experts=8, experts_per_token=2,
+                      expert_hidden_size=32, n_groups=2, topk_groups=1, routed_scale=2.5, norm_topk_prob=True,
+                      expert_bias=True, shared_expert_hidden_size=32, moe_layers=[False, True],
+                      mask_token_id=383, eos_token_id=381, eot_token_id=380, pad_token_id=381)
+    torch.manual_seed(0)
+    save_model(random_model(cfg), d)
+    _byte_tokenizer().save_pretrained(d)
+    return d

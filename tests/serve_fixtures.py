@@ -1,29 +1,37 @@
-"""Run a real uvicorn server for the serve tests: in a background thread, on a free loopback port."""
+"""For the serve tests: a real uvicorn server in a background thread on a free loopback port, and
+its /metrics read strictly."""
 
 from __future__ import annotations
 
-import threading
+import re
 import time
-from contextlib import contextmanager
 
-import uvicorn
+import httpx
+
+from unmask.serve.lifecycle import serve_in_thread
+
+live_server = serve_in_thread   # a real uvicorn server on a free loopback port: yields the base URL
 
 
-@contextmanager
-def live_server(app, timeout: float = 30.0):
-    """Serve `app` on 127.0.0.1 (port chosen by the OS); yields the base URL, stops on exit."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                           timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+def metrics(url) -> dict[str, float]:
+    """Parse /metrics strictly (every line must be a comment or `name{labels} value`)."""
+    text = httpx.get(url + "/metrics").text
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            assert re.fullmatch(r"# (HELP|TYPE) [a-z_]+ .+", line), line
+            continue
+        m = re.fullmatch(r'([a-z_]+(?:\{[a-z_]+="[^"]*"(?:,[a-z_]+="[^"]*")*\})?) ([-+0-9.eE]+|\+Inf)', line)
+        assert m, f"unparsable metrics line: {line!r}"
+        values[m.group(1)] = float(m.group(2))
+    return values
+
+
+def wait_idle(url, timeout=10.0) -> dict:
     deadline = time.monotonic() + timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
+    while True:
+        m = metrics(url)
+        if m["unmask_requests_in_flight"] == 0 and m["unmask_queue_depth"] == 0:
+            return m
+        assert time.monotonic() < deadline, "the server did not free the request's slot"
+        time.sleep(0.05)

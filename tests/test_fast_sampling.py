@@ -92,15 +92,17 @@ def test_batch_rows_equal_prompts_run_alone(dense, batch, mode):
 @pytest.mark.parametrize("rule", ["low_confidence", "random", "margin", "entropy"])
 @pytest.mark.parametrize("mode", [dict(threshold=0.5, cache="dual"), dict(factor=1.0, cache="prefix")])
 def test_every_rule_combines_with_fast_modes_and_cfg(dense, rule, mode):
+    if rule == "entropy" and "threshold" in mode:
+        mode = mode | dict(threshold=-0.5)   # entropy scores are minus an entropy, <= 0
     out = unmask.generate(dense, torch.randint(0, 380, (2, 5)), remasking=rule, cfg_scale=0.5, temperature=0.7,
                           generator=torch.Generator().manual_seed(0), **KW, **mode)
     assert not (out == MASK).any()
 
 
-def test_threshold_above_one_commits_one_token_per_step(dense):
+def test_threshold_of_one_commits_one_token_per_step(dense):
     prompt = torch.randint(0, 380, (1, 5), generator=torch.Generator().manual_seed(4))
     committed = []
-    out = unmask.generate(dense, prompt, **KW | dict(threshold=1.5), callback=lambda s: committed.append(int(s.committed.sum())),
+    out = unmask.generate(dense, prompt, **KW | dict(threshold=1.0), callback=lambda s: committed.append(int(s.committed.sum())),
                           return_dict_in_generate=True)
     assert committed == [1] * 32 and out.forward_passes == 32
     assert torch.equal(out.sequences, unmask.generate(dense, prompt, **KW | dict(steps=32)))  # = one per step
@@ -219,7 +221,7 @@ class Stand_in(torch.nn.Module):
     (dict(cache="full"), "unknown cache"),
     (dict(cache="dual", cache_refresh=0), "cache_refresh"),
     (dict(threshold=0.9, factor=1.0), "not both"),
-    (dict(factor=0.0), "factor must be > 0"),
+    (dict(factor=0.0), "factor must be a finite number > 0"),
     (dict(reuse_uncond=True, cfg_scale=1.0), "needs cache="),
     (dict(cuda_graph=True, cache="prefix"), "cache='dual'"),
 ])
@@ -308,10 +310,10 @@ def test_bench_without_agreement_runs_no_exact_reference(tmp_path):
     bench_command.register(parser.add_subparsers())
     args = parser.parse_args(["bench", "--shape", "tiny", "--batch-sizes", "2", "--prompt-len", "6", "--gen-length",
                               "16", "--block-length", "8", "--repeats", "1", "--device", "cpu", "--no-agreement",
-                              "--modes", "dual+cfg reuse", "dual+graph", "--json", str(tmp_path / "b.json")])
+                              "--modes", "dual+cfg reuse", "dual 2/step", "--json", str(tmp_path / "b.json")])
     assert args.func(args) == 0
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
-    assert [r["mode"] for r in rows] == ["reference (baseline)", "dual+cfg reuse", "dual+graph"]
+    assert [r["mode"] for r in rows] == ["reference (baseline)", "dual+cfg reuse", "dual 2/step"]
     assert all(r["agreement"] is None for r in rows)
 
 

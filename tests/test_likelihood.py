@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from unmask.likelihood import (Request, chain_rule_loglikelihood, document_bound, exact_bound, greedy_check,
+from unmask.likelihood import (Request, chain_rule_loglikelihood, document_bound, exact_bound, greedy_checks,
                                mc_loglikelihood, rolling_windows, score_requests)
 from unmask.models import load_model
 from unmask.sampling import generate, mix_guidance
@@ -65,12 +65,15 @@ def test_one_token_bound_is_exact_conditional(model):
 
 
 @pytest.mark.parametrize("w", [0.0, 1.0])
-def test_greedy_check_agrees_with_generate(model, w):
-    out = generate(model, torch.tensor([CTX]), steps=3, gen_length=3, block_length=3, cfg_scale=w)
-    produced = out[0, len(CTX):].tolist()
-    assert greedy_check(model, CTX, produced, cfg_scale=w)
-    wrong = produced[:2] + [(produced[2] + 1) % MASK]
-    assert not greedy_check(model, CTX, wrong, cfg_scale=w)
+def test_greedy_checks_agree_with_generate_in_mixed_batches(model, w):
+    def produced(ctx, L):
+        out = generate(model, torch.tensor([ctx]), steps=L, gen_length=L, block_length=L, cfg_scale=w)
+        return out[0, len(ctx):].tolist()
+
+    right = [Request(CTX, produced(CTX, 3)), Request(CTX[:2], produced(CTX[:2], 3)), Request(CTX[1:], produced(CTX[1:], 2))]
+    wrong = [Request(r.context, r.continuation[:-1] + [(r.continuation[-1] + 1) % MASK]) for r in right]
+    checks = greedy_checks(model, right + wrong + [Request(CTX, [])], cfg_scale=w, batch_size=2)
+    assert checks == [True] * 3 + [False] * 3 + [True]
 
 
 def test_batched_scales_and_padding_match_single_requests(model):
@@ -114,3 +117,105 @@ def test_errors(model):
         score_requests(model, [Request(CTX, CONT)], mode="bogus")
     with pytest.raises(ValueError, match="exceeds the model's context"):
         score_requests(model, [Request([1] * 510, CONT)])
+
+
+# --- block-diffusion models: the bound block by block under the block-causal mask ---------------
+
+LLADA2 = Path(__file__).parent / "data" / "llada2-moe-tiny"
+MASK2 = 511
+
+
+@pytest.fixture(scope="module")
+def llada2():
+    return load_model(LLADA2, dtype=torch.float64)
+
+
+def test_block_spans_cut_at_absolute_boundaries():
+    from unmask.likelihood import block_spans
+
+    assert block_spans(5, 10, 4) == [(0, 3), (3, 7), (7, 10)]
+    assert block_spans(8, 4, 4) == [(0, 4)]
+    assert block_spans(0, 3, 32) == [(0, 3)]
+
+
+@torch.no_grad()
+def _block_logp(model, ids: list[int], b: int) -> torch.Tensor:
+    """Log-probabilities of a canvas under the block-causal mask, positions 0.."""
+    from unmask.sampling.blocks import block_causal_mask
+
+    mask = block_causal_mask(len(ids), b)[None, None]
+    return model(torch.tensor([ids]), attention_mask=mask).logits.log_softmax(-1)[0]
+
+
+def _hand_block_bound(model, ctx, cont, b, mode):
+    """Σ over blocks of the block's exact bound (or chain rule), earlier blocks clean, later masked."""
+    import itertools
+    import math
+
+    from unmask.likelihood import block_spans
+
+    total = 0.0
+    for start, stop in block_spans(len(ctx), len(cont), b):
+        Lk = stop - start
+        if mode == "chain":
+            for i in range(start, stop):
+                canvas = ctx + cont[:i] + [MASK2] * (len(cont) - i)
+                total += float(_block_logp(model, canvas, b)[len(ctx) + i, cont[i]])
+            continue
+        for size in range(1, Lk + 1):
+            for S in itertools.combinations(range(start, stop), size):
+                canvas = ctx + [MASK2 if (i in S or i >= stop) else t for i, t in enumerate(cont)]
+                logp = _block_logp(model, canvas, b)
+                total += sum(float(logp[len(ctx) + i, cont[i]]) for i in S) / (math.comb(Lk, size) * size)
+    return total
+
+
+@pytest.mark.parametrize("mode", ["exact", "chain"])
+def test_block_bound_equals_a_hand_computation(llada2, mode):
+    ctx, cont = [5, 17, 42, 99, 3, 7], [11, 250, 37, 8, 90]
+    b = 4                                             # continuation positions 6..10: blocks [6, 8) and [8, 11)
+    [[est]] = score_requests(llada2, [Request(ctx, cont)], mode=mode, block_length=b)
+    assert est.value == pytest.approx(_hand_block_bound(llada2, ctx, cont, b, mode), abs=1e-5)  # scored in float32
+    padded = score_requests(llada2, [Request(ctx, cont), Request(ctx[:2], cont[:2] + [6, 6, 6, 6, 6, 6])],
+                            mode=mode, block_length=b, batch_size=7)
+    assert padded[0][0].value == pytest.approx(est.value, abs=1e-5)   # padding and batch-mates change nothing
+
+
+def test_block_mc_converges_to_the_block_exact_bound(llada2):
+    ctx, cont = [5, 17, 42, 99, 3, 7], [11, 250, 37, 8, 90, 4, 4, 61, 2]   # blocks of 2 (enumerated) and 7 (MC)
+    exact = score_requests(llada2, [Request(ctx, cont)], mode="exact", block_length=8)[0][0]
+    mc = score_requests(llada2, [Request(ctx, cont, seed=1)], mode="mc", mc_num=64, block_length=8)[0][0]
+    assert mc.n == 64 and mc.stderr > 0
+    assert abs(mc.value - exact.value) < 4 * mc.stderr
+
+
+def test_block_guidance_masks_the_context_under_the_same_mask(llada2):
+    from unmask.sampling.blocks import block_causal_mask
+
+    ctx, cont, w = [5, 17, 42, 99, 3], [11, 250], 1.5
+    [[est]] = score_requests(llada2, [Request(ctx, cont)], mode="chain", cfg_scales=[w], block_length=4)
+    mask = block_causal_mask(7, 4)[None, None]
+    total = 0.0
+    with torch.no_grad():
+        for i in range(2):
+            canvas = ctx + cont[:i] + [MASK2] * (2 - i)
+            cond = llada2(torch.tensor([canvas]), attention_mask=mask).logits
+            uncond = llada2(torch.tensor([[MASK2] * 5 + canvas[5:]]), attention_mask=mask).logits
+            total += float(mix_guidance(cond, uncond, w).log_softmax(-1)[0, 5 + i, cont[i]])
+    assert est.value == pytest.approx(total, abs=1e-5)
+
+
+def test_block_greedy_checks_agree_with_block_decoding(llada2):
+    from unmask.sampling import block_generate
+
+    ctx = [5, 17, 42, 99, 3]
+    out = block_generate(llada2, torch.tensor([ctx]), gen_length=32, block_length=32, steps=32, threshold=None,
+                         mask_id=MASK2, eos_id=-1)
+    produced = out[0, 5:8].tolist()
+    wrong = produced[:2] + [(produced[2] + 1) % MASK2]
+    assert greedy_checks(llada2, [Request(ctx, produced), Request(ctx, wrong)]) == [True, False]
+
+
+def test_block_length_is_for_block_models_only(model):
+    with pytest.raises(ValueError, match="block-diffusion"):
+        score_requests(model, [Request(CTX, CONT)], block_length=4)

@@ -1,12 +1,16 @@
 """Native models against the public code's logits, loading and saving, clear checkpoint errors."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
 
+import unmask
 from unmask.models import (CheckpointError, KVCache, MaskedDiffusionLM, ModelConfig, load_config, load_model,
                            save_model)
 from unmask.models.transformer import MoE
@@ -175,3 +179,105 @@ def test_grouped_matmul_equals_a_loop_over_experts():
     torch.testing.assert_close(grouped_matmul(x, weight, counts), expected)  # float64: the loop
     with torch.no_grad():  # float32 without autograd: one grouped kernel
         torch.testing.assert_close(grouped_matmul(x.float(), weight.float(), counts), expected.float())
+
+
+# ---- iLLaDA / LLaDA 1.5: the dense layout with GQA, tied embeddings and a config-given mask id ------
+
+def dense_reference(config: dict, w: dict, ids: torch.Tensor) -> torch.Tensor:
+    """LLaDA (OLMo-layout) logits in float64 from config.json and the tensors by their public names."""
+    w = {k: v.double() for k, v in w.items()}
+    H, KV, d = config["n_heads"], config["n_kv_heads"], config["d_model"]
+    D, (B, L) = d // H, ids.shape
+    angles = torch.arange(L).double()[:, None] * config["rope_theta"] ** (-torch.arange(0, D, 2).double() / D)
+
+    def rms(x, weight):
+        return weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + config["rms_norm_eps"])
+
+    def rope(t):
+        a, b = t[..., :D // 2], t[..., D // 2:]
+        return torch.cat([a * angles.cos() - b * angles.sin(), b * angles.cos() + a * angles.sin()], dim=-1)
+
+    t = "model.transformer."
+    x = w[t + "wte.weight"][ids]
+    for i in range(config["n_layers"]):
+        b = f"{t}blocks.{i}."
+        h = rms(x, w[b + "attn_norm.weight"])
+        q, k, v = ((h @ w[b + name].T).view(B, L, -1, D).transpose(1, 2)
+                   for name in ("q_proj.weight", "k_proj.weight", "v_proj.weight"))
+        q, k, v = rope(q), rope(k).repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
+        attended = ((q @ k.transpose(-1, -2) / math.sqrt(D)).softmax(-1) @ v).transpose(1, 2).reshape(B, L, d)
+        x = x + attended @ w[b + "attn_out.weight"].T
+        h = rms(x, w[b + "ff_norm.weight"])
+        x = x + (F.silu(h @ w[b + "ff_proj.weight"].T) * (h @ w[b + "up_proj.weight"].T)) @ w[b + "ff_out.weight"].T
+    head = w[t + "wte.weight"] if config["weight_tying"] else w[t + "ff_out.weight"]
+    return rms(x, w[t + "ln_f.weight"]) @ head.T
+
+
+def test_dense_reference_matches_public_code():
+    """The float64 reference below is itself right: it reproduces the public LLaDA code's logits."""
+    config = json.loads((DATA / "llada-dense-tiny" / "config.json").read_text())
+    weights = load_file(DATA / "llada-dense-tiny" / "model.safetensors")
+    for case, ref in torch.load(DATA / "llada-dense-tiny" / "reference_logits.pt").items():
+        assert (dense_reference(config, weights, ref["input_ids"]) - ref["logits"]).abs().max().item() <= 1e-5, case
+
+
+def test_illada_like_checkpoint_gqa_tied_embeddings_config_mask_id(tmp_path):
+    """iLLaDA's shape in little: 4 query heads on 2 kv heads, the lm head tied to the embedding, mask id 5."""
+    public = {**json.loads((DATA / "llada-dense-tiny" / "config.json").read_text()),
+              "n_kv_heads": 2, "weight_tying": True, "mask_token_id": 5}
+    model = MaskedDiffusionLM(ModelConfig.from_hf_dict(public))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g) if name.endswith("norm.weight")
+                    else 0.08 * torch.randn(p.shape, generator=g))
+    save_model(model, tmp_path)
+    config, weights = json.loads((tmp_path / "config.json").read_text()), load_file(tmp_path / "model.safetensors")
+    assert (config["n_kv_heads"], config["weight_tying"], config["mask_token_id"]) == (2, True, 5)
+    assert "model.transformer.ff_out.weight" not in weights  # a tied checkpoint has no separate head
+
+    loaded = load_model(tmp_path)
+    assert loaded.lm_head.weight is loaded.embed.weight and loaded.config.mask_token_id == 5
+    ids = torch.randint(0, 384, (2, 20), generator=g)
+    with torch.no_grad():
+        logits = loaded(ids).logits
+        assert (logits.double() - dense_reference(config, weights, ids)).abs().max().item() <= 1e-4
+        untied = MaskedDiffusionLM(loaded.config.with_(tie_embeddings=False)).eval()
+        untied.load_state_dict({**loaded.state_dict(), "lm_head.weight": loaded.embed.weight.clone()})
+        assert torch.equal(untied(ids).logits, logits)
+    kw = dict(steps=4, gen_length=8, block_length=8)
+    out = unmask.generate(loaded, ids[:1, :6], **kw)
+    assert out.shape == (1, 14) and torch.equal(out, unmask.generate(loaded, ids[:1, :6], mask_id=5, **kw))
+    assert not (out[:, 6:] == 5).all()
+
+
+def test_a_config_given_mask_id_wins_over_the_known_ids():
+    public = {**json.loads((DATA / "llada-dense-tiny" / "config.json").read_text()),
+              "vocab_size": 126464, "embedding_size": 126464}
+    del public["mask_token_id"]
+    assert ModelConfig.from_hf_dict(public).mask_token_id == 126336  # LLaDA-8B's, which its config omits
+    assert ModelConfig.from_hf_dict({**public, "mask_token_id": 5}).mask_token_id == 5
+
+
+@pytest.mark.parametrize("name, key, value", [
+    ("llada-dense-tiny", "clip_qkv", 8.0),  # OLMo's clamp of q/k/v, which unmask does not do
+    ("llada-dense-tiny", "quantization_config", {"quant_method": "fp8"}),
+    ("lladamoe-tiny", "sliding_window", 128),
+])
+def test_unknown_config_keys_are_refused_by_name(tmp_path, name, key, value):
+    d = tmp_path / "ckpt"
+    shutil.copytree(DATA / name, d)
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(CheckpointError) as e:
+        load_model(d)
+    assert key in str(e.value) and str(d / "config.json") in str(e.value) and "unknown key" in str(e.value)
+
+
+def test_harmless_and_null_keys_are_accepted(tmp_path):
+    d = tmp_path / "ckpt"
+    shutil.copytree(DATA / "llada-dense-tiny", d)
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "clip_qkv": None, "init_std": 0.5, "torch_dtype": "bfloat16",
+                                               "auto_map": {"AutoModel": "modeling_llada.LLaDAModelLM"}}))
+    assert load_config(d) == load_config(DATA / "llada-dense-tiny")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import threading
 import time
 
@@ -14,9 +13,10 @@ import pytest
 
 import unmask
 from unmask.sampling.text import generate_text
-from serve_fixtures import live_server
+from serve_fixtures import live_server, metrics, wait_idle
 from unmask.serve import ServeConfig, create_app
-from unmask.serve.batching import (BatchRunner, Job, QueueFull, SamplingParams, Scheduler, ShuttingDown)
+from unmask.sampling import SamplerOptions
+from unmask.serve.batching import BatchRunner, Job, QueueFull, Scheduler, ShuttingDown
 from unmask.serve.textstream import RowText
 
 MODEL = "tiny"
@@ -40,20 +40,6 @@ def url(loaded):
 @pytest.fixture(scope="module")
 def client(url):
     return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-def metrics(url) -> dict[str, float]:
-    """Parse /metrics strictly (every line must be a comment or `name{labels} value`)."""
-    text = httpx.get(url + "/metrics").text
-    values = {}
-    for line in text.splitlines():
-        if line.startswith("#"):
-            assert re.fullmatch(r"# (HELP|TYPE) [a-z_]+ .+", line), line
-            continue
-        m = re.fullmatch(r'([a-z_]+(?:\{[a-z_]+="[^"]*"(?:,[a-z_]+="[^"]*")*\})?) ([-+0-9.eE]+|\+Inf)', line)
-        assert m, f"unparsable metrics line: {line!r}"
-        values[m.group(1)] = float(m.group(2))
-    return values
 
 
 def chat(client, content: str, **kw):
@@ -159,6 +145,7 @@ BAD_CHAT = [
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "remasking": "bogus"}, 400, "remasking"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_p": 0.5}, 400, "top_p"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_k": 5}, 400, "top_k"),   # LLaDA2.x only
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "best_of": 3}, 400, "best_of"),
 ]
@@ -184,16 +171,6 @@ def test_bad_input_through_official_client(client):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="hi", max_tokens=8)
     assert chat(client, "still there?", max_tokens=8).choices[0].message.content is not None
-
-
-def wait_idle(url, timeout=10.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        m = metrics(url)
-        if m["unmask_requests_in_flight"] == 0 and m["unmask_queue_depth"] == 0:
-            return m
-        assert time.monotonic() < deadline, "the server did not free the request's slot"
-        time.sleep(0.05)
 
 
 def test_disconnected_stream_frees_its_slot(url):
@@ -263,9 +240,8 @@ def test_scheduler_refuses_work_when_closing(loaded):
     async def scenario():
         runner = BatchRunner(model, tokenizer, mask_id=383, pad_id=381, eos_id=381, end_ids={381}, metrics=None)
         scheduler = Scheduler(runner, max_batch_size=4, max_queue=1, window_s=0.0)
-        params = SamplingParams(steps=8, gen_length=8, block_length=8, temperature=0.0, cfg_scale=0.0,
-                                remasking="low_confidence")
-        job = lambda: Job(prompt=[1, 2], params=params, loop=asyncio.get_running_loop(), deadline=time.monotonic() + 9)
+        options = SamplerOptions(steps=8, gen_length=8, block_length=8)
+        job = lambda: Job(prompt=[1, 2], options=options, loop=asyncio.get_running_loop(), deadline=time.monotonic() + 9)
         scheduler.submit(job())
         with pytest.raises(QueueFull):
             scheduler.submit(job())

@@ -313,7 +313,9 @@ def test_damaged_checkpoints_are_refused(tmp_path, tokenizer_dir, corpus):
         f.write_bytes(bytes(data))
 
     cases = {"truncated": (truncate, "truncated"), "flipped": (flip, "sha256"),
-             "unsealed": (lambda d: (d / "manifest.json").unlink(), "manifest")}
+             "unsealed": (lambda d: (d / "manifest.json").unlink(), "manifest"),
+             "list manifest": (lambda d: (d / "manifest.json").write_text("[]"), "must hold a JSON object"),
+             "no files": (lambda d: (d / "manifest.json").write_text('{"step": 2}'), "damaged")}
     for name, (damage, words) in cases.items():
         bad = damaged(name, damage)
         with pytest.raises(CheckpointError, match=words):
@@ -338,11 +340,225 @@ def test_recipe_toml_then_flags(tmp_path):
     recipe.write_text('data = ["x.txt"]\ntokenizer = "tok"\nlr = 1e-3\nmax_steps = 7\nsft = true\n')
     parser = argparse.ArgumentParser()
     command.register(parser.add_subparsers())
-    cfg = command.config_from_args(parser.parse_args(["train", "--config", str(recipe), "--max-steps", "9", "--resume"]))
+    flags = ["--max-steps", "9", "--resume", "--layout", "llada2_moe", "--n-experts", "4", "--block-length", "16"]
+    cfg = command.config_from_args(parser.parse_args(["train", "--config", str(recipe), *flags]))
     assert (cfg.lr, cfg.max_steps, cfg.sft, cfg.resume, cfg.data) == (1e-3, 9, True, "auto", ["x.txt"])
+    assert (cfg.layout, cfg.n_experts, cfg.block_length) == ("llada2_moe", 4, 16)
     recipe.write_text("learning_rate = 1\n")
     with pytest.raises(ValueError, match="learning_rate"):
         command.config_from_args(parser.parse_args(["train", "--config", str(recipe)]))
+
+
+# ---- block diffusion (LLaDA2) ------------------------------------------------------------------
+
+def _bd3_mask_by_hand(positions: list[int], documents: list[int], b: int) -> torch.Tensor:
+    """BD3-LM's mask over [noisy | clean], written out one (query, key) pair at a time."""
+    L = len(positions)
+    mask = torch.zeros(2 * L, 2 * L, dtype=torch.bool)
+    for i in range(2 * L):
+        for j in range(2 * L):
+            if documents[i % L] != documents[j % L]:
+                continue
+            bi, bj = positions[i % L] // b, positions[j % L] // b
+            if i < L and j < L:
+                mask[i, j] = bi == bj           # a noisy block sees itself
+            elif i < L:
+                mask[i, j] = bj < bi            # ... and the clean blocks before it
+            elif j >= L:
+                mask[i, j] = bj <= bi           # the clean copy is block-causal
+    return mask                                 # (clean queries never see noisy keys)
+
+
+def test_block_diffusion_mask_is_bd3s_and_composes_with_documents():
+    from unmask.sampling.blocks import block_causal_mask
+    from unmask.train.objective import attention_for
+
+    ids = torch.zeros(1, 7, dtype=torch.long)
+    plain = attention_for(ids, block_length=3)
+    assert torch.equal(plain.mask[0, 0], _bd3_mask_by_hand(list(range(7)), [0] * 7, 3))
+    assert torch.equal(plain.mask[0, 0, 7:, 7:], block_causal_mask(7, 3))  # the decoding mask
+    assert plain.positions.tolist() == [list(range(7)) * 2] and plain.blocks.tolist() == [[0, 0, 0, 1, 1, 1, 2]]
+
+    segments = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 2, 2]])
+    packed = attention_for(torch.zeros(1, 10, dtype=torch.long), segments, block_length=2)
+    positions = [0, 1, 2, 3, 4, 0, 1, 2, 0, 1]
+    assert torch.equal(packed.mask[0, 0], _bd3_mask_by_hand(positions, segments[0].tolist(), 2))
+    assert packed.positions.tolist() == [positions * 2]
+    assert packed.blocks.tolist() == [[0, 0, 1, 1, 2, 3, 3, 4, 5, 5]]  # each document starts a block
+
+
+class Recorder(UniformModel):
+    """UniformModel that also takes and records the keyword arguments the objectives pass."""
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_slice=None):
+        self.kwargs = dict(mask=attention_mask, positions=position_ids, logits_slice=logits_slice)
+        logits = super().forward(input_ids).logits
+        return MaskedLMOutput(logits if logits_slice is None else logits[:, logits_slice])
+
+
+def test_block_diffusion_loss_draws_one_time_per_block_and_reads_noisy_then_clean():
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1]])
+    model = Recorder(V)
+    loss = pretrain_loss(model, ids, MASK, torch.Generator().manual_seed(7), random_length_prob=0.0, block_length=4)
+    # Hand computation, drawing in the documented order: cut decision, t per block, u per token.
+    g = torch.Generator().manual_seed(7)
+    torch.rand((), generator=g)
+    t = torch.rand(ids.shape, generator=g)[:, [0, 0, 0, 0, 1, 1]]  # blocks [0, 4) and [4, 6)
+    u = torch.rand(ids.shape, generator=g)
+    p = (1 - 1e-3) * t + 1e-3
+    masked = u < p
+    expected = sum(math.log(V) / p[b, i].item() for b in range(2) for i in range(6) if masked[b, i]) / (2 * 6)
+    assert torch.equal(model.seen[0], torch.cat([torch.where(masked, MASK, ids), ids], dim=1))
+    assert model.kwargs["mask"].shape == (1, 1, 12, 12) and model.kwargs["logits_slice"] == slice(0, 6)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_block_diffusion_sft_keeps_the_prompt_and_cond_drop_masks_it_in_both_copies():
+    ids = torch.tensor([[1, 2, 3, 4, 0, 0], [5, 6, 7, 8, 8, 0]])
+    prompt = torch.tensor([2, 3])
+    response = torch.arange(6)[None] >= prompt[:, None]
+    plain, dropped = Recorder(V), Recorder(V)
+    a = sft_loss(plain, ids, prompt, MASK, torch.Generator().manual_seed(3), block_length=2)
+    b = sft_loss(dropped, ids, prompt, MASK, torch.Generator().manual_seed(3), cond_drop=1.0, block_length=2)
+    noisy, clean = plain.seen[0].split(6, dim=1)
+    assert torch.equal(noisy[~response], ids[~response]) and torch.equal(clean, ids)
+    assert (noisy[response] == MASK).any()
+    noisy_dropped, clean_dropped = dropped.seen[0].split(6, dim=1)
+    assert (noisy_dropped[~response] == MASK).all() and (clean_dropped[~response] == MASK).all()
+    assert torch.equal(noisy_dropped[response], noisy[response]) and torch.equal(clean_dropped[response], ids[response])
+    assert a.item() == b.item()
+
+
+def _tiny_llada2(**changes):
+    from unmask.models import MaskedDiffusionLM, ModelConfig
+    from unmask.train.trainer import init_weights
+
+    cfg = ModelConfig(layout="llada2_moe", vocab_size=20, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                      mlp_hidden_size=64, max_seq_len=32, partial_rotary_factor=0.5, qk_norm=True, n_experts=4,
+                      experts_per_token=2, expert_hidden_size=16, norm_topk_prob=True, shared_expert_hidden_size=16,
+                      expert_bias=True, router="sigmoid", moe_layers=[False, True], mask_token_id=1,
+                      eos_token_id=0, **changes)
+    torch.manual_seed(0)
+    model = MaskedDiffusionLM(cfg)
+    init_weights(model)
+    with torch.no_grad():  # a bias that changes which experts win, as a trained one would
+        model.blocks[1].mlp.expert_bias.copy_(torch.tensor([0.3, -0.2, 0.0, 0.1]))
+    return model.eval()
+
+
+def test_the_objective_denoises_each_block_as_block_decoding_does():
+    """Block k's logits in the one training pass equal a decoding pass over the clean blocks < k and
+    the noisy block k under the block-causal mask: training conditions on what decoding sees."""
+    from unmask.sampling.blocks import block_causal_mask
+    from unmask.train.objective import attention_for
+
+    model, b = _tiny_llada2(), 4
+    ids = torch.randint(2, 20, (2, 12), generator=torch.Generator().manual_seed(0))
+    noisy = ids.masked_fill(torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.5, 1)
+    with torch.no_grad():
+        trained = attention_for(ids, block_length=b).logits(model, noisy, ids)
+        for k in range(3):
+            window = torch.cat([ids[:, :k * b], noisy[:, k * b:(k + 1) * b]], dim=1)
+            decoded = model(window, attention_mask=block_causal_mask((k + 1) * b, b)[None, None]).logits
+            torch.testing.assert_close(trained[:, k * b:(k + 1) * b], decoded[:, k * b:], rtol=0, atol=1e-5)
+
+
+def test_a_packed_document_under_block_diffusion_reads_as_if_alone():
+    from unmask.train.objective import attention_for
+
+    model = _tiny_llada2()
+    ids = torch.tensor([[5, 6, 7, 0, 8, 9, 10, 11, 12, 0, 13, 14]])
+    segments = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2]])
+    noisy = ids.clone()
+    noisy[0, [1, 5, 7, 8, 11]] = 1
+    doc = slice(4, 10)
+    with torch.no_grad():
+        packed = attention_for(ids, segments, block_length=4).logits(model, noisy, ids)
+        alone = attention_for(ids[:, doc], block_length=4).logits(model, noisy[:, doc], ids[:, doc])
+        plain = attention_for(ids, block_length=4).logits(model, noisy, ids)
+    torch.testing.assert_close(packed[:, doc], alone, rtol=0, atol=1e-5)
+    assert (plain[:, doc] - alone).abs().max() > 1e-3  # without document attention, the neighbours leak in
+
+
+def llada2(tmp_path: Path, tokenizer_dir: Path, data: Path, **overrides) -> TrainConfig:
+    """`tiny` as a LLaDA2 MoE: a dense layer, then an MoE layer of 4 experts (top 2) and a shared one."""
+    settings = dict(layout="llada2_moe", n_experts=4, experts_per_token=2, shared_experts=1, dense_layers=1,
+                    block_length=8)
+    return tiny(tmp_path, tokenizer_dir, data, **{**settings, **overrides})
+
+
+def test_block_length_defaults_to_llada2s_for_its_layout(tmp_path, tokenizer_dir):
+    from unmask.train.trainer import block_length_for, model_config
+
+    tok = load_tokenizer(tokenizer_dir)
+    cfg = llada2(tmp_path, tokenizer_dir, "x.txt", block_length=None)
+    shape = model_config(cfg, tok)
+    assert (shape.layout, shape.moe_layers, shape.router, shape.expert_bias, shape.norm_topk_prob) == \
+        ("llada2_moe", [False, True], "sigmoid", True, True)
+    widths = (shape.rotary_dim, shape.expert_hidden_size, shape.shared_expert_hidden_size)
+    assert shape.qk_norm and widths == (8, 48, 48)
+    assert block_length_for(cfg, shape) == 32
+    assert block_length_for(llada2(tmp_path, tokenizer_dir, "x.txt", block_length=0), shape) is None
+    plain = tiny(tmp_path, tokenizer_dir, "x.txt")
+    assert block_length_for(plain, model_config(plain, tok)) is None
+    with pytest.raises(ValueError, match="no experts"):
+        model_config(tiny(tmp_path, tokenizer_dir, "x.txt", n_experts=4), tok)
+    with pytest.raises(ValueError, match="block_length"):
+        tiny(tmp_path, tokenizer_dir, "x.txt", block_length=-1)
+
+
+def test_llada2_moe_learns_block_causally_and_its_checkpoint_decodes(tmp_path, tokenizer_dir, corpus):
+    import unmask
+    from unmask.train.trainer import build_model
+
+    cfg = llada2(tmp_path, tokenizer_dir, corpus, max_steps=60, eval_every=30)
+    trainer = Trainer(cfg)
+    assert trainer.block_length == 8
+    result = trainer.run()
+    losses = list(result.losses.values())
+    assert sum(losses[-10:]) < 0.85 * sum(losses[:10])
+    assert result.evals[60] < result.evals[30] < math.log(len(load_tokenizer(tokenizer_dir)))
+    router = trainer.core.blocks[1].mlp
+    initial = build_model(cfg, load_tokenizer(tokenizer_dir)).blocks[1].mlp
+    assert not torch.equal(router.router.weight, initial.router.weight)  # the sigmoid router learns
+    assert not router.expert_bias.any()  # a buffer: LLaDA2 moves it by its balancing rule, not by gradients
+
+    loaded = load_model(result.checkpoint)
+    assert loaded.config.layout == "llada2_moe" and loaded.config.moe_layers == [False, True]
+    ids = torch.randint(0, loaded.config.vocab_size, (2, 32))
+    from unmask.sampling.blocks import block_causal_mask
+    trainer.core.eval()
+    with torch.no_grad():
+        mask = block_causal_mask(32, 8)[None, None]
+        assert torch.equal(loaded(ids, attention_mask=mask).logits, trainer.core(ids, attention_mask=mask).logits)
+    tok = load_tokenizer(result.checkpoint)
+    prompt = torch.tensor([tok("the red cat", add_special_tokens=False)["input_ids"]])
+    out = unmask.generate(loaded, prompt, gen_length=16, block_length=8, steps=8)  # block_generate for LLaDA2
+    assert out.shape == (1, prompt.shape[1] + 16) and not (out == loaded.config.mask_token_id).any()
+
+
+def test_llada2_block_diffusion_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, tokenizer_dir, corpus):
+    def cfg(run: str, **kw) -> TrainConfig:
+        return llada2(tmp_path / run, tokenizer_dir, corpus, grad_accum=2, doc_attention=True, **kw)
+
+    whole = train(cfg("a"))
+    first = train(cfg("b", stop_at=4))
+    rest = train(cfg("b", resume="auto"))
+    assert first.losses == {s: whole.losses[s] for s in range(1, 5)}
+    assert rest.losses == {s: whole.losses[s] for s in range(5, 9)}  # bit-exact, not approx
+    assert rest.evals[8] == whole.evals[8]
+
+
+def test_llada2_block_diffusion_sft_with_cond_drop_trains(tmp_path, tokenizer_dir):
+    rng = random.Random(0)
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(f'{{"prompt": "{rng.choice(["red", "blue"])} {rng.choice(["cat", "dog"])}?", '
+                            f'"response": "{rng.choice(["sat", "ran"])} on the mat."}}\n' for _ in range(120)))
+    trainer = Trainer(llada2(tmp_path, tokenizer_dir, data, sft=True, cond_drop=0.3, max_steps=4, eval_every=2,
+                             heldout_frac=0.1))
+    result = trainer.run()
+    assert trainer.heldout and trainer.heldout[0].prompt_lengths is not None
+    assert all(math.isfinite(v) for v in [*result.losses.values(), *result.evals.values()])
 
 
 # ---- distributed -------------------------------------------------------------------------------
@@ -393,3 +609,32 @@ def test_two_processes_agree_learn_and_resume(tmp_path, tokenizer_dir, corpus, f
     rest = _spawn(cfg("b", resume="auto"), tmp_path)
     assert rest["losses"] == {s: whole["losses"][s] for s in range(16, 31)}
     assert all(torch.equal(rest["weights"][k], whole["weights"][k]) for k in whole["weights"])
+
+
+def test_disk_full_is_one_line_and_leaves_the_last_checkpoint_intact(tmp_path, tokenizer_dir, corpus, monkeypatch,
+                                                                    capsys):
+    import errno
+
+    from unmask import cli
+    from unmask.train import checkpoint
+
+    run_dir = tmp_path / "run"
+    args = ["train", "--tokenizer", str(tokenizer_dir), "--data", str(corpus), "--out-dir", str(run_dir),
+            "--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--seq-len", "32", "--batch-size", "8",
+            "--max-steps", "4", "--eval-every", "0", "--save-every", "2", "--no-progress"]
+    sha256 = checkpoint._sha256
+
+    def full_after_first_checkpoint(path):
+        if "step-000004" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return sha256(path)
+
+    monkeypatch.setattr(checkpoint, "_sha256", full_after_first_checkpoint)
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "no space left on device" in err and "--resume" in err and "Traceback" not in err
+    assert (run_dir / "latest").read_text().strip() == "step-000002"
+    assert not list(run_dir.glob(".tmp-*"))   # the partial checkpoint was removed
+    monkeypatch.setattr(checkpoint, "_sha256", sha256)
+    assert cli.main(args + ["--resume"]) == 0
+    assert (run_dir / "latest").read_text().strip() == "step-000004"

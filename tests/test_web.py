@@ -1,14 +1,19 @@
-"""The live web page in a real headless browser (Debian's /usr/bin/chromium, driven by playwright).
+"""The live web page: in a real headless browser (Debian's /usr/bin/chromium, driven by playwright),
+and its script under node with a stub DOM (what the server fills in, checked without a browser).
 
-Skipped cleanly when either is missing. Set UNMASK_WEB_SCREENSHOT to keep the screenshot somewhere.
+Each is skipped cleanly when its tools are missing. Set UNMASK_WEB_SCREENSHOT to keep the screenshot.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 
 import unmask
@@ -16,16 +21,21 @@ from serve_fixtures import live_server
 from unmask.serve import ServeConfig, create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
-sync_api = pytest.importorskip("playwright.sync_api", reason="python playwright is not installed")
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed")]
+NODE = shutil.which("node")
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                 "--disable-sync", "--no-first-run"]
 
 
-def test_page_shows_both_generations(tiny_checkpoint, tmp_path):
-    model, tokenizer = unmask.load(tiny_checkpoint)
-    app = create_app(model, tokenizer, ServeConfig(model_name="tiny"))
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoint):
+    return unmask.load(tiny_checkpoint)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed")
+def test_page_shows_both_generations(loaded, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="python playwright is not installed")
+    app = create_app(*loaded, ServeConfig(model_name="tiny"))
     shot = tmp_path / "unmask_web.png"
     with live_server(app) as url, sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=BROWSER_ARGS)
@@ -34,6 +44,7 @@ def test_page_shows_both_generations(tiny_checkpoint, tmp_path):
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(url + "/")
+            assert not page.is_checked("#chat")          # "tiny" is not a chat model: plain completion
             page.fill("#gen", "48")
             page.fill("#steps", "48")
             page.fill("#block", "16")
@@ -52,3 +63,39 @@ def test_page_shows_both_generations(tiny_checkpoint, tmp_path):
     assert shot.stat().st_size > 10_000
     if os.environ.get("UNMASK_WEB_SCREENSHOT"):
         shutil.copy(shot, os.environ["UNMASK_WEB_SCREENSHOT"])
+
+
+# The page's script, run by node against just enough of a DOM: element lookups and event hooks.
+STUB_DOM = """
+const elements = {};
+const element = (id) => elements[id] ??= {id, checked: false, hidden: false, value: "", textContent: "",
+  addEventListener() {}, querySelector: (sel) => element(id + " " + sel)};
+globalThis.document = {getElementById: element, querySelector: element,
+  querySelectorAll: (sel) => sel === ".needs-key" ? [element("key")] : []};
+"""
+
+
+def page_state(html: str) -> dict:
+    """Run the page's script under node; what it set up from the server's PAGE config."""
+    script = re.search(r"<script>(.*)</script>", html, re.DOTALL).group(1)
+    report = ("console.log(JSON.stringify({chat: elements.chat.checked, keyHidden: elements.key.hidden, "
+              "stepsLabel: element('steps-label').textContent}));")
+    out = subprocess.run([NODE, "-e", STUB_DOM + script + report], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed")
+@pytest.mark.parametrize("name, api_key, chat", [("tiny", None, False), ("LLaDA-8B-Instruct", "k", True)])
+def test_page_script_starts_from_the_served_model(loaded, name, api_key, chat):
+    """The chat template box starts ticked only for a chat model; the key box shows only with --api-key."""
+    with live_server(create_app(*loaded, ServeConfig(model_name=name, api_key=api_key))) as url:
+        html = httpx.get(url + "/").text
+    assert page_state(html) == {"chat": chat, "keyHidden": api_key is None, "stepsLabel": ""}
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed")
+def test_page_labels_steps_per_block_for_a_block_diffusion_model(tiny_llada2_checkpoint):
+    with live_server(create_app(*unmask.load(tiny_llada2_checkpoint), ServeConfig(model_name="tiny"))) as url:
+        html = httpx.get(url + "/").text
+    assert page_state(html)["stepsLabel"] == "steps per block"

@@ -7,6 +7,11 @@ prompts. Per mode the table gives tokens/s, forward passes per generated token, 
 baseline and token agreement with unmask's exact output under the same guidance (1.0 means
 identical; the exact modes must show 1.0, the approximate ones show what they change).
 
+Block-diffusion models (LLaDA2.x) have their own modes (`BLOCK_MODES`): the baseline is the public
+LLaDA2 algorithm as the public code runs it (the whole window through the model at every step,
+no cache), and the modes add unmask's exact cache of finished blocks and CFG; the exact cache
+must show agreement 1.0.
+
 Without a checkpoint the model is a named shape with random weights (no download): throughput is
 meaningful, agreement much less so (a random model is unconfident, so threshold decoding commits
 about one token per step and the cache approximation flips near-ties).
@@ -16,6 +21,10 @@ says how far a fast mode strays from the exact output, not whether what it write
 Likelihood scoring does not depend on the sampling mode, so the accuracy is measured by generation:
 each mode completes the first items of world_cloze and world_mc, and an item counts when the
 completion's first word is the answer.
+
+With quantized weights (`unmask bench --quantize int8`) every mode runs on the quantized model, and
+before the timings `quantization_error` compares it with the same weights unquantized: logit error
+and token agreement at temperature 0. Compare tokens/s with a run without --quantize.
 """
 
 from __future__ import annotations
@@ -32,9 +41,9 @@ import torch.nn.functional as F
 
 from .eval.encoding import encode_pair
 from .eval.tasks import get_task, load_items
-from .models import PRESETS, MaskedDiffusionLM, ModelConfig
-from .sampling import generate
-from .sampling.generate import context_length
+from .models import PRESETS, MaskedDiffusionLM, ModelConfig, weight_bytes
+from .sampling import block_generate, generate, is_block_diffusion
+from .sampling.options import BlockOptions, SamplerOptions, context_length
 from .sampling.text import complete_ids
 
 # Random-weight shapes: the public ones, unmask's bundled model, and a tiny one for CI.
@@ -42,6 +51,12 @@ SHAPES: dict[str, ModelConfig] = {
     "tiny": ModelConfig(),
     "bundled": ModelConfig(vocab_size=2048, d_model=256, n_layers=6, n_heads=4, n_kv_heads=4, mlp_hidden_size=704,
                            max_seq_len=256, mask_token_id=1, eos_token_id=0, eot_token_id=5, pad_token_id=0),
+    "llada2-tiny": ModelConfig(layout="llada2_moe", vocab_size=512, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2,
+                               mlp_hidden_size=128, max_seq_len=1024, rope_theta=600000.0, norm_eps=1e-6, qk_norm=True,
+                               partial_rotary_factor=0.5, router="sigmoid", n_experts=16, experts_per_token=4,
+                               expert_hidden_size=32, n_groups=4, topk_groups=2, routed_scale=2.5, norm_topk_prob=True,
+                               expert_bias=True, shared_expert_hidden_size=32, moe_layers=[False, True, True],
+                               mask_token_id=511, eos_token_id=509, pad_token_id=510),
     **PRESETS,
 }
 
@@ -69,8 +84,18 @@ MODES: dict[str, dict] = {
 }
 
 
-def default_modes(device: str | torch.device) -> list[str]:
-    """Every mode on a GPU; on a CPU the graph modes are left out (a graph needs CUDA to capture)."""
+# Block-diffusion (LLaDA2.x) modes over the baseline `block_generate(cache=False)`; `steps` is per block.
+BLOCK_MODES: dict[str, dict] = {
+    "block cache": {},
+    "block cache+cfg": {"cfg": True},
+    "block cache+cfg reuse": {"cfg": True, "reuse_uncond": True},
+}
+
+
+def default_modes(device: str | torch.device, block_diffusion: bool = False) -> list[str]:
+    """Every mode of the family; on a CPU the graph modes are left out (a graph needs CUDA to capture)."""
+    if block_diffusion:
+        return list(BLOCK_MODES)
     return [m for m in MODES if torch.device(device).type == "cuda" or not MODES[m].get("cuda_graph")]
 
 
@@ -86,7 +111,7 @@ class BenchConfig:
     prompt_len: int = 64
     gen_length: int = 256
     block_length: int = 32
-    steps: int | None = None        # None: gen_length (one token per step, LLaDA's setting)
+    steps: int | None = None        # None: one token per step (gen_length; per block: block_length)
     cfg_scale: float = 1.0
     repeats: int = 3
     modes: list[str] = field(default_factory=lambda: default_modes("cpu"))
@@ -96,7 +121,34 @@ class BenchConfig:
 
     @property
     def total_steps(self) -> int:
-        return self.steps or self.gen_length
+        return self.gen_length if self.steps is None else self.steps
+
+    def schedule(self, block_diffusion: bool = False) -> dict:
+        """steps, gen_length, block_length of the family (block diffusion: steps per block)."""
+        if block_diffusion:
+            return dict(steps=self.block_length if self.steps is None else self.steps, gen_length=self.gen_length,
+                        block_length=self.block_length)
+        return dict(steps=self.total_steps, gen_length=self.gen_length, block_length=self.block_length)
+
+    def check(self, device: str | torch.device, block_diffusion: bool = False) -> BenchConfig:
+        """Refuse sizes that cannot run and modes the device cannot run, before any model is built."""
+        for name, values in (("batch sizes", self.batch_sizes), ("prompt length", [self.prompt_len]),
+                             ("repeats", [self.repeats])):
+            if not values or any(v < 1 for v in values):
+                raise ValueError(f"{name} must be >= 1 (got {values})")
+        if self.suite_items < 0:
+            raise ValueError(f"suite items must be >= 0 (got {self.suite_items})")
+        family = BLOCK_MODES if block_diffusion else MODES
+        for name in self.modes:
+            if name not in family:
+                kind = "block-diffusion (LLaDA2.x)" if block_diffusion else "LLaDA"
+                raise ValueError(f"mode {name!r} is not a mode of {kind} models: choose from {', '.join(family)}")
+            try:
+                options = mode_options(name, self.cfg_scale, self.schedule(block_diffusion), block_diffusion)
+                options.check(device=device) if not block_diffusion else options.check()
+            except ValueError as e:
+                raise ValueError(f"mode {name!r}: {e}") from None
+        return self
 
 
 @torch.no_grad()
@@ -192,12 +244,14 @@ def timed(fn, repeats: int, device: torch.device):
     return result, statistics.median(times)
 
 
-def mode_kwargs(name: str, cfg_scale: float, schedule: dict) -> dict:
-    """generate() keywords of mode `name` on top of `schedule` (steps, gen_length, block_length)."""
-    options = dict(MODES[name])
+def mode_options(name: str, cfg_scale: float, schedule: dict,
+                 block_diffusion: bool = False) -> SamplerOptions | BlockOptions:
+    """The sampler options of mode `name` on top of `schedule` (steps, gen_length, block_length)."""
+    options = dict((BLOCK_MODES if block_diffusion else MODES)[name])
     steps = schedule["steps"] // options.pop("tokens_per_step", 1)
     guided = options.pop("cfg", False)
-    return schedule | {"steps": steps} | options | {"cfg_scale": cfg_scale if guided else 0.0}
+    values = schedule | {"steps": steps} | options | {"cfg_scale": cfg_scale if guided else 0.0}
+    return (BlockOptions if block_diffusion else SamplerOptions)(**values)
 
 
 def first_word(text: str) -> str:
@@ -242,19 +296,19 @@ def suite_scores(model, tokenizer, cfg: BenchConfig, mode: str) -> dict:
     Batched at the bench's largest batch size. Passes per token are per generated token of one row,
     a batch's pass counting once, as in the main column.
     """
-    schedule = mode_kwargs(mode, cfg.cfg_scale, SUITE_SCHEDULE)
+    options = mode_options(mode, cfg.cfg_scale, SUITE_SCHEDULE, is_block_diffusion(model))
     limit = context_length(model)
-    max_prompt = None if limit is None else limit - schedule["gen_length"]
+    max_prompt = None if limit is None else limit - options.gen_length
     batch_size = max(cfg.batch_sizes)
     per_task, passes, batches = {}, 0, 0
     for task in SUITE_TASKS:
         prompts, answers = suite_requests(tokenizer, task, cfg.suite_items, max_prompt)
-        texts, task_passes = complete(model, tokenizer, prompts, batch_size, **schedule)
+        texts, task_passes = complete(model, tokenizer, prompts, batch_size, **options.kwargs())
         per_task[task] = float(statistics.mean(answer_matches(t, a) for t, a in zip(texts, answers)))
         passes += task_passes
         batches += -(-len(prompts) // batch_size)
     return {"suite_accuracy": statistics.mean(per_task.values()), "suite_tasks": per_task,
-            "suite_passes_per_token": passes / (batches * schedule["gen_length"])}
+            "suite_passes_per_token": passes / (batches * options.gen_length)}
 
 
 def run_bench(model, cfg: BenchConfig, progress=print, tokenizer=None) -> list[dict]:
@@ -265,28 +319,71 @@ def run_bench(model, cfg: BenchConfig, progress=print, tokenizer=None) -> list[d
     """
     suite = {name: suite_scores(model, tokenizer, cfg, name) for name in cfg.modes} if cfg.suite_items else {}
     device = model.device
-    mask_id = model.config.mask_token_id
-    common = dict(steps=cfg.total_steps, gen_length=cfg.gen_length, block_length=cfg.block_length)
+    block = is_block_diffusion(model)
+    common = cfg.schedule(block)
+    sample = block_generate if block else generate
     rows = []
     for batch in cfg.batch_sizes:
         prompt = random_prompts(model.config, batch, cfg.prompt_len, cfg.seed, device)
         tokens = batch * cfg.gen_length
-        ref, base_s = timed(lambda: reference_generate(model, prompt, mask_id=mask_id, **common), cfg.repeats, device)
-        exact = {}  # cfg_scale -> unmask's exact output, the agreement reference
+        (ref, base_passes), base_s = timed(lambda: baseline(model, prompt, common, block), cfg.repeats, device)
+        exact = {}  # cfg_scale -> the exact output, the agreement reference
         if cfg.agreement:
-            for cfg_scale in sorted({0.0} | {mode_kwargs(m, cfg.cfg_scale, common)["cfg_scale"] for m in cfg.modes}):
-                exact[cfg_scale] = generate(model, prompt, cfg_scale=cfg_scale, **common)[:, cfg.prompt_len:]
-        rows.append(_row(batch, "reference (baseline)", tokens, base_s, base_s, cfg.total_steps, cfg.gen_length,
-                         ref[:, cfg.prompt_len:], exact.get(0.0)))
+            for w in sorted({0.0} | {mode_options(m, cfg.cfg_scale, common, block).cfg_scale for m in cfg.modes}):
+                exact[w] = (baseline(model, prompt, common | {"cfg_scale": w}, block)[0] if block
+                            else generate(model, prompt, cfg_scale=w, **common))[:, cfg.prompt_len:]
+        name = "public algorithm, no cache (baseline)" if block else "reference (baseline)"
+        rows.append(_row(batch, name, tokens, base_s, base_s, base_passes, cfg.gen_length, ref[:, cfg.prompt_len:],
+                         exact.get(0.0)))
         progress(_format_row(rows[-1], bool(suite)))
         for name in cfg.modes:
-            kwargs = mode_kwargs(name, cfg.cfg_scale, common)
-            out, seconds = timed(lambda: generate(model, prompt, return_dict_in_generate=True, **kwargs),
+            options = mode_options(name, cfg.cfg_scale, common, block)
+            out, seconds = timed(lambda: sample(model, prompt, return_dict_in_generate=True, **options.kwargs()),
                                  cfg.repeats, device)
             rows.append(_row(batch, name, tokens, seconds, base_s, out.forward_passes, cfg.gen_length,
-                             out.sequences[:, cfg.prompt_len:], exact.get(kwargs["cfg_scale"])) | suite.get(name, {}))
+                             out.sequences[:, cfg.prompt_len:], exact.get(options.cfg_scale)) | suite.get(name, {}))
             progress(_format_row(rows[-1], bool(suite)))
     return rows
+
+
+@torch.no_grad()
+def quantization_error(reference, quantized, cfg: BenchConfig) -> dict:
+    """How far quantized weights move a model from `reference`, the same weights unquantized.
+
+    On the bench's first batch of prompts: the logit error (max and mean |difference|, next to the
+    largest |logit| for scale) and the share of positions whose argmax is unchanged, on the canvas
+    the exact mode's first step sees (the prompt, then masks); and the token agreement of the exact
+    sampler at temperature 0 over the whole generation (1.0: the same output).
+    """
+    block = is_block_diffusion(reference)
+    prompt = random_prompts(reference.config, cfg.batch_sizes[0], cfg.prompt_len, cfg.seed, reference.device)
+    masks = torch.full((prompt.shape[0], cfg.gen_length), reference.config.mask_token_id, device=prompt.device)
+    canvas = torch.cat([prompt, masks], dim=1)
+    a, b = (m(canvas).logits.float() for m in (reference, quantized))
+    sample = block_generate if block else generate
+    x, y = (sample(m, prompt, **cfg.schedule(block))[:, cfg.prompt_len:] for m in (reference, quantized))
+    return {"max_logit_error": float((a - b).abs().max()), "mean_logit_error": float((a - b).abs().mean()),
+            "max_abs_logit": float(a.abs().max()),
+            "argmax_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
+            "token_agreement": float((x == y).float().mean()),
+            "weight_bytes": weight_bytes(quantized), "reference_weight_bytes": weight_bytes(reference)}
+
+
+def format_quantization_error(e: dict, quantize: str, dtype) -> str:
+    return (f"{quantize} vs {str(dtype).replace('torch.', '')} weights ({e['weight_bytes'] / 2**20:,.1f} MiB vs "
+            f"{e['reference_weight_bytes'] / 2**20:,.1f} MiB): logit error max {e['max_logit_error']:.4f}, "
+            f"mean {e['mean_logit_error']:.4f} (largest |logit| {e['max_abs_logit']:.2f}); argmax agreement "
+            f"{e['argmax_agreement']:.4f}; token agreement of exact generation at temperature 0 "
+            f"{e['token_agreement']:.4f}")
+
+
+def baseline(model, prompt: torch.Tensor, schedule: dict, block_diffusion: bool) -> tuple[torch.Tensor, int]:
+    """(output, forward passes) of the plain algorithm the public code runs: LLaDA's `generate`
+    (one pass per step), or LLaDA2's without a cache (the whole window every step)."""
+    if block_diffusion:
+        out = block_generate(model, prompt, cache=False, return_dict_in_generate=True, **schedule)
+        return out.sequences, out.forward_passes
+    return reference_generate(model, prompt, mask_id=model.config.mask_token_id, **schedule), schedule["steps"]
 
 
 def _row(batch, mode, tokens, seconds, base_seconds, passes, gen_length, generated, exact) -> dict:
@@ -318,17 +415,24 @@ def table_header(suite: bool = False) -> str:
 
 
 def to_markdown(rows: list[dict], meta: dict) -> str:
-    settings = ", ".join(f"{k}={v}" for k, v in meta.items() if k != "hardware")
+    settings = ", ".join(f"{k}={v}" for k, v in meta.items() if k not in ("hardware", "quantization_error"))
     hw = ", ".join(f"{k}: {v}" for k, v in meta["hardware"].items())
     suite = bool(meta.get("suite_items"))
-    return "\n".join([f"{settings}", "", f"hardware: {hw}", "", table_header(suite),
+    error = meta.get("quantization_error")
+    quantized = [format_quantization_error(error, meta["quantize"], meta["dtype"]), ""] if error else []
+    return "\n".join([f"{settings}", "", f"hardware: {hw}", "", *quantized, table_header(suite),
                       *(_format_row(r, suite) for r in rows), ""])
 
 
-def bench_meta(model, cfg: BenchConfig, model_name: str, dtype: torch.dtype) -> dict:
-    return {"model": model_name, "parameters": model.num_parameters(), "dtype": str(dtype).replace("torch.", ""),
+def bench_meta(model, cfg: BenchConfig, model_name: str, dtype: torch.dtype, quantize: str | None = None,
+               quantization_error: dict | None = None) -> dict:
+    """The run's settings; with quantized weights also the mode and `quantization_error` (with the bytes)."""
+    meta = {"model": model_name, "parameters": model.num_parameters(), "dtype": str(dtype).replace("torch.", ""),
             "device": str(model.device), **{k: v for k, v in asdict(cfg).items() if k != "modes"},
             "steps": cfg.total_steps, "hardware": hardware()}
+    if quantize is not None:
+        meta |= {"quantize": quantize, "quantization_error": quantization_error}
+    return meta
 
 
 def write_outputs(rows: list[dict], meta: dict, json_path=None, markdown_path=None) -> None:

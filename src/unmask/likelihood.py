@@ -13,6 +13,14 @@ masks, which it scores, with what weight):
 - "exact": the same bound by enumerating all 2^L − 1 mask patterns (tiny L only; zero variance);
 - "chain": SMDM's chain-rule mode, token i scored with r_<i visible and r_>=i masked.
 
+Block-diffusion models (LLaDA2.x) attend causally across blocks of `block_length` tokens, and
+decode each block given the finished blocks before it; their bound is the same sum taken block
+by block: the continuation is cut at absolute block boundaries, each block's term masks
+positions in that block only (earlier blocks visible and clean, later blocks masked and never
+attended), under the block-causal attention mask — BD3-LM's bound, log p(r | c) ≥ Σ_k bound of
+block k given c and r's earlier blocks. Each block gets the plan of the chosen mode; the chain
+mode is then exactly the sequential chain rule the model decodes with.
+
 Guidance (unsupervised CFG, Nie et al. 2025) scores with `uncond + (w + 1)(cond − uncond)`, the unconditional row being
 the same canvas with the context masked; the mixed logits are renormalised (log_softmax) before
 the log-probability is read. Conditional and unconditional rows go through the model as one
@@ -29,8 +37,10 @@ from typing import Sequence
 
 import torch
 
-from .sampling import generate, mix_guidance, unconditional_canvas
-from .sampling.generate import context_length, resolve_mask_id
+from .sampling import block_generate, generate, is_block_diffusion, left_pad, mix_guidance, unconditional_canvas
+from .sampling.blocks import padded_block_causal
+from .sampling.generate import resolve_mask_id
+from .sampling.options import BlockOptions, check_cfg_scale, context_length
 from .sampling.guidance import forward_logits
 
 MODES = ("mc", "exact", "chain")
@@ -65,8 +75,11 @@ class Plan:
     masked: torch.Tensor   # (R, L) bool
     scored: torch.Tensor   # (R, L) bool
     weight: torch.Tensor   # (R,) float64
-    sample: torch.Tensor   # (R,) long
+    sample: torch.Tensor   # (R,) long; EVERY_SAMPLE: a deterministic term, added to every sample
     n_samples: int
+
+
+EVERY_SAMPLE = -1
 
 
 def mc_plan(L: int, mc_num: int, batch_size: int, generator: torch.Generator) -> Plan:
@@ -103,12 +116,17 @@ def chain_plan(L: int) -> Plan:
                 torch.zeros(L, dtype=torch.long), 1)
 
 
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"unknown likelihood mode {mode!r}: choose one of {', '.join(MODES)}")
+    return mode
+
+
 def make_plan(mode: str, L: int, mc_num: int, batch_size: int, seed: int) -> Plan:
     """The plan for one request. In "mc" mode a continuation with no more mask patterns than
     `mc_num` (2^L − 1 <= mc_num, e.g. every one-token answer) is enumerated instead: the same
     quantity with zero variance and fewer forward rows."""
-    if mode not in MODES:
-        raise ValueError(f"unknown likelihood mode {mode!r}: choose one of {', '.join(MODES)}")
+    check_mode(mode)
     if mode == "chain":
         return chain_plan(L)
     if mode == "exact" or 2 ** L - 1 <= mc_num:
@@ -116,26 +134,75 @@ def make_plan(mode: str, L: int, mc_num: int, batch_size: int, seed: int) -> Pla
     return mc_plan(L, mc_num, batch_size, torch.Generator().manual_seed(seed))
 
 
+def block_spans(context_length: int, L: int, block_length: int) -> list[tuple[int, int]]:
+    """The continuation's [start, stop) pieces (in continuation columns) cut at absolute block boundaries."""
+    cuts = [0] + [c - context_length for c in range(context_length + 1, context_length + L)
+                  if c % block_length == 0] + [L]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def blockwise_plan(mode: str, spans: list[tuple[int, int]], mc_num: int, batch_size: int, seed: int) -> Plan:
+    """One plan per block, side by side: block k's rows mask and score inside block k only, with
+    the earlier blocks visible and the later ones masked. Deterministic blocks (exact, chain, short)
+    add to every Monte Carlo sample of the others."""
+    L = spans[-1][1]
+    parts = [make_plan(mode, stop - start, mc_num, batch_size, seed * 1_000_003 + k)
+             for k, (start, stop) in enumerate(spans)]
+    n_samples = max(p.n_samples for p in parts)
+    masked, scored, weight, sample = [], [], [], []
+    for (start, stop), part in zip(spans, parts):
+        R = len(part.weight)
+        m = torch.zeros(R, L, dtype=torch.bool)
+        m[:, start:stop], m[:, stop:] = part.masked, True
+        sc = torch.zeros(R, L, dtype=torch.bool)
+        sc[:, start:stop] = part.scored
+        masked.append(m)
+        scored.append(sc)
+        weight.append(part.weight)
+        sample.append(part.sample if part.n_samples == n_samples else torch.full((R,), EVERY_SAMPLE))
+    return Plan(torch.cat(masked), torch.cat(scored), torch.cat(weight), torch.cat(sample), n_samples)
+
+
 def score_requests(model, requests: Sequence[Request], *, cfg_scales: Sequence[float] = (0.0,),
                    mode: str = "mc", mc_num: int = 128, batch_size: int = 32,
-                   mask_id: int | None = None) -> list[list[Estimate]]:
+                   mask_id: int | None = None, block_length: int | None = None) -> list[list[Estimate]]:
     """Score many requests at several cfg scales: result[request][scale] is an Estimate.
 
     Rows of different requests share forward batches (left-padded, with an attention mask, so
     padding changes nothing). Each request's mask draws depend only on its own seed.
+    For a block-diffusion model the bound is taken block by block (see the module docstring) with
+    `block_length` (default: 32, LLaDA2's).
     """
     if mc_num < 1 or batch_size < 1:
         raise ValueError(f"mc_num ({mc_num}) and batch_size ({batch_size}) must be positive")
-    if any(w < 0 for w in cfg_scales):
-        raise ValueError(f"cfg scales must be >= 0 (got {list(cfg_scales)}); 0 turns guidance off")
-    plans = [make_plan(mode, len(r.continuation), mc_num, batch_size, r.seed) for r in requests]
-    return score_plans(model, requests, plans, cfg_scales, batch_size, mask_id)
+    for w in cfg_scales:
+        check_cfg_scale(w)
+    block_length = scoring_block_length(model, block_length)
+    if block_length is None:
+        plans = [make_plan(mode, len(r.continuation), mc_num, batch_size, r.seed) for r in requests]
+    else:
+        plans = [blockwise_plan(mode, block_spans(len(r.context), len(r.continuation), block_length), mc_num,
+                                batch_size, r.seed) for r in requests]
+    return score_plans(model, requests, plans, cfg_scales, batch_size, mask_id, block_length)
+
+
+def scoring_block_length(model, given: int | None) -> int | None:
+    """The block length a model is scored with: None for LLaDA models (fully bidirectional)."""
+    if not is_block_diffusion(model):
+        if given is not None:
+            raise ValueError("block_length applies to block-diffusion (LLaDA2.x) models only")
+        return None
+    block_length = BlockOptions().block_length if given is None else given
+    if type(block_length) is not int or block_length < 1:
+        raise ValueError(f"block_length must be a positive integer (got {block_length!r})")
+    return block_length
 
 
 @torch.no_grad()
 def score_plans(model, requests: Sequence[Request], plans: Sequence[Plan], cfg_scales: Sequence[float],
-                batch_size: int, mask_id: int | None = None) -> list[list[Estimate]]:
-    """Run every plan's rows through the model, `batch_size` rows per forward (doubled under CFG)."""
+                batch_size: int, mask_id: int | None = None, block_length: int | None = None) -> list[list[Estimate]]:
+    """Run every plan's rows through the model, `batch_size` rows per forward (doubled under CFG);
+    with `block_length`, under the block-causal mask of that block length."""
     mask_id = resolve_mask_id(model, mask_id)
     limit = context_length(model)
     for r in requests:
@@ -146,13 +213,17 @@ def score_plans(model, requests: Sequence[Request], plans: Sequence[Plan], cfg_s
     rows = [(i, j) for i, p in enumerate(plans) for j in range(len(p.weight))]
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        values = _score_rows(model, [(requests[i], plans[i], j) for i, j in chunk], cfg_scales, mask_id)
+        values = _score_rows(model, [(requests[i], plans[i], j) for i, j in chunk], cfg_scales, mask_id, block_length)
         for (i, j), v in zip(chunk, values.T):
-            sums[i][:, plans[i].sample[j]] += v
+            sample = int(plans[i].sample[j])
+            if sample == EVERY_SAMPLE:
+                sums[i] += v[:, None]
+            else:
+                sums[i][:, sample] += v
     return [[_estimate(s) for s in per_scale] for per_scale in sums]
 
 
-def _score_rows(model, rows, cfg_scales: Sequence[float], mask_id: int) -> torch.Tensor:
+def _score_rows(model, rows, cfg_scales: Sequence[float], mask_id: int, block_length: int | None) -> torch.Tensor:
     """(S, B) weighted sums of log p over each row's scored positions, at every cfg scale.
 
     Rows are right-aligned so every continuation ends at the last column and the vocabulary
@@ -179,12 +250,16 @@ def _score_rows(model, rows, cfg_scales: Sequence[float], mask_id: int) -> torch
         scored[b, span - L:] = plan.scored[j]
         weight[b] = plan.weight[j]
     attention_mask = None if bool(attn.all()) else attn.to(device)
+    position_ids = None
+    if block_length is not None:   # block-causal over each row's own positions (padding never attended)
+        attention_mask, position_ids = padded_block_causal(attn.to(device), block_length)
     ids, prompt_index = ids.to(device), prompt_index.to(device)
     guided = any(w > 0 for w in cfg_scales) and bool(prompt_index.any())
     if guided:
         ids = torch.cat([ids, unconditional_canvas(ids, prompt_index, mask_id)])
         attention_mask = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
-    logits = forward_logits(model, ids, attention_mask, slice(width - span, width)).float()
+        position_ids = None if position_ids is None else torch.cat([position_ids, position_ids])
+    logits = forward_logits(model, ids, attention_mask, slice(width - span, width), position_ids=position_ids).float()
     cond, uncond = logits.chunk(2) if guided else (logits, logits)
     targets, scored = targets.to(device), scored.to(device)
     out = torch.empty(len(cfg_scales), B, dtype=torch.float64)
@@ -233,17 +308,45 @@ def chain_rule_loglikelihood(model, context_ids, continuation_ids, *, cfg_scale:
     return _score_one(model, context_ids, continuation_ids, plan, cfg_scale, batch_size, mask_id)
 
 
-def greedy_check(model, context_ids, continuation_ids, *, cfg_scale: float = 0.0,
-                 mask_id: int | None = None) -> bool:
-    """Would the sampler produce exactly this continuation? Temperature 0, one token per step."""
-    L = len(continuation_ids)
-    if L == 0:
-        return True
+def greedy_checks(model, requests: Sequence[Request], *, cfg_scale: float = 0.0, batch_size: int = 32,
+                  mask_id: int | None = None, block_length: int | None = None) -> list[bool]:
+    """For each request: would the sampler produce exactly its continuation? Temperature 0, one
+    token per step. Requests with the same continuation length share a batch (left-padded, which
+    leaves each row equal to its context run alone)."""
+    mask_id = resolve_mask_id(model, mask_id)
+    block_length = scoring_block_length(model, block_length)
     device = next(model.parameters()).device
-    prompt = torch.tensor([list(context_ids)], dtype=torch.long, device=device)
-    out = generate(model, prompt, steps=L, gen_length=L, block_length=L, temperature=0.0,
-                   cfg_scale=cfg_scale, mask_id=resolve_mask_id(model, mask_id))
-    return out[0, len(context_ids):].tolist() == list(continuation_ids)
+    result = [True] * len(requests)          # an empty continuation is trivially produced
+    by_length: dict[int, list[int]] = {}
+    for i, r in enumerate(requests):
+        if len(r.continuation):
+            by_length.setdefault(len(r.continuation), []).append(i)
+    for L, indices in by_length.items():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            ids, attention = left_pad([list(requests[i].context) for i in chunk], pad_id=0)
+            out = greedy_sample(model, ids.to(device), attention.to(device), L, cfg_scale, mask_id, block_length)
+            for row, i in enumerate(chunk):
+                result[i] = out[row, ids.shape[1]:].tolist() == list(requests[i].continuation)
+    return result
+
+
+def greedy_sample(model, ids: torch.Tensor, attention: torch.Tensor, L: int, cfg_scale: float, mask_id: int,
+                  block_length: int | None) -> torch.Tensor:
+    """The sampler at temperature 0, one token per step, L tokens: one block of L (LLaDA), or
+    blocks of `block_length` decoded one token per step (block diffusion)."""
+    if block_length is not None:
+        # gen_length >= block_length keeps the public step cap (gen_length // minimal_topk) above one
+        # token per step, where the canvas (whole blocks) still fits the context
+        limit, width = context_length(model), ids.shape[1]
+        longer = max(L, block_length)
+        fits = limit is None or -(-(width + longer) // block_length) * block_length <= limit
+        out = block_generate(model, ids, attention_mask=attention, gen_length=longer if fits else L,
+                             block_length=block_length, steps=block_length, threshold=None, cfg_scale=cfg_scale,
+                             mask_id=mask_id)
+        return out[:, :width + L]
+    return generate(model, ids, attention_mask=attention, steps=L, gen_length=L, block_length=L, temperature=0.0,
+                    cfg_scale=cfg_scale, mask_id=mask_id)
 
 
 def rolling_windows(n: int, max_len: int) -> list[tuple[int, int, int]]:
@@ -267,7 +370,7 @@ def rolling_windows(n: int, max_len: int) -> list[tuple[int, int, int]]:
 
 def document_bound(model, ids: Sequence[int], *, cfg_scale: float = 0.0, mode: str = "mc", mc_num: int = 128,
                    batch_size: int = 32, mask_id: int | None = None, seed: int = 0,
-                   max_len: int | None = None) -> Estimate:
+                   max_len: int | None = None, block_length: int | None = None) -> Estimate:
     """Whole-document bound (perplexity, lm-eval's loglikelihood_rolling): the sum of the window
     bounds of `rolling_windows`, like an AR model's rolling windows with truncated context.
     Guidance only acts on windows that have preceding text as context."""
@@ -276,7 +379,7 @@ def document_bound(model, ids: Sequence[int], *, cfg_scale: float = 0.0, mode: s
     requests = [Request(ids[c:s], ids[s:e], seed * 1_000_003 + k)
                 for k, (c, s, e) in enumerate(rolling_windows(len(ids), max_len))]
     scored = score_requests(model, requests, cfg_scales=[cfg_scale], mode=mode, mc_num=mc_num,
-                            batch_size=batch_size, mask_id=mask_id)
+                            batch_size=batch_size, mask_id=mask_id, block_length=block_length)
     parts = [per_scale[0] for per_scale in scored]
     return Estimate(sum(p.value for p in parts), math.sqrt(sum(p.stderr ** 2 for p in parts)),
                     sum(p.n for p in parts))

@@ -6,7 +6,7 @@ import argparse
 
 
 def register(subparsers) -> None:
-    from ..bench import MODES, SHAPES  # light: no model is built at import
+    from ..bench import BLOCK_MODES, MODES, SHAPES  # light: no model is built at import
 
     p = subparsers.add_parser(
         "bench", help="throughput of the sampling modes against the plain reference",
@@ -21,16 +21,21 @@ def register(subparsers) -> None:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--gen-length", type=int, default=256)
     p.add_argument("--block-length", type=int, default=32)
-    p.add_argument("--steps", type=int, help="sampling steps of the schedule modes (default: gen-length)")
+    p.add_argument("--steps", type=int, help="sampling steps of the schedule modes (default: gen-length; "
+                                             "for block-diffusion models steps per block, default block-length)")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance of the +cfg modes")
-    p.add_argument("--modes", nargs="+", choices=list(MODES),
-                   help="default: every mode; on a CPU, every mode but the CUDA-graph ones")
+    p.add_argument("--modes", nargs="+", choices=list(MODES) + list(BLOCK_MODES),
+                   help="default: every mode of the model's family; on a CPU, every mode but the CUDA-graph ones "
+                        "(block-diffusion models: the 'block ...' modes)")
     p.add_argument("--agreement", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the exact outputs to report token agreement (costs an exact run per guidance "
                         "scale and batch size; random weights make it of little meaning)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="default: float32 on the CPU, bfloat16 on a GPU")
+    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (or fp32, bf16, fp16); "
+                                   "default: float32 on the CPU, bfloat16 on a GPU")
+    p.add_argument("--quantize", metavar="int8",
+                   help="int8: time the modes with 8-bit linear weights (torchao), after measuring their logit "
+                        "error and token agreement against the unquantized weights (docs/quantize.md)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median), after one warm-up")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--suite", action="store_true",
@@ -71,6 +76,17 @@ def _is_gpu(device: str) -> bool:
     return not str(device).startswith("cpu")
 
 
+def bench_is_block_diffusion(model_dir: str | None, shape: str | None, device) -> bool:
+    """The family of what will be benched, known before any model is built."""
+    from ..bench import SHAPES
+    from ..sampling.blocks import BLOCK_DIFFUSION_LAYOUTS, is_block_checkpoint
+
+    checkpoint = bench_model_dir(model_dir, shape, device)
+    if checkpoint is not None:
+        return is_block_checkpoint(checkpoint)
+    return SHAPES[shape or default_shape(device)].layout in BLOCK_DIFFUSION_LAYOUTS
+
+
 def load_bench_model(model_dir: str | None, shape: str | None, device: str, dtype):
     """(model, name): the checkpoint, else the bundled model (CPU), else random weights of a shape."""
     from ..bench import SHAPES, random_model
@@ -81,6 +97,18 @@ def load_bench_model(model_dir: str | None, shape: str | None, device: str, dtyp
         return load_model(checkpoint, dtype=dtype, device=device), str(checkpoint)
     shape = shape or default_shape(device)
     return random_model(SHAPES[shape], device, dtype), f"random {shape}"
+
+
+def quantize_for_bench(model, cfg, quantize: str):
+    """(quantized model, its error against `model`): a copy is quantized and compared; the caller then
+    drops `model` (both are held for the comparison: 1.5× the bf16 bytes)."""
+    import copy
+
+    from ..bench import quantization_error
+    from ..models import quantize_model
+
+    quantized = quantize_model(copy.deepcopy(model), quantize)
+    return quantized, quantization_error(model, quantized, cfg)
 
 
 def load_suite_tokenizer(args):
@@ -100,17 +128,29 @@ def run(args) -> int:
     import torch
 
     from ..bench import BenchConfig, bench_meta, default_modes, run_bench, table_header, write_outputs
+    from ..models.placement import resolve_device, resolve_dtype
+    from ..models.quantize import check_quantize
 
-    tokenizer = load_suite_tokenizer(args) if args.suite else None
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
-    model, name = load_bench_model(args.model, args.shape, args.device, dtype)
+    check_quantize(args.quantize)
+    device = resolve_device(args.device)
+    block = bench_is_block_diffusion(args.model, args.shape, device)
     cfg = BenchConfig(batch_sizes=args.batch_sizes, prompt_len=args.prompt_len, gen_length=args.gen_length,
                       block_length=args.block_length, steps=args.steps, cfg_scale=args.cfg_scale,
-                      repeats=args.repeats, modes=args.modes or default_modes(args.device), seed=args.seed,
+                      repeats=args.repeats, modes=args.modes or default_modes(device, block), seed=args.seed,
                       agreement=args.agreement,
-                      suite_items=args.suite_items if args.suite else 0)
-    meta = bench_meta(model, cfg, name, dtype)
+                      suite_items=args.suite_items if args.suite else 0).check(device, block)
+    tokenizer = load_suite_tokenizer(args) if args.suite else None
+    dtype = resolve_dtype(args.dtype) or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    model, name = load_bench_model(args.model, args.shape, device, dtype)
+    error = None
+    if args.quantize:
+        model, error = quantize_for_bench(model, cfg, args.quantize)
+    meta = bench_meta(model, cfg, name, dtype, args.quantize, error)
     print(f"unmask bench: {name}, {meta['parameters']:,} parameters, {meta['dtype']} on {meta['device']}")
+    if args.quantize:
+        from ..bench import format_quantization_error
+
+        print(format_quantization_error(error, args.quantize, dtype))
     if args.suite:
         print(f"suite: {args.suite_items} items each of world_cloze and world_mc per mode, by generation")
     print(table_header(args.suite))

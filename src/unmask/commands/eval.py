@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from .generate import add_model_args
+from .generate import add_model_args, model_placement
 
 DEFAULT_SCALES = (0.0, 1.0)
 
@@ -37,6 +37,7 @@ def register(sub) -> None:
 def parse_scales(values: list[str] | None) -> tuple[tuple[float, ...], bool]:
     """(scales, auto) from --cfg-scale: numbers, or 'auto' optionally followed by the grid."""
     from ..eval.runner import AUTO_GRID
+    from ..sampling.options import check_cfg_scale
 
     if not values:
         return DEFAULT_SCALES, False
@@ -46,8 +47,8 @@ def parse_scales(values: list[str] | None) -> tuple[tuple[float, ...], bool]:
         scales = tuple(float(v) for v in numbers)
     except ValueError:
         raise ValueError(f"--cfg-scale takes numbers or 'auto' followed by numbers, got {' '.join(values)}") from None
-    if any(w < 0 for w in scales):
-        raise ValueError("cfg scales must be >= 0 (0 turns guidance off)")
+    for w in scales:
+        check_cfg_scale(w)
     return (scales or AUTO_GRID) if auto else scales, auto
 
 
@@ -70,9 +71,10 @@ def run_eval(args) -> int:
     tasks = [get_task(n.strip()) for n in names if n.strip()]
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be >= 1")
-    _init_distributed(args.device)
-    model, tokenizer = unmask.load(args.model, dtype=args.dtype, device=args.device,
-                                   trust_remote_code=args.trust_remote_code)
+    device, dtype = model_placement(args)
+    _init_distributed(device.type)
+    model, tokenizer = unmask.load(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code,
+                                   quantize=args.quantize)
     config = EvalConfig(cfg_scales=scales, auto=auto, mode=mode, mc_num=args.mc_num,
                         batch_size=args.batch_size, seed=args.seed, limit=args.limit,
                         dev_fraction=args.dev_fraction)
@@ -80,7 +82,7 @@ def run_eval(args) -> int:
     if rank_and_world()[0] == 0:
         meta = {"model": str(args.model or "bundled"), "cfg_scales": list(scales), "auto": auto,
                 "mode": mode, "mc_num": args.mc_num, "seed": args.seed, "limit": args.limit,
-                "world_size": rank_and_world()[1]}
+                "world_size": rank_and_world()[1], "quantize": args.quantize}
         json_path, md_path = write_report(results, args.out, meta)
         print(markdown_table(results))
         print(f"\nwrote {json_path} and {md_path}")

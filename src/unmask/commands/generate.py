@@ -5,45 +5,93 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..sampling.blocks import is_block_checkpoint
+from ..sampling.options import CACHE_MODES
+from ..sampling.remasking import REMASKING_RULES
+
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory, or a training run directory (its latest checkpoint); "
+                        "default: the bundled model")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: %(default)s)")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
+    p.add_argument("--dtype", default=None,
+                   help="float32 | bfloat16 | float16 (or fp32, bf16, fp16); default: float32 on CPU, bfloat16 on GPU")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="load an unknown architecture with the checkpoint's own modeling code")
+    p.add_argument("--quantize", default=None, metavar="int8",
+                   help="int8: 8-bit linear weights via torchao (pip install \"unmask[quant]\"; docs/quantize.md)")
+
+
+def model_placement(args):
+    """(device, dtype) from --device/--dtype, checked (with --quantize) before any weights are read."""
+    from ..models.placement import resolve_device, resolve_dtype
+    from ..models.quantize import check_quantize
+
+    check_quantize(args.quantize)
+    return resolve_device(args.device), resolve_dtype(args.dtype)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, gen_length: int = 64) -> None:
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen-length)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: gen-length); for LLaDA2.x models, steps per block (default: 32)")
     p.add_argument("--gen-length", type=int, default=gen_length, help="tokens to generate (default: %(default)s)")
-    p.add_argument("--block-length", type=int, default=None, help="default: gen-length (one block)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
-    p.add_argument("--cfg-scale", type=float, default=0.0, help="unsupervised CFG weight w (default: %(default)s, off)")
-    p.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random", "margin", "entropy"],
-                   help="which positions to commit each step (default: %(default)s)")
+    p.add_argument("--block-length", type=int, default=None,
+                   help="default: gen-length (one block); for LLaDA2.x models 32")
+    p.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: 0)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="unsupervised CFG weight w (default: 0, off)")
+    p.add_argument("--remasking", default=None, choices=list(REMASKING_RULES),
+                   help="which positions to commit each step (default: low_confidence)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     fast = p.add_argument_group("fast sampling (opt-in approximations; docs/fast-sampling.md)")
-    fast.add_argument("--cache", choices=["prefix", "dual"], default=None, help="approximate KV cache")
+    fast.add_argument("--cache", choices=list(CACHE_MODES), default=None, help="approximate KV cache")
     fast.add_argument("--cache-refresh", type=int, default=None,
                       help="also refresh the cache every N steps inside a block (default: at block starts only)")
     fast.add_argument("--threshold", type=float, default=None,
-                      help="parallel decoding: commit every position scoring >= this (steps is then unused)")
+                      help="parallel decoding: commit every position scoring >= this (steps is then unused); "
+                           "for LLaDA2.x models the public threshold rule (default: 0.95)")
     fast.add_argument("--factor", type=float, default=None, help="parallel decoding by Fast-dLLM's factor rule")
     fast.add_argument("--reuse-uncond", action="store_true",
-                      help="with --cache and --cfg-scale: run the unconditional branch only at cache refreshes")
+                      help="with --cache and --cfg-scale: run the unconditional branch only at cache refreshes "
+                           "(LLaDA2.x: once per block)")
     fast.add_argument("--cuda-graph", action="store_true", help="with --cache dual on a GPU: replay each step as a CUDA graph")
+    block = p.add_argument_group("block diffusion (LLaDA2.x models only; docs/block-diffusion.md)")
+    block.add_argument("--minimal-topk", type=int, default=None, help="caps steps at gen-length / this (default: 1)")
+    block.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (temperature > 0)")
+    block.add_argument("--top-p", type=float, default=None, help="sample within this probability mass (temperature > 0)")
+    block.add_argument("--no-eos-early-stop", dest="eos_early_stop", action="store_false",
+                       help="finish the block that holds the EOS instead of stopping once the text before it is "
+                            "decoded (the text is the same; early stop only saves steps)")
 
 
-def sampling_kwargs(args) -> dict:
+def sampling_options(args, block_diffusion: bool = False):
+    """The sampler's options from the flags, checked before any model is loaded. Unset flags take
+    the family's documented defaults; a value given is never replaced, and a flag of the other
+    family is an error."""
+    from ..sampling import check_seed
+    from ..sampling.options import options_for
+
+    check_seed(args.seed)
+    given = dict(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
+                 temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking, cache=args.cache,
+                 cache_refresh=args.cache_refresh, threshold=args.threshold, factor=args.factor,
+                 reuse_uncond=args.reuse_uncond or None, cuda_graph=args.cuda_graph or None,
+                 minimal_topk=args.minimal_topk, top_k=args.top_k, top_p=args.top_p)
+    if not block_diffusion:   # the CLI's defaults: one step per token, one block
+        given["steps"] = args.gen_length if args.steps is None else args.steps
+        given["block_length"] = args.gen_length if args.block_length is None else args.block_length
+    return options_for(block_diffusion, device=args.device, **given)
+
+
+def sampling_kwargs(options, args, block_diffusion: bool = False) -> dict:
+    """Sampler keyword arguments: the options, a generator seeded from --seed, and for LLaDA2.x
+    models the EOS early stop."""
     import torch
 
-    block = args.block_length or args.gen_length
-    return dict(steps=args.steps or args.gen_length, gen_length=args.gen_length, block_length=block,
-                temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking,
-                generator=torch.Generator(args.device).manual_seed(args.seed), cache=args.cache,
-                cache_refresh=args.cache_refresh or "block", threshold=args.threshold, factor=args.factor,
-                reuse_uncond=args.reuse_uncond, cuda_graph=args.cuda_graph)
+    kwargs = dict(options.kwargs(), generator=torch.Generator(args.device).manual_seed(args.seed))
+    if block_diffusion:
+        kwargs["eos_early_stop"] = args.eos_early_stop
+    return kwargs
 
 
 def register(sub) -> None:
@@ -79,12 +127,15 @@ def run_generate(args) -> int:
     from unmask.sampling.text import generate_text
 
     prompt = read_prompt(args)
-
-    model, tokenizer = unmask.load(args.model, dtype=args.dtype, device=args.device,
-                                   trust_remote_code=args.trust_remote_code)
-    kwargs = sampling_kwargs(args)
+    block = is_block_checkpoint(args.model)
+    options = sampling_options(args, block)
+    device, dtype = model_placement(args)
+    model, tokenizer = unmask.load(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code,
+                                   quantize=args.quantize)
+    kwargs = sampling_kwargs(options, args, block)
+    steps = None if block or options.parallel else options.steps   # parallel decoding: as many as it takes
     kwargs["callback"] = (TerminalAnimation(tokenizer, model.config.mask_token_id) if args.show_steps
-                          else StepProgress(kwargs["steps"]))
+                          else StepProgress(steps))
     [text] = generate_text(model, tokenizer, [prompt], chat=args.chat, **kwargs)
     kwargs["callback"].close()
     print(text if args.chat else prompt + text)
@@ -95,8 +146,11 @@ def run_chat(args) -> int:
     import unmask
     from unmask.sampling.text import generate_text
 
-    model, tokenizer = unmask.load(args.model, dtype=args.dtype, device=args.device,
-                                   trust_remote_code=args.trust_remote_code)
+    block = is_block_checkpoint(args.model)
+    options = sampling_options(args, block)
+    device, dtype = model_placement(args)
+    model, tokenizer = unmask.load(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code,
+                                   quantize=args.quantize)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("unmask chat — empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
@@ -107,7 +161,7 @@ def run_chat(args) -> int:
         if not user:
             return 0
         messages.append({"role": "user", "content": user})
-        [reply] = generate_text(model, tokenizer, [messages], **sampling_kwargs(args))
+        [reply] = generate_text(model, tokenizer, [messages], **sampling_kwargs(options, args, block))
         print(f"model> {reply}")
         messages.append({"role": "assistant", "content": reply})
 
@@ -115,7 +169,7 @@ def run_chat(args) -> int:
 class StepProgress:
     """A tqdm bar over denoising steps (rate and ETA), on stderr."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int | None):
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, unit="step", leave=False, file=sys.stderr, disable=None)
@@ -132,8 +186,8 @@ class TerminalAnimation:
 
     DIM, BOLD, RESET = "\x1b[2m", "\x1b[1m", "\x1b[0m"
 
-    def __init__(self, tokenizer, mask_id: int, stream=sys.stderr):
-        self.tokenizer, self.mask_id, self.stream = tokenizer, mask_id, stream
+    def __init__(self, tokenizer, mask_id: int, stream=None):
+        self.tokenizer, self.mask_id, self.stream = tokenizer, mask_id, stream or sys.stderr
         self.stream.write("\x1b7")  # remember where the frame starts
 
     def __call__(self, state) -> None:

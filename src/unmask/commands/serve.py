@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
 
 
 def register(subparsers) -> None:
@@ -15,60 +17,125 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="weights dtype (default: float32 on cpu, bfloat16 elsewhere)")
+    p.add_argument("--quantize", default=None, metavar="int8",
+                   help="int8: 8-bit linear weights via torchao (pip install \"unmask[quant]\"; docs/quantize.md)")
     p.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--default-max-tokens", type=int, default=64, help="max_tokens when a request gives none")
-    p.add_argument("--block-length", type=int, default=32, help="preferred block length when a request gives none")
-    p.add_argument("--steps", type=int, default=None, help="default steps (default: one per generated token)")
+    p.add_argument("--block-length", type=int, default=32,
+                   help="preferred block length when a request gives none; for LLaDA2.x models the block length")
+    p.add_argument("--steps", type=int, default=None,
+                   help="default steps (default: one per generated token); for LLaDA2.x models steps per block "
+                        "(default: 32)")
     p.add_argument("--cfg-scale", type=float, default=0.0, help="default guidance scale w (0 = off)")
     p.add_argument("--temperature", type=float, default=0.0, help="default temperature")
-    p.add_argument("--remasking", default="low_confidence", help="default remasking rule")
+    p.add_argument("--remasking", default=None,
+                   help="default remasking rule (default: low_confidence; LLaDA models only)")
+    p.add_argument("--cache", choices=["prefix", "dual"], default=None,
+                   help="default approximate KV cache (default: off, or dual with --cuda-graph; LLaDA models only)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="on a GPU, replay dual-cache steps as CUDA graphs; batches are padded to a few fixed shapes "
+                        "(LLaDA models only)")
     p.add_argument("--max-batch-size", type=int, default=16, help="most requests generated together")
     p.add_argument("--batch-window-ms", type=float, default=10.0, help="how long an idle server waits for batch-mates")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="larger request bodies are refused (413)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/*; when not given, $UNMASK_API_KEY if set")
+    p.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
+                   help="web origins allowed to call the API from a browser (CORS), e.g. https://app.example")
+    p.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="on SIGTERM/Ctrl-C, seconds to let accepted requests finish before ending them")
     p.set_defaults(func=serve)
 
     p = subparsers.add_parser("loadtest", help="send concurrent chat requests to a server and report latency",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
-    p.add_argument("--requests", type=int, default=64, help="total requests (at most 10000)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[8],
+                   help="requests in flight at once; several values run one test each, one table row per value")
+    p.add_argument("--requests", type=int, default=64, help="requests per concurrency (at most 10000)")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="requests sent first at each concurrency and not counted (e.g. while CUDA graphs are captured)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--prompt", default="Tell me about the river.")
     p.add_argument("--stream", action="store_true", help="stream responses (also reports time to first text)")
-    p.add_argument("--duration", type=float, default=120.0, help="stop sending after this many seconds")
+    p.add_argument("--duration", type=float, default=120.0, help="stop sending after this many seconds (per concurrency)")
     p.add_argument("--allow-remote", action="store_true", help="allow a URL that is not loopback")
+    p.add_argument("--api-key", default=None, help="the server's API key; when not given, $UNMASK_API_KEY if set")
     p.set_defaults(func=loadtest)
 
 
 def serve(args) -> int:
+    """Check every setting (under the rules of the checkpoint's family) and bind the port, then load
+    the model, then serve until a signal drains it."""
     from pathlib import Path
 
     import torch
-    import uvicorn
 
     from .. import load
+    from ..models.placement import resolve_device, resolve_dtype
+    from ..models.quantize import check_quantize
     from ..serve import ServeConfig, create_app
+    from ..serve.lifecycle import bind, run
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load(args.model, dtype=args.dtype, device=device)
+    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = args.served_model_name or (Path(args.model).resolve().name if args.model else "unmask")
+    api_key = _api_key(args)
     config = ServeConfig(model_name=name, max_tokens_limit=args.max_tokens_limit,
                          default_max_tokens=args.default_max_tokens, block_length=args.block_length,
                          steps=args.steps, cfg_scale=args.cfg_scale, temperature=args.temperature,
-                         remasking=args.remasking, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                         batch_window_ms=args.batch_window_ms, timeout_s=args.timeout)
-    print(f"unmask serve: model {name!r} on {device}; open http://{args.host}:{args.port}/ for the live view")
-    uvicorn.run(create_app(model, tokenizer, config), host=args.host, port=args.port, log_level="info",
-                timeout_graceful_shutdown=10)
+                         remasking=args.remasking, cache=args.cache, cuda_graph=args.cuda_graph,
+                         max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                         batch_window_ms=args.batch_window_ms, timeout_s=args.timeout,
+                         max_body_bytes=args.max_body_bytes, api_key=api_key,
+                         allowed_origins=tuple(args.allowed_origins),
+                         shutdown_grace_s=args.shutdown_grace).check(_is_block_checkpoint(args.model), device)
+    dtype = resolve_dtype(args.dtype)
+    quantize = check_quantize(args.quantize)
+    sock = bind(args.host, args.port)
+    model, tokenizer = load(args.model, dtype=dtype, device=device, quantize=quantize)
+    app = create_app(model, tokenizer, config)
+    family = " (block diffusion)" if app.state.server.block_diffusion else ""
+    print(f"unmask serve: model {name!r}{family} on {device}; open http://{args.host}:{args.port}/ for the live view",
+          flush=True)
+    if api_key is None and not _is_loopback(args.host):
+        print(f"unmask serve: warning: {args.host} is reachable from other machines and no --api-key is set",
+              flush=True)
+    run(app, sock, config.shutdown_grace_s)
     return 0
 
 
-def loadtest(args) -> int:
-    from ..serve.loadtest import LoadTest, run_loadtest
+def _is_block_checkpoint(path) -> bool:
+    """Whether the checkpoint is a block-diffusion (LLaDA2.x) model, from its config alone, so the
+    flags are checked under its family's rules before the load; a checkpoint that cannot be read
+    counts as LLaDA here (the load then says what is wrong with it)."""
+    from ..models import CheckpointError
+    from .generate import is_block_checkpoint
 
-    report = run_loadtest(LoadTest(url=args.url, concurrency=args.concurrency, requests=args.requests,
-                                   max_tokens=args.max_tokens, prompt=args.prompt, stream=args.stream,
-                                   duration_s=args.duration, allow_remote=args.allow_remote))
-    print(report.format())
-    return 0 if report.errors == 0 else 1
+    try:
+        return is_block_checkpoint(path)
+    except CheckpointError:
+        return False
+
+
+def _api_key(args) -> str | None:
+    """--api-key, else $UNMASK_API_KEY (which keeps the key out of the process list), else none."""
+    return args.api_key if args.api_key is not None else os.environ.get("UNMASK_API_KEY") or None
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def loadtest(args) -> int:
+    from ..serve.loadtest import LoadTest, format_levels, run_levels
+
+    reports = run_levels(LoadTest(url=args.url, requests=args.requests, max_tokens=args.max_tokens,
+                                  prompt=args.prompt, stream=args.stream, duration_s=args.duration,
+                                  allow_remote=args.allow_remote, api_key=_api_key(args), warmup=args.warmup),
+                         args.concurrency)
+    print(reports[0].format() if len(reports) == 1 else format_levels(reports))
+    return 0 if all(r.errors == 0 for r in reports) else 1

@@ -71,7 +71,18 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    import errno
+
+    from ..cli import UserError
     from ..train.trainer import train
 
-    result = train(config_from_args(args))
+    config = config_from_args(args)
+    try:
+        result = train(config)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise UserError(f"no space left on device while writing {e.filename or config.out_dir}; checkpoints are "
+                        "written to a temporary directory and renamed, so the last complete one is intact: free "
+                        "space, then rerun with --resume") from None
     return 130 if result.interrupted else 0

@@ -57,7 +57,7 @@ import os
 import random
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Iterable
 
 # ---------------------------------------------------------------------------
 # Word lists (fixed order: determinism depends on it)

@@ -20,8 +20,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..likelihood import Request, greedy_check, score_requests
-from ..sampling.generate import context_length
+from ..likelihood import Request, greedy_checks, score_requests
+from ..sampling.options import context_length
 from .encoding import encode_pair
 from .tasks import Item, Task, load_items
 
@@ -91,7 +91,7 @@ def score_item(model, tokenizer, task: Task, item: Item, index: int, scales: lis
     estimates = score_requests(model, requests, cfg_scales=scales, mode=config.mode, mc_num=config.mc_num,
                                batch_size=config.batch_size)
     loglik = [[est[s].value for est in estimates] for s in range(len(scales))]
-    greedy = [greedy_check(model, *pairs[item.gold], cfg_scale=w) for w in scales] if task.kind == "cloze" else []
+    greedy = [greedy_checks(model, [requests[item.gold]], cfg_scale=w)[0] for w in scales] if task.kind == "cloze" else []
     return ItemScore(index, loglik, greedy)
 
 

@@ -1,14 +1,15 @@
 """The masked-diffusion transformer, read top to bottom.
 
-One network covers both public LLaDA layouts: a pre-norm Llama-style stack with *bidirectional*
+One network covers the public LLaDA layouts: a pre-norm Llama-style stack with *bidirectional*
 attention (no causal mask: every position sees every other, which is what lets one network learn
-every conditional of the data), rotary positions, SwiGLU MLPs, and optionally (LLaDA-MoE) per-head
-q/k RMSNorm and mixture-of-experts MLPs. Projections are fused (q|k|v, gate|up) and experts are
-stacked so a forward pass is a handful of large matmuls; `layouts.py` maps the public checkpoints'
-separate tensors into these fused ones.
+every conditional of the data), rotary positions, SwiGLU MLPs, and optionally (LLaDA-MoE, LLaDA2)
+per-head q/k RMSNorm and mixture-of-experts MLPs. LLaDA2 adds partial RoPE, a head width of its own,
+sigmoid group-limited routing, and is trained block-causal: that is only a mask, passed by the caller.
+Projections are fused (q|k|v, gate|up) and experts are stacked so a forward pass is a handful of
+large matmuls; `layouts.py` maps the public checkpoints' separate tensors into these fused ones.
 
-The call convention is Hugging Face's, `model(input_ids, attention_mask=None).logits`, so code
-written for the public LLaDA checkpoints runs unchanged. Two extras serve the fast sampler:
+The call convention is Hugging Face's, `model(input_ids, attention_mask=None, position_ids=None).logits`,
+so code written for the public LLaDA checkpoints runs unchanged. Two extras serve the fast samplers:
 `kv_cache` + `cache_start` run only a slice of the canvas against cached keys/values of the rest,
 and `logits_slice` computes the (large) vocabulary projection only where it is needed.
 """
@@ -44,13 +45,14 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed sin of shape (B, 1, T, head_dim) in float32 for integer positions (B, T).
+def rope_tables(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin of shape (B, 1, T, dim) in float32 for integer positions (B, T).
 
-    The sin table's first half is negated, so the rotation is one multiply-add with the halves
-    swapped (`apply_rope`), no negation per layer.
+    `dim` is the number of rotated dims (the head width, or less with a partial RoPE); frequencies
+    are theta^(−2i/dim). The sin table's first half is negated, so the rotation is one multiply-add
+    with the halves swapped (`apply_rope`), no negation per layer.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim))
     freqs = positions.float()[..., None] * inv_freq
     return torch.cat((freqs, freqs), dim=-1)[:, None].cos(), torch.cat((-freqs, freqs), dim=-1)[:, None].sin()
 
@@ -59,9 +61,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate (B, H, T, D) by the half-split convention of LLaDA/OLMo, in float32.
 
     With x = (x1, x2): (x1·cos − x2·sin, x2·cos + x1·sin); `sin` carries the sign of the first half.
+    A partial RoPE (tables narrower than D, LLaDA2) rotates the first dims this way (dim j pairs with
+    j + rot/2) and passes the rest through.
     """
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :rot], cos, sin), x[..., rot:]], dim=-1)
     h = x.float()
-    return torch.addcmul(h * cos, h.roll(h.shape[-1] // 2, dims=-1), sin).to(x.dtype)
+    return torch.addcmul(h * cos, h.roll(rot // 2, dims=-1), sin).to(x.dtype)
 
 
 class KVCache:
@@ -72,11 +79,14 @@ class KVCache:
     the prefix cache (slice = current block to the end) and the dual cache (slice = current block).
     The first pass allocates the buffers; later passes, full-canvas refreshes included, write into
     them in place, so a cache kept across blocks keeps its storage (what a CUDA graph needs).
+    With a `capacity` the buffers are allocated at that width and filled as passes go (the block
+    sampler's cache grows block by block); columns not yet written must be masked out.
     """
 
-    def __init__(self, n_layers: int):
+    def __init__(self, n_layers: int, capacity: int | None = None):
         self.keys: list[torch.Tensor | None] = [None] * n_layers
         self.values: list[torch.Tensor | None] = [None] * n_layers
+        self.capacity = capacity   # columns to allocate; None: the first pass's width (the whole canvas)
 
     def update(self, layer: int, columns: slice | torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,9 +95,14 @@ class KVCache:
         Tensor columns write with `index_copy_`, which needs no host sync: the start of the slice
         can then change between replays of a captured graph.
         """
+        if self.keys[layer] is None and self.capacity is not None:
+            B, H, _, D = k.shape
+            self.keys[layer] = k.new_zeros(B, H, self.capacity, D)
+            self.values[layer] = v.new_zeros(B, H, self.capacity, D)
         if self.keys[layer] is None:
             if not isinstance(columns, slice) or columns.start != 0:
-                raise ValueError("the first forward pass with an empty KVCache must cover the whole canvas")
+                raise ValueError("the first forward pass with an empty KVCache must cover the whole canvas "
+                                 "(or give the cache a capacity)")
             self.keys[layer], self.values[layer] = k.clone(), v.clone()
         elif isinstance(columns, slice):
             self.keys[layer][:, :, columns] = k
@@ -117,9 +132,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        kv_dim = cfg.n_kv_heads * cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * kv_dim, bias=False)
-        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim  # q_dim ≠ d_model in LLaDA2
+        self.qkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=False)
+        self.out = nn.Linear(q_dim, cfg.d_model, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
@@ -127,7 +142,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.qkv(x)
-        if self.q_norm is not None:  # LLaDA-MoE normalises each head before the rotation
+        if self.q_norm is not None:  # LLaDA-MoE and LLaDA2 normalise each head before the rotation
             qk = torch.cat([self.q_norm(qkv[..., :H * D].view(B, T, H, D)),
                             self.k_norm(qkv[..., H * D:(H + H_kv) * D].view(B, T, H_kv, D))], dim=2)
         else:  # q and k are adjacent in the fused projection's output: one view, one rotation
@@ -154,7 +169,7 @@ class SwiGLU(nn.Module):
 
 
 class MoE(nn.Module):
-    """Softmax router, top-k experts, optional renormalisation and shared expert (OLMoE/LLaDA-MoE).
+    """Routed top-k experts plus an optional shared expert (OLMoE/LLaDA-MoE, LLaDA2); see `route`.
 
     Experts are stacked tensors. Token-expert pairs are sorted by expert so each expert runs one
     matmul over all its tokens (grouped), never a loop over tokens; the pairs are put back in token
@@ -165,6 +180,8 @@ class MoE(nn.Module):
         super().__init__()
         E, H, D = cfg.n_experts, cfg.expert_hidden_size, cfg.d_model
         self.top_k, self.norm_topk_prob = cfg.experts_per_token, cfg.norm_topk_prob
+        self.sigmoid, self.routed_scale = cfg.router == "sigmoid", cfg.routed_scale
+        self.n_groups, self.topk_groups = cfg.n_groups, cfg.topk_groups
         self.router = nn.Linear(D, E, bias=False)
         self.w_gate = nn.Parameter(torch.empty(E, H, D))
         self.w_up = nn.Parameter(torch.empty(E, H, D))
@@ -176,13 +193,34 @@ class MoE(nn.Module):
         self.shared = SwiGLU(D, cfg.shared_expert_hidden_size) if cfg.shared_expert_hidden_size else None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = F.softmax(self.router(x), dim=-1, dtype=torch.float32)
-        if self.expert_bias is not None:
-            scores = scores + self.expert_bias
-        weights, experts = torch.topk(scores, self.top_k, dim=-1)
+        """Combine weights and expert ids, (N, top_k) each, for tokens x (N, D), as each public code routes.
+
+        Scores: a softmax over the router logits (LLaDA-MoE), or independent sigmoids of logits computed
+        in float32 (LLaDA2, after DeepSeek-V3). The expert bias, a load-balancing correction, is added
+        to the scores to choose experts; LLaDA-MoE's code also weighs by the biased scores, LLaDA2's
+        weighs by the unbiased ones. With groups only the best groups compete (`_best_groups`). The
+        weights are renormalised to sum to 1 if norm_topk_prob, then scaled by routed_scale.
+        """
+        if self.sigmoid:
+            scores = torch.sigmoid(F.linear(x.float(), self.router.weight.float()))
+        else:
+            scores = F.softmax(self.router(x), dim=-1, dtype=torch.float32)
+        biased = scores if self.expert_bias is None else scores + self.expert_bias
+        experts = torch.topk(self._best_groups(biased), self.top_k, dim=-1).indices
+        weights = (scores if self.sigmoid else biased).gather(-1, experts)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights.to(x.dtype), experts
+        return (weights * self.routed_scale).to(x.dtype), experts
+
+    def _best_groups(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores (N, E) with every expert outside the topk_groups best of n_groups contiguous groups at −inf;
+        a group scores the sum of its two best experts."""
+        if self.topk_groups == self.n_groups:
+            return scores
+        groups = scores.view(scores.shape[0], self.n_groups, -1)
+        best = groups.topk(2, dim=-1).values.sum(-1).topk(self.topk_groups, dim=-1).indices
+        kept = torch.zeros(groups.shape[:2], dtype=torch.bool, device=scores.device).scatter_(1, best, True)
+        return groups.masked_fill(~kept[..., None], float("-inf")).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -272,18 +310,25 @@ class MaskedDiffusionLM(nn.Module):
     ) -> MaskedLMOutput:
         """Logits for `input_ids` (B, T).
 
-        attention_mask: (B, T_total) with 1 for real tokens and 0 for padding; padding is never
-        attended to. Positions then count real tokens only, so a left-padded prompt sees the same
-        positions as the prompt alone. Or a boolean (B, 1, T, T_total) mask, True where a query may
-        attend to a key (training on packed documents that only see themselves); positions then
-        come from `position_ids`, or count from 0 across the canvas. With `kv_cache`, `input_ids`
-        is the slice of the canvas that starts at `cache_start`, and attention_mask still covers
-        the whole canvas. A 0-dim tensor
-        `cache_start` makes the pass free of host syncs (for CUDA graphs); an int slices.
+        attention_mask: None attends everywhere (fully bidirectional). (B, T_total) with 1 for real
+        tokens and 0 for padding: padding is never attended to, and positions count real tokens only,
+        so a left-padded prompt sees the same positions as the prompt alone. Or a 4D (B or 1, 1, T,
+        T_total) mask, as LLaDA2's block-causal attention and packed documents need: boolean, True
+        where a query may attend to a key, or additive float of any dtype, 0 where it may and −inf
+        (or a large negative such as Hugging Face's finfo.min) where it may not, added to the scores
+        as the public code does (cast to the model's dtype, which SDPA requires: a bfloat16 mask for
+        a float32 model is exact, and a float32 finfo.min becomes −inf in 16-bit, still blocking).
+        position_ids: (B or 1, T) positions of `input_ids`; by default they count from 0 across the
+        canvas (or real tokens, with a 2D mask). With `kv_cache`, `input_ids` is the slice of the
+        canvas that starts at `cache_start`, and attention_mask still covers the whole canvas. A
+        0-dim tensor `cache_start` makes the pass free of host syncs (for CUDA graphs); an int slices.
         logits_slice: compute logits only for these positions of `input_ids`.
         """
         B, T = input_ids.shape
-        total = T if kv_cache is None or kv_cache.keys[0] is None else kv_cache.keys[0].shape[2]
+        if kv_cache is None:
+            total = T
+        else:
+            total = kv_cache.keys[0].shape[2] if kv_cache.keys[0] is not None else kv_cache.capacity or T
         if isinstance(cache_start, torch.Tensor):
             columns = cache_start + torch.arange(T, device=input_ids.device)
         else:
@@ -295,11 +340,15 @@ class MaskedDiffusionLM(nn.Module):
             else:
                 full = torch.arange(total, device=input_ids.device).expand(B, total)
             position_ids = full[:, columns]
-        cos, sin = rope_tables(position_ids, self.config.head_dim, self.config.rope_theta)
-        if attention_mask is None or pairwise:
-            key_mask = attention_mask
-        else:
+        cos, sin = rope_tables(position_ids, self.config.rotary_dim, self.config.rope_theta)
+        if attention_mask is None:
+            key_mask = None
+        elif not pairwise:
             key_mask = attention_mask.bool()[:, None, None, :]
+        elif attention_mask.is_floating_point():  # additive
+            key_mask = attention_mask.to(self.dtype)
+        else:
+            key_mask = attention_mask.bool()
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training:

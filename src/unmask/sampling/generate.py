@@ -37,9 +37,10 @@ import torch
 
 from ..models.transformer import KVCache
 from .cuda_graph import graphed
-from .guidance import branch_logits, forward_logits, guided_logits, is_native, mix_guidance
+from .guidance import branch_logits, forward_logits, guided_logits, mix_guidance
 from .noise import propose_tokens
-from .remasking import REMASKING_RULES, parallel_counts, select_top, token_confidence
+from .options import SamplerOptions
+from .remasking import parallel_counts, select_top, token_confidence
 from .schedule import transfer_schedule
 
 
@@ -75,64 +76,6 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def context_length(model) -> int | None:
-    cfg = getattr(model, "config", None)
-    for name in ("max_seq_len", "max_sequence_length", "max_position_embeddings"):
-        value = getattr(cfg, name, None)
-        if value:
-            return int(value)
-    return None
-
-
-def validate_request(model, prompt_length: int, steps: int, gen_length: int, block_length: int,
-                     temperature: float, cfg_scale: float, remasking: str, mask_id: int,
-                     parallel: bool = False) -> int | None:
-    """Check a request and return steps per block; every error says what to change.
-
-    With `parallel` (threshold/factor decoding) a block takes as many steps as it needs, so `steps`
-    is not used or checked and None is returned.
-    """
-    if gen_length <= 0 or block_length <= 0:
-        raise ValueError(f"gen_length ({gen_length}) and block_length ({block_length}) must be positive")
-    if gen_length % block_length:
-        raise ValueError(f"gen_length ({gen_length}) must be a multiple of block_length ({block_length}); "
-                         f"e.g. block_length={_largest_divisor_at_most(gen_length, block_length)}")
-    per_block = None if parallel else _steps_per_block(steps, gen_length, block_length)
-    if cfg_scale < 0:
-        raise ValueError(f"cfg_scale must be >= 0 (got {cfg_scale}); 0 turns guidance off")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (got {temperature})")
-    if remasking not in REMASKING_RULES:
-        raise ValueError(f"unknown remasking {remasking!r}: choose one of {', '.join(REMASKING_RULES)}")
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if vocab is not None and not 0 <= mask_id < vocab:
-        raise ValueError(f"mask_id {mask_id} is outside the model's vocabulary (0..{vocab - 1})")
-    limit = context_length(model)
-    if limit is not None and prompt_length + gen_length > limit:
-        raise ValueError(f"prompt ({prompt_length} tokens) + gen_length ({gen_length}) = "
-                         f"{prompt_length + gen_length} exceeds the model's context of {limit} tokens; "
-                         "shorten the prompt or lower gen_length")
-    return per_block
-
-
-def _steps_per_block(steps: int, gen_length: int, block_length: int) -> int:
-    if steps <= 0:
-        raise ValueError(f"steps ({steps}) must be positive")
-    num_blocks = gen_length // block_length
-    if steps % num_blocks:
-        raise ValueError(f"steps ({steps}) must be a multiple of the number of blocks "
-                         f"(gen_length / block_length = {num_blocks}); e.g. steps={max(num_blocks, steps // num_blocks * num_blocks)}")
-    per_block = steps // num_blocks
-    if per_block > block_length:
-        raise ValueError(f"{per_block} steps per block but only {block_length} tokens per block: the extra steps "
-                         f"would commit nothing; use steps <= {gen_length}")
-    return per_block
-
-
-def _largest_divisor_at_most(n: int, cap: int) -> int:
-    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
-
-
 def special_ids(model, name: str, given: int | None) -> int | None:
     return given if given is not None else getattr(getattr(model, "config", None), name, None)
 
@@ -155,36 +98,6 @@ def ended_rows(gen: torch.Tensor, mask_id: int, stop_ids: torch.Tensor) -> tuple
     first_stop = torch.where(is_stop, cols, L).min(1).values
     first_mask = torch.where(gen == mask_id, cols, L).min(1).values
     return (first_stop < L) & (first_mask > first_stop), first_stop
-
-
-CACHE_MODES = ("prefix", "dual")
-
-
-def validate_fast_options(model, prompt_masked: bool, cache: str | None, cache_refresh: str | int,
-                          threshold: float | None, factor: float | None, reuse_uncond: bool = False,
-                          cuda_graph: bool = False) -> None:
-    """Check the opt-in fast options (cache, parallel decoding, graphs); every error says what to change."""
-    if cache is not None:
-        if cache not in CACHE_MODES:
-            raise ValueError(f"unknown cache {cache!r}: choose None, 'prefix' or 'dual'")
-        if not is_native(model):
-            raise ValueError("cache= needs unmask's own model (models loaded with trust_remote_code run "
-                             "without a KV cache); use cache=None")
-        if prompt_masked:
-            raise ValueError("cache= treats the prompt as fixed: positions before the current block are "
-                             "served from the cache and never recomputed, so masks in the prompt "
-                             "(infilling) cannot be filled; use cache=None for infilling")
-    if not (cache_refresh == "block" or (isinstance(cache_refresh, int) and cache_refresh >= 1)):
-        raise ValueError(f"cache_refresh must be 'block' or a number of steps >= 1 (got {cache_refresh!r})")
-    if threshold is not None and factor is not None:
-        raise ValueError("pass threshold or factor, not both")
-    if factor is not None and factor <= 0:
-        raise ValueError(f"factor must be > 0 (got {factor}); Fast-dLLM uses about 1")
-    if reuse_uncond and cache is None:
-        raise ValueError("reuse_uncond keeps the unconditional logits of a cache refresh for the steps after it: "
-                         "it needs cache='prefix' or 'dual'")
-    if cuda_graph and cache != "dual":
-        raise ValueError("cuda_graph captures the dual cache's block step (a fixed shape): use it with cache='dual'")
 
 
 def compiled(model, backend: bool | str):
@@ -325,11 +238,13 @@ def generate(
     """
     if prompt.dim() == 1:
         prompt = prompt.unsqueeze(0)
+    options = SamplerOptions(steps=steps, gen_length=gen_length, block_length=block_length,
+                             temperature=temperature, cfg_scale=cfg_scale, remasking=remasking, cache=cache,
+                             cache_refresh=cache_refresh, threshold=threshold, factor=factor,
+                             reuse_uncond=reuse_uncond, cuda_graph=cuda_graph, compile=compile).check()
     mask_id = resolve_mask_id(model, mask_id)
     B, P = prompt.shape
-    parallel = threshold is not None or factor is not None
-    per_block = validate_request(model, P, steps, gen_length, block_length, temperature, cfg_scale,
-                                 remasking, mask_id, parallel=parallel)
+    parallel, per_block = options.parallel, options.steps_per_block
     device = prompt.device
     eos_token_id = special_ids(model, "eos_token_id", eos_token_id)
     eot_token_id = special_ids(model, "eot_token_id", eot_token_id)
@@ -346,8 +261,7 @@ def generate(
     else:
         valid = torch.ones_like(x, dtype=torch.bool)
     prompt_index = (x != mask_id) & valid
-    validate_fast_options(model, bool(((x[:, :P] == mask_id) & valid[:, :P]).any()), cache, cache_refresh,
-                          threshold, factor, reuse_uncond, cuda_graph)
+    options.check_for_model(model, P, mask_id, prompt_masked=bool(((x[:, :P] == mask_id) & valid[:, :P]).any()))
     suppressed = torch.tensor(suppress_tokens or [], dtype=torch.long, device=device)
     runner = graphed(model, compiled(model, compile)) if cuda_graph else compiled(model, compile)
     if cuda_graph:  # the graphs' caches live across blocks and calls

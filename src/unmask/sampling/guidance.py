@@ -53,7 +53,8 @@ def is_native(model) -> bool:
 
 
 def forward_logits(model, x: torch.Tensor, attention_mask: torch.Tensor | None,
-                   logits_slice: slice | None = None, kv_cache=None, span: slice | None = None) -> torch.Tensor:
+                   logits_slice: slice | None = None, kv_cache=None, span: slice | None = None,
+                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """`model(x).logits[:, logits_slice]`, asking native models to compute only that slice.
 
     With `kv_cache` (native models only) the model runs on `x[:, span]` against the cache; the
@@ -61,8 +62,9 @@ def forward_logits(model, x: torch.Tensor, attention_mask: torch.Tensor | None,
     A torch.compile'd model computes the logits of every column it runs and they are sliced here:
     a slice that moves from step to step would recompile the graph.
     """
+    extra = {} if position_ids is None else {"position_ids": position_ids}   # used without a span only
     if not is_native(model):
-        kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+        kwargs = extra if attention_mask is None else {"attention_mask": attention_mask, **extra}
         logits = model(x, **kwargs).logits
         return logits if logits_slice is None else logits[:, logits_slice]
     start = 0 if span is None else span.start
@@ -70,6 +72,7 @@ def forward_logits(model, x: torch.Tensor, attention_mask: torch.Tensor | None,
     if span is not None:
         x = x[:, span]
     if hasattr(model, "_orig_mod"):
-        logits = model(x, attention_mask=attention_mask, kv_cache=kv_cache, cache_start=start).logits
+        logits = model(x, attention_mask=attention_mask, kv_cache=kv_cache, cache_start=start, **extra).logits
         return logits if local is None else logits[:, local]
-    return model(x, attention_mask=attention_mask, kv_cache=kv_cache, cache_start=start, logits_slice=local).logits
+    return model(x, attention_mask=attention_mask, kv_cache=kv_cache, cache_start=start, logits_slice=local,
+                 **extra).logits

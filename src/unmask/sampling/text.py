@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from .blocks import block_generate, is_block_diffusion
 from .generate import generate, left_pad, special_ids
 
 
@@ -51,17 +52,23 @@ def generate_text(model, tokenizer, prompts: list[str] | list[list[dict]], chat:
 def complete_ids(model, tokenizer, prompts: list[list[int]], **kwargs) -> tuple[list[str], int]:
     """(completion texts, forward passes) for token-id prompts, batched with left padding.
 
-    Ends of text are decided last and finished rows stop early unless the caller says otherwise.
+    kwargs are the model family's sampler keywords (`generate`'s, or `block_generate`'s for a
+    LLaDA2.x model). Ends of text are decided last and finished rows stop early unless the caller
+    says otherwise.
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
     batch, attention = left_pad(prompts, pad)
     stops = stop_token_ids(model, tokenizer)
-    if stops:
+    block = is_block_diffusion(model)
+    if stops and block:
+        kwargs.setdefault("eos_id", special_ids(model, "eos_token_id", None) or stops[0])
+    elif stops:
         kwargs.setdefault("eos_last", True)
         kwargs.setdefault("stop_at_eos", True)
         kwargs.setdefault("eos_token_id", stops[0])
     kwargs["return_dict_in_generate"] = True
-    out = generate(model, batch.to(model.device), attention_mask=attention.to(model.device), **kwargs)
+    sampler = block_generate if block else generate
+    out = sampler(model, batch.to(model.device), attention_mask=attention.to(model.device), **kwargs)
     mask_id = special_ids(model, "mask_token_id", kwargs.get("mask_id"))
     texts = []
     for row in out.sequences[:, batch.shape[1]:].tolist():

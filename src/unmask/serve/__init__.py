@@ -3,7 +3,7 @@
     from unmask.serve import ServeConfig, create_app
     app = create_app(model, tokenizer, ServeConfig(model_name="tiny"))
 
-`unmask serve` runs it (see docs/serve.md).
+`unmask serve` runs it with `lifecycle.run`, which drains on SIGTERM (see docs/serve.md).
 """
 
 from .app import APIError, ServeConfig, create_app

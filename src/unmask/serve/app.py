@@ -1,59 +1,165 @@
 """The HTTP server: OpenAI-compatible endpoints over the batching scheduler.
 
     app = create_app(model, tokenizer, ServeConfig(model_name="tiny"))
-    uvicorn.run(app, host="127.0.0.1", port=8000)
+    uvicorn.run(app, host="127.0.0.1", port=8000)     # or `lifecycle.run`, which drains on SIGTERM
 
-Request handling is deliberately linear: parse (pydantic, 400 on any wrong field), check what
-the sampler cannot express (n > 1, top_p, penalties: 400 rather than silently ignored), turn the
-request into a prompt and `SamplingParams`, check those with the sampler's own
-`validate_request`, submit a `Job`, then either wait for its final event or stream its events
-as server-sent events. Every error leaves as an OpenAI-style body
+Request handling is deliberately linear, cheapest checks first: admit (the API key; 503 once
+shutting down), parse (at most --max-body-bytes of JSON into the pydantic model, 400 naming any
+wrong field), refuse what the sampler cannot express (n > 1, penalties, top_p for LLaDA models: 400
+rather than silently ignored), build the request's options for the model's family (`SamplerOptions`
+for LLaDA, `BlockOptions` for block-diffusion LLaDA2.x models) and check them, tokenize off the event
+loop (client text stays text, see prompts.py), check the options against the model and this
+prompt, and only then submit a `Job`, so a request that cannot run never joins a batch; then
+wait for its final event or stream its events as server-sent events. Every error, from any
+layer (a route that does not exist included), leaves as an OpenAI-style body
 `{"error": {"message", "type", "param", "code"}}`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import math
+import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+import jinja2
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..sampling import block_length_for, validate_request
-from ..sampling.generate import validate_fast_options
-from ..sampling.text import encode_prompt, stop_token_ids
-from .batching import (BatchRunner, Failed, Finished, Job, QueueFull, RequestTimeout, SamplingParams, Scheduler,
+from ..sampling import OptionError, block_length_for, check_seed, is_block_diffusion
+from ..sampling.options import BlockOptions, SamplerOptions, options_for
+from ..sampling.text import stop_token_ids
+from .batching import (BatchRunner, Failed, Finished, FixedShapes, Job, QueueFull, RequestTimeout, Scheduler,
                        ShuttingDown)
 from .metrics import ServerMetrics
+from .prompts import PromptEncoder, PromptError
 from .protocol import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
                        ChunkChoice, Completion, CompletionChoice, CompletionRequest, Delta, ErrorBody,
                        ErrorResponse, ModelCard, ModelList, SamplingRequest, Usage, new_id, now)
+from .protocol import Request as RequestBody
 
 STATIC = Path(__file__).parent / "static"
+JSON_KINDS = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+# The flag that sets each server default, for ServeConfig.check's messages.
+DEFAULT_FLAGS = {"steps": "--steps", "block_length": "--block-length", "gen_length": "--default-max-tokens",
+                 "temperature": "--temperature", "cfg_scale": "--cfg-scale", "remasking": "--remasking",
+                 "cache": "--cache", "cuda_graph": "--cuda-graph"}
 
 
 @dataclass
 class ServeConfig:
-    """Server limits and the defaults for diffusion parameters a request leaves out."""
+    """Server limits and the defaults for diffusion parameters a request leaves out.
+
+    The defaults' meaning depends on the model's family (`block_diffusion`, which the server
+    takes from the model): for a LLaDA model `steps` is the total over all blocks, for a
+    block-diffusion (LLaDA2.x) model it is per block, and a setting only the other family takes
+    (`remasking` for LLaDA2.x) is an error naming its flag."""
 
     model_name: str = "unmask"
     max_tokens_limit: int = 512      # largest max_tokens (= gen_length) a request may ask for
     default_max_tokens: int = 64
-    block_length: int = 32           # preferred block length when a request gives none
-    steps: int | None = None         # None: one step per generated token
+    block_length: int = 32           # LLaDA: preferred block length; LLaDA2.x: the block length
+    steps: int | None = None         # None: LLaDA one step per generated token, LLaDA2.x 32 per block
     cfg_scale: float = 0.0
     temperature: float = 0.0
-    remasking: str = "low_confidence"
+    remasking: str | None = None     # None: the sampler's default (LLaDA only)
+    cache: str | None = None         # LLaDA: the cache of requests that give none (None: off, or dual with cuda_graph)
+    cuda_graph: bool = False         # LLaDA: replay dual-cache steps as CUDA graphs (batches padded to fixed shapes)
     max_batch_size: int = 16
     max_queue: int = 256
     batch_window_ms: float = 10.0
     timeout_s: float = 300.0
     max_stop_sequences: int = 4
+    max_body_bytes: int = 4 * 2**20  # a larger request body is refused (413) before it is read
+    api_key: str | None = None       # when set, /v1/* needs `Authorization: Bearer <key>`
+    allowed_origins: tuple[str, ...] = ()   # CORS allow-list; empty: no cross-origin access
+    shutdown_grace_s: float = 30.0   # how long a drain waits for accepted requests (lifecycle.run)
+
+    def options(self, gen_length: int, block_diffusion: bool = False, steps: int | None = None,
+                block_length: int | None = None, temperature: float | None = None, cfg_scale: float | None = None,
+                remasking: str | None = None, cache: str | None = None, **given) -> SamplerOptions | BlockOptions:
+        """A request's checked options for the model's family, each setting it leaves out (None)
+        from the defaults; `given` are further sampler options (None: not given). Built and checked
+        by `options_for`, as the CLI does. For a LLaDA model the block length defaults to
+        `block_length_for` (shared with the lm-eval adapter); a LLaDA2.x model decodes any length
+        in whole blocks of --block-length.
+
+        `cuda_graph` is the server's, not the request's: it applies to every request that runs the
+        dual cache, which is the default cache under --cuda-graph; a request that asks for the
+        prefix cache runs it eagerly. (For a LLaDA2.x model --cache and --cuda-graph are errors.)"""
+        if cache is None:
+            cache = "dual" if self.cuda_graph and self.cache is None and not block_diffusion else self.cache
+        graph = self.cuda_graph and (block_diffusion or cache == "dual")
+        if block_diffusion:
+            steps = self.steps if steps is None else steps
+            block_length = self.block_length if block_length is None else block_length
+        else:
+            if block_length is None:
+                block_length = block_length_for(gen_length, self.block_length, self.steps if steps is None else steps)
+            if steps is None:
+                steps = self.default_steps(gen_length, block_length)
+        return options_for(block_diffusion, gen_length=gen_length, steps=steps, block_length=block_length,
+                           temperature=self.temperature if temperature is None else temperature,
+                           cfg_scale=self.cfg_scale if cfg_scale is None else cfg_scale,
+                           remasking=self.remasking if remasking is None else remasking, cache=cache,
+                           cuda_graph=graph or None, **given)
+
+    def default_steps(self, gen_length: int, block_length: int) -> int:
+        """--steps where it fits this length and block (a whole number of steps per block, at most
+        one per token), else one step per token, so every max_tokens works without `steps`.
+        A block length that does not divide the length is left for the options' check to name."""
+        if self.steps is None:
+            return gen_length
+        if block_length < 1 or gen_length % block_length:
+            return self.steps
+        blocks = gen_length // block_length
+        return self.steps if self.steps % blocks == 0 and self.steps // blocks <= block_length else gen_length
+
+    def check(self, block_diffusion: bool = False, device: str | torch.device | None = None) -> ServeConfig:
+        """Refuse settings no request could work with, before any model is loaded (named by flag),
+        under the rules of the model's family; with `device`, also what cannot run there
+        (--cuda-graph off CUDA: `SamplerOptions.check`)."""
+        positive = {"--max-tokens-limit": self.max_tokens_limit, "--default-max-tokens": self.default_max_tokens,
+                    "--block-length": self.block_length, "--max-batch-size": self.max_batch_size,
+                    "--max-queue": self.max_queue, "--max-body-bytes": self.max_body_bytes}
+        if self.steps is not None:
+            positive["--steps"] = self.steps
+        for flag, value in positive.items():
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{flag} must be a positive integer (got {value!r})")
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(f"--default-max-tokens ({self.default_max_tokens}) exceeds --max-tokens-limit "
+                             f"({self.max_tokens_limit})")
+        durations = {"--batch-window-ms": self.batch_window_ms, "--timeout": self.timeout_s,
+                     "--shutdown-grace": self.shutdown_grace_s}
+        for flag, value in durations.items():
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{flag} must be a finite number >= 0 (got {value!r})")
+        if self.timeout_s == 0:
+            raise ValueError("--timeout must be more than 0 seconds")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("--api-key must not be empty")
+        try:   # a request that sets nothing must be valid, and (LLaDA) --steps must fit the default length
+            options = self.options(self.default_max_tokens, block_diffusion)
+            if not block_diffusion:
+                options.check(device=device)
+                if self.cuda_graph and not options.cuda_graph:
+                    replace(options, cuda_graph=True).check()   # names what --cache must be
+            if self.steps is not None and not block_diffusion:
+                replace(options, steps=self.steps).check()
+        except OptionError as e:
+            raise ValueError(f"{DEFAULT_FLAGS.get(e.option, e.option)}: {e}") from None
+        return self
 
 
 class APIError(Exception):
@@ -85,25 +191,39 @@ def as_api_error(e: Exception) -> APIError:
     return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
 
 
-def sampler_error(e: ValueError, prompt_field: str) -> APIError:
-    """A `validate_request` message as a 400 naming the request field to change."""
-    msg = str(e)
-    if "exceeds the model's context" in msg:
-        return APIError(400, msg, prompt_field, "context_length_exceeded")
-    if "must be a multiple of block_length" in msg:
-        return APIError(400, msg, "block_length")
-    fields = {"steps": "steps", "gen_length": "max_tokens", "block_length": "block_length", "cfg_scale": "cfg_scale",
-              "temperature": "temperature", "remasking": "remasking"}
-    mentioned = [(msg.find(f), param) for f, param in fields.items() if f in msg]
-    param = min(mentioned)[1] if mentioned else None   # the field the message starts with
-    return APIError(400, msg, param)
+def option_error(e: OptionError, max_tokens_field: str, prompt_field: str = "prompt") -> APIError:
+    """A sampler option error as a 400 naming the request field to change: the sampler's
+    `gen_length` is max_tokens (or max_completion_tokens), its prompt the prompt (or messages)."""
+    param = {"gen_length": max_tokens_field, "prompt": prompt_field}.get(e.option, e.option)
+    return APIError(400, str(e), param, "context_length_exceeded" if e.option == "prompt" else None)
+
+
+def validation_error(e: ValidationError) -> APIError:
+    """The first pydantic error as a 400 naming the field (dotted, e.g. messages.0.role)."""
+    err = e.errors()[0]
+    param = ".".join(str(p) for p in err["loc"]) or None
+    if err["type"] == "extra_forbidden":
+        message = f"unrecognized request argument supplied: {param}"
+    elif err["type"] == "missing":
+        message = f"missing required field: {param}"
+    else:
+        message = f"invalid value for {param}: {err['msg']}"
+    return APIError(400, message, param, err["type"])
+
+
+def chat_tuned(encoder: PromptEncoder, model_name: str) -> bool:
+    """Whether the web page starts with the chat template ticked: the tokenizer has a template and
+    the model's name says it was tuned for chat. A base model (the bundled one, LLaDA-8B-Base)
+    often ships a template too, and answers a chat-formatted prompt with noise."""
+    return encoder.has_chat_template and re.search(r"instruct|chat|sft", model_name, re.IGNORECASE) is not None
 
 
 class Server:
     """The model, its tokenizer, the scheduler and the per-request logic shared by both endpoints."""
 
     def __init__(self, model, tokenizer, config: ServeConfig):
-        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.block_diffusion = is_block_diffusion(model)   # LLaDA2.x: block_generate and BlockOptions
+        self.model, self.tokenizer, self.config = model, tokenizer, config.check(self.block_diffusion)
         mcfg = getattr(model, "config", None)
         self.mask_id = getattr(mcfg, "mask_token_id", None)
         if self.mask_id is None:
@@ -113,13 +233,72 @@ class Server:
         if self.eos_id is None:
             self.eos_id = tokenizer.eos_token_id
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.prompts = PromptEncoder(tokenizer)
+        self.tokenize_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unmask-tokenize")
         self.scheduler: Scheduler | None = None
         self.metrics = ServerMetrics(lambda: self.scheduler.queue_depth if self.scheduler else 0,
                                      lambda: self.scheduler.in_flight if self.scheduler else 0)
         self.runner = BatchRunner(model, tokenizer, mask_id=self.mask_id, pad_id=pad_id, eos_id=self.eos_id,
-                                  end_ids=self.end_ids, metrics=self.metrics)
+                                  end_ids=self.end_ids, metrics=self.metrics, shapes=FixedShapes(config.max_batch_size))
+
+    @property
+    def accepting(self) -> bool:
+        return self.scheduler is not None and self.scheduler.accepting
 
     # --- request -> job -------------------------------------------------------------------------
+
+    async def admit(self, request: Request) -> None:
+        """Every /v1 request: the API key when one is set (as vLLM's --api-key), then 503 once
+        the server has stopped taking work."""
+        key = self.config.api_key
+        if key is not None and not hmac.compare_digest(request.headers.get("authorization", "").encode(),
+                                                       f"Bearer {key}".encode()):
+            raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if not self.accepting:
+            raise as_api_error(ShuttingDown("the server is shutting down"))
+
+    async def parse(self, request: Request, model: type[RequestBody]) -> RequestBody:
+        """The body as `model`: JSON (415 for another or no content type, which also keeps a
+        browser's cross-origin "simple" requests out), at most --max-body-bytes (413), UTF-8, an
+        object, every field known and well typed (400 naming the field)."""
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "application/json" and not content_type.endswith("+json"):
+            raise APIError(415, "the request body must be JSON, sent with Content-Type: application/json "
+                                f"(got {content_type or 'none'})", code="unsupported_media_type")
+        body = await self.read_body(request)
+        try:
+            data = json.loads(body.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise APIError(400, "the request body is not valid UTF-8", code="invalid_json") from None
+        except json.JSONDecodeError as e:
+            message = "the request body is empty" if not body.strip() else f"the request body is not valid JSON: {e}"
+            raise APIError(400, message, code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
+        if not isinstance(data, dict):
+            kind = JSON_KINDS.get(type(data), "a number")
+            raise APIError(400, f"the request body must be a JSON object, not {kind}", code="invalid_json")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            raise validation_error(e) from None
+
+    async def read_body(self, request: Request) -> bytes:
+        """The body, refused as soon as it is known to exceed the limit (so it is never held)."""
+        limit = self.config.max_body_bytes
+        too_large = APIError(413, f"the request body exceeds this server's limit of {limit} bytes",
+                             code="request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def check_common(self, req: SamplingRequest) -> None:
         if req.model != self.config.model_name:
@@ -128,8 +307,9 @@ class Server:
         if req.n not in (None, 1):
             raise APIError(400, f"n={req.n} is not supported: send n separate requests (concurrent requests "
                                 "are batched together)", "n")
-        if req.top_p not in (None, 1.0):
-            raise APIError(400, "top_p is not supported by the diffusion sampler (leave it unset or 1)", "top_p")
+        if req.top_p not in (None, 1.0) and not self.block_diffusion:
+            raise APIError(400, "top_p is not supported by the diffusion sampler of this (LLaDA) model: leave it "
+                                "unset or 1", "top_p")
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(req, name) not in (None, 0.0):
                 raise APIError(400, f"{name} is not supported by the diffusion sampler (leave it unset or 0)", name)
@@ -144,8 +324,10 @@ class Server:
             raise APIError(400, "stop sequences must be non-empty strings", "stop")
         return stops
 
-    def sampling_params(self, req: SamplingRequest, max_tokens: int | None, prompt_length: int,
-                        prompt_field: str, max_tokens_field: str) -> SamplingParams:
+    def options(self, req: SamplingRequest, max_tokens: int | None,
+                max_tokens_field: str) -> SamplerOptions | BlockOptions:
+        """The request's sampler options (of the model's family) and seed, checked before anything
+        costly (tokenizing). A field only the other family takes is a 400 naming it."""
         cfg = self.config
         gen_length = cfg.default_max_tokens if max_tokens is None else max_tokens
         if gen_length <= 0:
@@ -153,32 +335,45 @@ class Server:
         if gen_length > cfg.max_tokens_limit:
             raise APIError(400, f"{max_tokens_field} ({gen_length}) exceeds this server's limit of "
                                 f"{cfg.max_tokens_limit}", max_tokens_field)
-        steps = req.steps if req.steps is not None else cfg.steps
-        block = req.block_length if req.block_length is not None else block_length_for(gen_length, cfg.block_length, steps)
-        if steps is None or (req.steps is None and (steps % (gen_length // block) or steps // (gen_length // block) > block)):
-            steps = gen_length
-        params = SamplingParams(
-            steps=steps, gen_length=gen_length, block_length=block,
-            temperature=cfg.temperature if req.temperature is None else req.temperature,
-            cfg_scale=cfg.cfg_scale if req.cfg_scale is None else req.cfg_scale,
-            remasking=req.remasking or cfg.remasking, threshold=req.threshold, cache=req.cache,
-            reuse_uncond=req.reuse_uncond)
         try:
-            validate_request(self.model, prompt_length, params.steps, params.gen_length, params.block_length,
-                             params.temperature, params.cfg_scale, params.remasking, self.mask_id,
-                             parallel=params.threshold is not None)
-        except ValueError as e:
-            raise sampler_error(e, prompt_field) from None
-        try:
-            validate_fast_options(self.model, False, params.cache, "block", params.threshold, None, params.reuse_uncond)
-        except ValueError as e:
-            message = str(e)
-            field = "reuse_uncond" if "reuse_uncond" in message else "cache" if "cache" in message else "threshold"
-            raise APIError(400, message, field) from None
-        return params
+            check_seed(req.seed)
+            return cfg.options(gen_length, self.block_diffusion, steps=req.steps, block_length=req.block_length,
+                               temperature=req.temperature, cfg_scale=req.cfg_scale, remasking=req.remasking,
+                               threshold=req.threshold, cache=req.cache, reuse_uncond=req.reuse_uncond,
+                               top_k=req.top_k, top_p=req.top_p if self.block_diffusion else None)
+        except OptionError as e:
+            raise option_error(e, max_tokens_field) from None
 
-    def submit(self, req: SamplingRequest, prompt: list[int], params: SamplingParams) -> Job:
-        job = Job(prompt=prompt, params=params, loop=asyncio.get_running_loop(),
+    async def tokenize(self, encode, text, infill: bool, prompt_field: str) -> list[int]:
+        """Token ids, computed in the tokenizer's own thread: a long prompt takes seconds, which on
+        the event loop would stall every other request and /health."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self.tokenize_thread, encode, text, infill)
+        except PromptError as e:
+            raise APIError(400, str(e), prompt_field) from None
+        except jinja2.TemplateError as e:   # a template may reject an ordering of roles
+            raise APIError(400, f"the chat template rejected these messages: {e}", prompt_field) from None
+
+    def check_prompt(self, options: SamplerOptions | BlockOptions, prompt: list[int], infill: bool,
+                     prompt_field: str, max_tokens_field: str) -> None:
+        """What needs the prompt: its length against the context, and masks in it (infilling;
+        a block-diffusion model decodes only after the prompt, so it cannot fill them)."""
+        masked = self.mask_id in prompt
+        if masked and not infill:   # a tokenizer that ignores split_special_tokens, or a non-special mask token
+            raise APIError(400, "the prompt encodes to the mask token, which this tokenizer cannot encode as text: "
+                                'remove it, or send "infill": true to fill those positions', prompt_field)
+        if masked and self.block_diffusion:
+            raise APIError(400, "infilling is not supported by block-diffusion (LLaDA2.x) models: they decode the "
+                                "blocks after the prompt, so masks in the prompt would stay masks", "infill")
+        try:
+            options.check_for_model(self.model, len(prompt), self.mask_id,
+                                    **({} if self.block_diffusion else {"prompt_masked": masked}))
+        except OptionError as e:
+            raise option_error(e, max_tokens_field, prompt_field) from None
+
+    def submit(self, req: SamplingRequest, prompt: list[int], options: SamplerOptions) -> Job:
+        job = Job(prompt=prompt, options=options, loop=asyncio.get_running_loop(),
                   deadline=time.monotonic() + self.config.timeout_s, stop=self.stop_sequences(req.stop),
                   seed=req.seed, stream=req.stream, progress=req.diffusion_progress and req.stream)
         try:
@@ -187,6 +382,25 @@ class Server:
             raise as_api_error(e) from None
         self.metrics.prompt_tokens.inc(len(prompt))
         return job
+
+    # --- shutdown ---------------------------------------------------------------------------------
+
+    async def drain(self, grace_s: float) -> int:
+        """Stop taking work (new requests and /health answer 503; the server keeps listening), give
+        accepted requests up to `grace_s` seconds, then end the rest cleanly: a 503 body, or an
+        error event and [DONE] on a stream. Returns how many had to be ended."""
+        scheduler = self.scheduler
+        scheduler.stop_accepting()
+        deadline = time.monotonic() + grace_s
+        while scheduler.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        unfinished = scheduler.queue_depth + scheduler.in_flight
+        await scheduler.close()
+        return unfinished
+
+    async def close(self) -> None:
+        await self.scheduler.close()
+        self.tokenize_thread.shutdown(wait=True)
 
     # --- job -> response --------------------------------------------------------------------------
 
@@ -292,6 +506,9 @@ class CountRequests:
 def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     """A FastAPI app serving `model`; the scheduler starts and stops with the app's lifespan."""
     server = Server(model, tokenizer, config or ServeConfig())
+    page = (STATIC / "index.html").read_text(encoding="utf-8").replace("{{page_config}}", json.dumps(
+        {"chat": chat_tuned(server.prompts, server.config.model_name), "api_key": server.config.api_key is not None,
+         "block_diffusion": server.block_diffusion}))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -300,43 +517,43 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
                                      window_s=c.batch_window_ms / 1000)
         server.scheduler.start()
         yield
-        await server.scheduler.close()
+        await server.close()
 
     app = FastAPI(title="unmask", lifespan=lifespan)
     app.state.server = server
 
     app.add_middleware(CountRequests, metrics=server.metrics)
+    if server.config.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(server.config.allowed_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
         return e.response()
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, e: RequestValidationError):
-        err = e.errors()[0]
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        if err.get("type") == "json_invalid":
-            return APIError(400, f"the request body is not valid JSON: {err.get('msg')}", code="invalid_json").response()
-        param = ".".join(loc) or None
-        if err.get("type") == "extra_forbidden":
-            message = f"unrecognized request argument supplied: {param}"
-        elif err.get("type") == "missing":
-            message = f"missing required field: {param}"
-        else:
-            message = f"invalid value for {param}: {err.get('msg')}"
-        return APIError(400, message, param, err.get("type")).response()
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        """Routing errors (404, 405) in the same shape as every other error."""
+        what = f"{request.method} {request.url.path}"
+        message = {404: f"{what}: no such endpoint (see docs/serve.md)",
+                   405: f"{what}: method not allowed (allowed: {(e.headers or {}).get('Allow', '?')})"}
+        code = {404: "not_found", 405: "method_not_allowed"}
+        return APIError(e.status_code, message.get(e.status_code, str(e.detail)), code=code.get(e.status_code),
+                        headers=e.headers).response()
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception):
         return as_api_error(e).response()
 
+    v1 = [Depends(server.admit)]
+
     @app.get("/", include_in_schema=False)
     async def index():
-        return FileResponse(STATIC / "index.html")
+        return HTMLResponse(page)
 
     @app.get("/health")
     async def health():
-        if server.scheduler is None or server.scheduler.closing:
+        if not server.accepting:
             raise APIError(503, "the server is not accepting requests", code="unavailable", type="server_error")
         return {"status": "ok"}
 
@@ -349,12 +566,13 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     async def metrics():
         return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=v1)
     async def models():
         return ModelList(data=[ModelCard(id=server.config.model_name, created=now())]).dump()
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, request: Request):
+    @app.post("/v1/chat/completions", dependencies=v1)
+    async def chat_completions(request: Request):
+        req = await server.parse(request, ChatCompletionRequest)
         server.check_common(req)
         if not req.messages:
             raise APIError(400, "messages must contain at least one message", "messages")
@@ -363,15 +581,12 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         if req.max_tokens is not None and req.max_completion_tokens is not None:
             raise APIError(400, "give max_tokens or max_completion_tokens, not both", "max_completion_tokens")
         max_field = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-        try:
-            prompt = encode_prompt(tokenizer, messages)
-        except Exception as e:  # a template may reject an ordering of roles
-            raise APIError(400, f"the chat template rejected these messages: {e}", "messages") from None
         max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
-        params = server.sampling_params(req, max_tokens, len(prompt),
-                                        "messages", max_field)
-        job = server.submit(req, prompt, params)
+        options = server.options(req, max_tokens, max_field)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        prompt = await server.tokenize(server.prompts.chat, messages, req.infill, "messages")
+        server.check_prompt(options, prompt, req.infill, "messages", max_field)
+        job = server.submit(req, prompt, options)
         rid, created = new_id("chatcmpl"), now()
 
         if req.stream:
@@ -390,8 +605,9 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
                        finish_reason=done.ending.finish_reason)],
             usage=_usage(len(prompt), done.ending.completion_tokens)).dump()
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
+    @app.post("/v1/completions", dependencies=v1)
+    async def completions(request: Request):
+        req = await server.parse(request, CompletionRequest)
         server.check_common(req)
         if isinstance(req.prompt, list):
             if len(req.prompt) != 1:
@@ -403,9 +619,10 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
             raise APIError(400, "logprobs are not supported by the diffusion sampler", "logprobs")
         if req.echo:
             raise APIError(400, "echo is not supported", "echo")
-        prompt = tokenizer(req.prompt).input_ids
-        params = server.sampling_params(req, req.max_tokens, len(prompt), "prompt", "max_tokens")
-        job = server.submit(req, prompt, params)
+        options = server.options(req, req.max_tokens, "max_tokens")
+        prompt = await server.tokenize(server.prompts.completion, req.prompt, req.infill, "prompt")
+        server.check_prompt(options, prompt, req.infill, "prompt", "max_tokens")
+        job = server.submit(req, prompt, options)
         rid, created = new_id("cmpl"), now()
 
         if req.stream:

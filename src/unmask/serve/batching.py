@@ -1,9 +1,11 @@
-"""Dynamic batching: concurrent requests with the same sampler settings share one `generate` call.
+"""Dynamic batching: concurrent requests with the same sampler settings share one sampler call
+(`generate`, or `block_generate` for a block-diffusion LLaDA2.x model).
 
 Why it pays: every diffusion step is one forward pass over the whole canvas, so B rows cost
-little more than one on an accelerator. Requests only batch when their settings match
-(`SamplingParams`); prompts of different lengths are left-padded with an attention mask, which
-leaves each row's result equal to running it alone.
+little more than one on an accelerator. Requests only batch when their sampler options are equal
+(`SamplerOptions` or `BlockOptions`, checked for each request before it is queued); prompts of
+different lengths are left-padded with an attention mask, which leaves each row's result equal to
+running it alone.
 
 Two halves, one per thread:
 - `Scheduler` (event loop): a bounded FIFO of `Job`s. When idle it waits a short window for
@@ -12,8 +14,15 @@ Two halves, one per thread:
 - `BatchRunner` (worker thread): runs the batch; after every step its callback turns each row's
   canvas into stable text (`RowText`) and posts events to the row's job. A row is done when its
   text has ended, its client left, or its deadline passed; when every row is done the batch stops
-  early — committed tokens never change, so stopping cannot alter any row's text.
+  early — committed tokens never change, so stopping cannot alter any row's text. If a batch
+  fails anyway, its requests are retried one by one, so only the one that cannot run fails.
 Only one batch runs at a time: a single model instance, and steps already saturate the device.
+
+A CUDA-graphed batch (`cuda_graph` in its options, `unmask serve --cuda-graph`) is padded to one of
+a few fixed shapes (`FixedShapes`), because a graph is captured per (rows, canvas length) and
+replayed only for that shape: without padding, dynamic batching would capture a new graph for
+almost every batch. Other batches are not padded: eager passes take any shape, and finished rows
+drop out of them, so padding would only add work.
 """
 
 from __future__ import annotations
@@ -27,31 +36,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from ..sampling import StepState, generate, left_pad
+from ..sampling import SamplerOptions, StepState, block_generate, generate, is_block_diffusion, left_pad
+from ..sampling.options import BlockOptions, context_length
 from .metrics import ServerMetrics
 from .textstream import Ending, RowText, piece_decoder
 
 log = logging.getLogger("unmask.serve")
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Everything that must match for two requests to share a batch."""
-
-    steps: int
-    gen_length: int
-    block_length: int
-    temperature: float
-    cfg_scale: float
-    remasking: str
-    threshold: float | None = None
-    cache: str | None = None
-    reuse_uncond: bool = False
-
-    @property
-    def stochastic(self) -> bool:
-        return self.temperature > 0 or self.remasking == "random"
 
 
 # Events posted to a job, in order: any number of Updates, then one Finished or Failed.
@@ -93,7 +85,7 @@ class Job:
     """One request's row: its input, where its events go, and whether anyone still wants it."""
 
     prompt: list[int]
-    params: SamplingParams
+    options: SamplerOptions | BlockOptions   # checked, also against the model and this prompt
     loop: asyncio.AbstractEventLoop
     deadline: float                          # time.monotonic() after which it is abandoned
     stop: list[str] = field(default_factory=list)
@@ -103,18 +95,55 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     id: int = field(default_factory=lambda: next(_ids))
     cancelled: bool = False                  # set by the event loop; read by the worker thread
+    posted: bool = False                     # set once any event is posted (a retry would repeat it)
     done: bool = False                       # set once its last event is posted
 
     @property
     def key(self) -> Any:
         """Batch key: a seeded stochastic request runs alone, because batch-mates would draw its noise."""
-        return (self.params, self.id) if self.params.stochastic and self.seed is not None else self.params
+        return (self.options, self.id) if self.options.stochastic and self.seed is not None else self.options
 
     def post(self, event) -> None:
         """Deliver an event from any thread; the final one marks the job done."""
+        self.posted = True
         if isinstance(event, (Finished, Failed)):
             self.done = True
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+@dataclass(frozen=True)
+class FixedShapes:
+    """The shapes a graphed batch is padded to: rows 1, 2, 4, 8, 16, ... up to `max_rows` (the
+    largest batch), and a prompt width that is a power of two, at least `min_width`. A stream of
+    requests then meets a handful of shapes, each captured once and replayed after that (the graph
+    runner keeps the `max_shapes` most recently used ones, see sampling/cuda_graph.py)."""
+
+    max_rows: int
+    min_width: int = 32
+
+    def rows(self, n: int) -> int:
+        return min(_power_of_two(n), self.max_rows)
+
+    def width(self, n: int, limit: int | None = None) -> int:
+        """The padded width of prompts at most `n` tokens long; at most `limit` (the context left
+        after the generated part), but never less than `n`."""
+        width = max(_power_of_two(n), self.min_width)
+        return max(n, min(width, limit)) if limit is not None else width
+
+    def pad(self, prompts: list[list[int]], pad_id: int, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`left_pad`, to a fixed shape. Neither kind of padding changes a row's output: extra
+        columns are padding on the left (never attended, and positions count real tokens only),
+        and an extra row repeats the first prompt, to be ignored (a row of padding alone would
+        attend to nothing)."""
+        prompts = prompts + [prompts[0]] * (self.rows(len(prompts)) - len(prompts))
+        ids, attention = left_pad(prompts, pad_id)
+        extra = self.width(ids.shape[1], limit) - ids.shape[1]
+        return F.pad(ids, (extra, 0), value=pad_id), F.pad(attention, (extra, 0), value=0)
+
+
+def _power_of_two(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
 
 
 class _BatchDone(Exception):
@@ -122,29 +151,61 @@ class _BatchDone(Exception):
 
 
 class BatchRunner:
-    """Runs a list of jobs as one `generate` call, in the worker thread."""
+    """Runs a list of jobs as one sampler call, in the worker thread."""
 
     def __init__(self, model, tokenizer, *, mask_id: int, pad_id: int, eos_id: int | None, end_ids: set[int],
-                 metrics: ServerMetrics):
+                 metrics: ServerMetrics, shapes: FixedShapes | None = None):
         self.model, self.tokenizer = model, tokenizer
+        self.shapes = shapes   # what graphed batches are padded to (None: never padded)
         self.mask_id, self.pad_id, self.eos_id, self.end_ids = mask_id, pad_id, eos_id, end_ids
         self.metrics = metrics
         self.piece = piece_decoder(tokenizer)
         self.device = next(model.parameters()).device
+        self.sampler, self.end_kwargs = self._sampler(model, eos_id)
+
+    @staticmethod
+    def _sampler(model, eos_id: int | None):
+        """The model family's sampler and how it ends a row's text at EOS, so a row stops costing
+        anything once its text has ended: LLaDA decodes EOS last and stops the row there; a
+        block-diffusion model stops once its text before the EOS is decoded (eos_early_stop)."""
+        if is_block_diffusion(model):
+            return block_generate, dict(eos_id=eos_id, eos_early_stop=eos_id is not None)
+        return generate, dict(eos_token_id=eos_id, eos_last=eos_id is not None, stop_at_eos=eos_id is not None)
 
     def run(self, jobs: list[Job]) -> None:
+        """Generate `jobs` as one batch. Each request was checked before it was queued, but if the
+        batch fails anyway, the requests that have not been sent anything yet are retried one by
+        one, so a request that cannot run fails alone; the others (a retry would resend their
+        text) fail with the batch's error."""
+        try:
+            self._generate(jobs)
+        except Exception as e:  # one bad request must fail neither its batch-mates nor the server
+            retry = [j for j in jobs if not j.done and not j.posted] if len(jobs) > 1 else []
+            if retry:
+                log.warning("batch of %d failed (%s: %s); retrying %d of its requests one by one",
+                            len(jobs), type(e).__name__, e, len(retry))
+            else:
+                log.exception("batch of %d failed", len(jobs))
+            for job in jobs:
+                if not job.done and job not in retry:
+                    job.post(Failed(e))
+            for job in retry:
+                self.run([job])
+
+    def _generate(self, jobs: list[Job]) -> None:
         started = time.monotonic()
-        params = jobs[0].params
+        options = jobs[0].options
         rows = [RowText(self.tokenizer, self.mask_id, self.end_ids, j.stop) for j in jobs]
-        views = [_CanvasView(params, self.mask_id) if j.progress else None for j in jobs]
-        ids, attention = left_pad([j.prompt for j in jobs], self.pad_id)
+        views = [_CanvasView(options, self.mask_id) if j.progress else None for j in jobs]
+        ids, attention = self._canvas(jobs, options)
         seed = jobs[0].seed if len(jobs) == 1 else None
         generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
 
         def on_step(state: StepState) -> None:
-            gen = state.x[:, state.prompt_length:].tolist()
-            committed = state.committed[:, state.prompt_length:]
-            confidence = state.confidence[:, state.prompt_length:]
+            n, start = len(jobs), state.prompt_length   # rows past n pad a graphed batch: ignored
+            gen = state.x[:n, start:].tolist()
+            committed = state.committed[:n, start:]
+            confidence = state.confidence[:n, start:]
             now = time.monotonic()
             for r, job in enumerate(jobs):
                 if job.done:
@@ -160,27 +221,27 @@ class BatchRunner:
             if all(j.done for j in jobs):
                 raise _BatchDone
 
-        kwargs = dict(steps=params.steps, gen_length=params.gen_length, block_length=params.block_length,
-                      temperature=params.temperature, cfg_scale=params.cfg_scale, remasking=params.remasking,
-                      mask_id=self.mask_id, attention_mask=attention.to(self.device), generator=generator,
-                      eos_token_id=self.eos_id, eos_last=self.eos_id is not None,
-                      stop_at_eos=self.eos_id is not None, callback=on_step)
-        kwargs.update({k: v for k, v in (("threshold", params.threshold), ("cache", params.cache),
-                                         ("reuse_uncond", params.reuse_uncond or None)) if v is not None})
         try:
-            x = generate(self.model, ids.to(self.device), **kwargs)
+            x = self.sampler(self.model, ids.to(self.device), **options.kwargs(), **self.end_kwargs,
+                             mask_id=self.mask_id, attention_mask=attention.to(self.device), generator=generator,
+                             callback=on_step)
             for r, job in enumerate(jobs):   # rows whose text ran to the last position
                 if not job.done:
                     self._post(job, rows[r], x[r, ids.shape[1]:].tolist(), None, final=True)
         except _BatchDone:
             pass
-        except Exception as e:  # one bad batch must not take the server down
-            log.exception("batch of %d failed", len(jobs))
-            for job in jobs:
-                if not job.done:
-                    job.post(Failed(e))
-        tokens = sum(r.ending.completion_tokens for r in rows if r.ending)
-        self.metrics.record_batch(len(jobs), time.monotonic() - started, tokens)
+        finally:
+            tokens = sum(r.ending.completion_tokens for r in rows if r.ending)
+            self.metrics.record_batch(len(jobs), time.monotonic() - started, tokens)
+
+    def _canvas(self, jobs: list[Job], options) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's left-padded prompts and attention mask; a graphed batch padded to a fixed
+        shape (`FixedShapes.pad`), within the context left after the generated part."""
+        prompts = [j.prompt for j in jobs]
+        if self.shapes is None or not getattr(options, "cuda_graph", False):
+            return left_pad(prompts, self.pad_id)
+        context = context_length(self.model)
+        return self.shapes.pad(prompts, self.pad_id, None if context is None else context - options.gen_length)
 
     @staticmethod
     def _post(job: Job, row: RowText, gen: list[int], progress: dict | None, final: bool = False) -> None:
@@ -193,11 +254,15 @@ class BatchRunner:
 
 class _CanvasView:
     """One row's canvas for the live view: token texts (None = masked) and the confidence each had
-    when it was committed, so a client can colour tokens without replaying the whole history."""
+    when it was committed, so a client can colour tokens without replaying the whole history.
 
-    def __init__(self, params: SamplingParams, mask_id: int):
-        self.steps, self.mask_id = params.steps, mask_id
-        self.commit_confidence: list[float | None] = [None] * params.gen_length
+    `steps` is the total for LLaDA; None for a block-diffusion model, whose blocks end as soon as
+    their threshold has committed everything (or the text has ended), so no total is known ahead."""
+
+    def __init__(self, options: SamplerOptions | BlockOptions, mask_id: int):
+        self.steps = options.steps if isinstance(options, SamplerOptions) else None
+        self.mask_id = mask_id
+        self.commit_confidence: list[float | None] = [None] * options.gen_length
 
     def step(self, state: StepState, gen: list[int], committed: torch.Tensor, confidence: torch.Tensor,
              piece) -> dict:
@@ -219,6 +284,7 @@ class Scheduler:
         self.max_batch_size, self.max_queue, self.window_s = max_batch_size, max_queue, window_s
         self.pending: list[Job] = []
         self.running: list[Job] = []
+        self.accepting = True            # False once draining or closing: submit refuses new work
         self.closing = False
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unmask-generate")
@@ -232,25 +298,35 @@ class Scheduler:
     def in_flight(self) -> int:
         return sum(not j.done for j in self.running)
 
+    @property
+    def busy(self) -> bool:
+        """Whether any accepted request is still waiting or being generated."""
+        return bool(self.pending) or self.in_flight > 0
+
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     def submit(self, job: Job) -> None:
-        if self.closing:
+        if not self.accepting:
             raise ShuttingDown("the server is shutting down")
         if len(self.pending) >= self.max_queue:
             raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry shortly")
         self.pending.append(job)
         self._wakeup.set()
 
+    def stop_accepting(self) -> None:
+        """Refuse new work; what was accepted still runs (the first step of a graceful shutdown)."""
+        self.accepting = False
+
     async def close(self) -> None:
-        """Refuse new work, fail what waits, stop the running batch, and wait for the worker."""
-        self.closing = True
-        for job in self.pending:
-            job.post(Failed(ShuttingDown("the server is shutting down")))
-        self.pending.clear()
-        for job in self.running:
+        """Refuse new work, end every accepted request with ShuttingDown (so each client gets an
+        answer), stop the running batch, and wait for the worker. Safe to call twice."""
+        self.accepting, self.closing = False, True
+        for job in self.pending + self.running:
+            if not job.done:   # posted before cancelling: the worker drops cancelled rows silently
+                job.post(Failed(ShuttingDown("the server is shutting down")))
             job.cancelled = True
+        self.pending.clear()
         self._wakeup.set()
         if self._task is not None:
             await self._task

@@ -4,6 +4,10 @@ N workers share M chat requests; each records its latency (and, streaming, the t
 text). The run is bounded in count (at most 10,000 requests) and time (`duration_s`, after which
 no new request starts), and by default only talks to loopback addresses, so it cannot be turned
 into a tool for loading someone else's server by accident.
+
+`run_levels` runs one such test per concurrency (`unmask loadtest --concurrency 1 8 32`), each
+after `warmup` uncounted requests, so a server's one-time costs (a CUDA graph captured for each new
+batch shape) stay out of the throughput it reports: one table row per level.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import json
 import socket
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import urlparse
 
 MAX_REQUESTS = 10_000
@@ -31,10 +35,13 @@ class LoadTest:
     duration_s: float = 120.0
     request_timeout_s: float = 300.0
     allow_remote: bool = False
+    api_key: str | None = None
+    warmup: int = 0               # requests sent first and not counted (at this concurrency)
 
 
 @dataclass
 class Report:
+    concurrency: int = 0
     sent: int = 0
     ok: int = 0
     errors: int = 0
@@ -56,6 +63,19 @@ class Report:
         if self.error_kinds:
             lines.append("errors: " + ", ".join(f"{k} x{n}" for k, n in self.error_kinds.most_common()))
         return "\n".join(lines)
+
+
+LEVEL_COLUMNS = ("concurrency", "ok", "errors", "req/s", "completion tokens/s", "latency p50 ms", "latency p95 ms")
+
+
+def format_levels(reports: list[Report]) -> str:
+    """One Markdown table row per concurrency level (`run_levels`)."""
+    lines = ["| " + " | ".join(LEVEL_COLUMNS) + " |", "|---" * len(LEVEL_COLUMNS) + "|"]
+    for r in reports:
+        rates = [f"{r.ok / r.wall_s:.2f}", f"{r.completion_tokens / r.wall_s:.1f}"] if r.wall_s else ["n/a"] * 2
+        ms = [f"{percentile(r.latencies, q) * 1000:.0f}" if r.latencies else "n/a" for q in (50, 95)]
+        lines.append("| " + " | ".join(map(str, [r.concurrency, r.ok, r.errors, *rates, *ms])) + " |")
+    return "\n".join(lines)
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -121,33 +141,65 @@ async def _one(client, cfg: LoadTest, model: str, report: Report) -> None:
     report.latencies.append(time.monotonic() - started)
 
 
+async def _served_model(client, url: str) -> str:
+    """The server's model id, or a ValueError (one line from the CLI) saying why there is none."""
+    import httpx
+
+    try:
+        r = await client.get("/v1/models")
+    except httpx.ConnectError:
+        raise ValueError(f"cannot reach {url}: connection refused; is `unmask serve` running?") from None
+    except httpx.HTTPError as e:
+        raise ValueError(f"cannot reach {url}: {type(e).__name__}: {e}") from None
+    if r.status_code != 200:
+        raise ValueError(f"{url}/v1/models answered {r.status_code}: {r.text[:300]}")
+    return r.json()["data"][0]["id"]
+
+
 async def _run(cfg: LoadTest) -> Report:
     import httpx
 
-    report, stop_at = Report(), time.monotonic() + cfg.duration_s
     limits = httpx.Limits(max_connections=cfg.concurrency)
-    async with httpx.AsyncClient(base_url=cfg.url.rstrip("/"), timeout=cfg.request_timeout_s, limits=limits) as client:
-        model = (await client.get("/v1/models")).json()["data"][0]["id"]
-        remaining = iter(range(cfg.requests))
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else None
+    async with httpx.AsyncClient(base_url=cfg.url.rstrip("/"), timeout=cfg.request_timeout_s, limits=limits,
+                                 headers=headers) as client:
+        model = await _served_model(client, cfg.url)
+        stop_at = time.monotonic() + cfg.duration_s
+        if cfg.warmup:
+            await _send(client, cfg, model, cfg.warmup, stop_at, Report())
+        return await _send(client, cfg, model, cfg.requests, stop_at, Report(concurrency=cfg.concurrency))
 
-        async def worker():
-            for _ in remaining:
-                if time.monotonic() > stop_at:
-                    return
-                report.sent += 1
-                await _one(client, cfg, model, report)
 
-        started = time.monotonic()
-        await asyncio.gather(*(worker() for _ in range(cfg.concurrency)))
-        report.wall_s = time.monotonic() - started
+async def _send(client, cfg: LoadTest, model: str, requests: int, stop_at: float, report: Report) -> Report:
+    """`requests` requests from cfg.concurrency workers; none starts after `stop_at`."""
+    remaining = iter(range(requests))
+
+    async def worker():
+        for _ in remaining:
+            if time.monotonic() > stop_at:
+                return
+            report.sent += 1
+            await _one(client, cfg, model, report)
+
+    started = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(cfg.concurrency)))
+    report.wall_s = time.monotonic() - started
     return report
 
 
 def run_loadtest(cfg: LoadTest) -> Report:
+    return run_levels(cfg, [cfg.concurrency])[0]
+
+
+def run_levels(cfg: LoadTest, concurrencies: list[int]) -> list[Report]:
+    """One load test per concurrency in turn, each of cfg.requests requests after cfg.warmup
+    uncounted ones; every level is checked before the first is sent."""
     if not 1 <= cfg.requests <= MAX_REQUESTS:
         raise ValueError(f"--requests must be between 1 and {MAX_REQUESTS}")
-    if not 1 <= cfg.concurrency <= min(cfg.requests, 256):
+    if not 0 <= cfg.warmup <= MAX_REQUESTS:
+        raise ValueError(f"--warmup must be between 0 and {MAX_REQUESTS}")
+    if not concurrencies or not all(1 <= c <= min(cfg.requests, 256) for c in concurrencies):
         raise ValueError("--concurrency must be between 1 and min(--requests, 256)")
     if not cfg.allow_remote:
         check_loopback(cfg.url)
-    return asyncio.run(_run(cfg))
+    return [asyncio.run(_run(replace(cfg, concurrency=c))) for c in concurrencies]

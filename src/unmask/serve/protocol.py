@@ -2,7 +2,8 @@
 
 Requests forbid unknown fields, so a parameter the server would not honour is a 400 naming it
 rather than something silently ignored. OpenAI parameters that only have a neutral value here
-(top_p, penalties, logprobs) are accepted at that value and refused otherwise (see app.py).
+(penalties, logprobs; top_p for LLaDA models, whose sampler has no nucleus sampling) are accepted
+at that value and refused otherwise (see app.py).
 Diffusion parameters ride as extra top-level fields, which is what the official client's
 `extra_body={...}` sends. In responses, optional fields marked `omit_none` are left out when None
 (`usage` on the last stream chunk only, `diffusion` on progress chunks only, `delta.role`), while
@@ -35,8 +36,10 @@ class DiffusionParams(Request):
     remasking: str | None = None
     threshold: float | None = None
     cache: str | None = None
-    reuse_uncond: bool = False           # with cache and cfg_scale: the unconditional branch only at refreshes
+    reuse_uncond: bool = False           # with cfg_scale: the unconditional branch only at refreshes (LLaDA2.x: per block)
+    top_k: int | None = None             # block-diffusion (LLaDA2.x) models: sample among the k likeliest tokens
     diffusion_progress: bool = False     # stream chunks carry the canvas in an extra `diffusion` field
+    infill: bool = False                 # parse special tokens in the text: each mask token is a position to fill
 
 
 class SamplingRequest(DiffusionParams):

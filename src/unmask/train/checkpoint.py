@@ -25,10 +25,9 @@ from typing import Callable
 import torch
 
 from ..models import CheckpointError
+from ..models.loading import LATEST, MANIFEST, read_json, resolve_checkpoint_dir
 
-MANIFEST = "manifest.json"
 STATE = "trainer_state.pt"
-LATEST = "latest"
 PREFIX = "step-"
 
 
@@ -109,10 +108,11 @@ def verify(ckpt: Path) -> None:
     manifest_file = ckpt / MANIFEST
     if not manifest_file.exists():
         raise CheckpointError(f"{ckpt} has no {MANIFEST}: it is not a complete unmask training checkpoint")
-    try:
-        files = json.loads(manifest_file.read_text())["files"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise CheckpointError(f"{manifest_file} is damaged ({e})") from None
+    files = read_json(manifest_file).get("files")
+    if not isinstance(files, dict) or not all(isinstance(e, dict) and {"size", "sha256"} <= e.keys()
+                                              for e in files.values()):
+        raise CheckpointError(f"{manifest_file} is damaged (no \"files\" object of sizes and hashes); "
+                              "resume from an older checkpoint")
     for name, expect in files.items():
         p = ckpt / name
         if not p.is_file():
@@ -126,23 +126,13 @@ def verify(ckpt: Path) -> None:
 
 
 def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
-    """The checkpoint to resume from: "auto" → out_dir/latest (None when there is none yet), else a path."""
+    """The checkpoint to resume from: "auto" → what out_dir/latest names (None when there is none
+    yet), else a checkpoint or run directory (resolved as `load_model` resolves it)."""
     if not resume:
         return None
     if resume != "auto":
-        p = Path(resume)
-        if (p / LATEST).is_file():  # a run directory rather than a checkpoint
-            return resolve_resume("auto", p)
-        if not p.is_dir():
-            raise CheckpointError(f"checkpoint {p} does not exist")
-        return p
-    pointer = out_dir / LATEST
-    if not pointer.exists():
-        return None
-    ckpt = out_dir / pointer.read_text().strip()
-    if not ckpt.is_dir():
-        raise CheckpointError(f"{pointer} names {ckpt.name}, which does not exist; pass --resume DIR explicitly")
-    return ckpt
+        return resolve_checkpoint_dir(resume)
+    return resolve_checkpoint_dir(out_dir) if os.path.lexists(out_dir / LATEST) else None
 
 
 def load_state(ckpt: Path, verified: bool = False) -> dict:

@@ -30,9 +30,12 @@ import torch
 import torch.distributed as dist
 
 from ..models import PRESETS, CheckpointError, MaskedDiffusionLM, ModelConfig, load_model, save_model
+from ..sampling.blocks import BLOCK_DIFFUSION_LAYOUTS
 from . import checkpoint as ckpt_io
 from .data import BatchStream, build_rows, heldout_batches
 from .objective import batch_loss, mdm_bound
+
+LLADA2_BLOCK_LENGTH = 32  # LLaDA2.x's block size (its generate's default and dFactory's block_size)
 
 
 def _f(default, help: str, **extra):
@@ -56,16 +59,26 @@ class TrainConfig:
                                     "restarting at each (no facts of a neighbouring document to confuse)")
     sft: bool = _f(False, "supervised fine-tuning: the data is prompt/response pairs, prompts never masked")
     cond_drop: float = _f(0.0, "SFT only: probability of replacing a row's prompt by mask tokens")
+    block_length: int | None = _f(None, "block diffusion (LLaDA2.x): attention bidirectional within blocks of this "
+                                        "many tokens and causal across them, each block denoised given the clean "
+                                        "blocks before it (BD3-LM's objective, twice the sequence per forward pass); "
+                                        "0: off; default: 32 for the llada2_moe layout, off otherwise")
     # model
     init_from: str | None = _f(None, "start from this checkpoint's weights (e.g. SFT from a pretrained model)")
     preset: str | None = _f(None, f"model shape preset: {', '.join(PRESETS)} (vocabulary taken from the tokenizer)")
-    layout: str = _f("llada", "checkpoint layout: llada or lladamoe")
+    layout: str = _f("llada", "checkpoint layout: llada, lladamoe or llada2_moe (LLaDA2's block: q/k norm, RoPE on "
+                              "half of each head, sigmoid routing with an expert bias)")
     d_model: int = _f(256, "model width")
     n_layers: int = _f(4, "transformer blocks")
     n_heads: int = _f(4, "attention heads")
     n_kv_heads: int = _f(0, "key/value heads (0: same as n_heads)")
     mlp_hidden_size: int = _f(0, "SwiGLU hidden size (0: 8/3·d_model rounded up to 32)")
     rope_theta: float = _f(10000.0, "RoPE base")
+    n_experts: int = _f(0, "routed experts per MoE layer (0: dense; layouts lladamoe, llada2_moe)")
+    experts_per_token: int = _f(2, "MoE: experts each token is routed to")
+    expert_hidden_size: int = _f(0, "MoE: each expert's SwiGLU hidden size (0: mlp_hidden_size / experts_per_token)")
+    shared_experts: int = _f(0, "MoE: shared experts of the routed width that every token goes through")
+    dense_layers: int = _f(0, "MoE: the first layers keep a dense MLP (LLaDA2.0-mini: 1)")
     tie_embeddings: bool = _f(False, "share the input embedding and the output projection (helps small models "
                                      "learn to copy tokens from their context)")
     # optimisation
@@ -107,9 +120,11 @@ class TrainConfig:
             raise ValueError("cond_drop applies to SFT only (add --sft)")
         if self.doc_attention and self.sft:
             raise ValueError("doc_attention applies to packed pretraining rows; SFT rows hold one example each")
+        if self.block_length is not None and self.block_length < 0:
+            raise ValueError("block_length must be at least 1, or 0 for off")
         if self.preset and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}: choose from {', '.join(PRESETS)}")
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps"):
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "experts_per_token"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
 
@@ -150,7 +165,13 @@ def _special_id(tokenizer, names: tuple[str, ...]) -> int | None:
 
 
 def model_config(cfg: TrainConfig, tokenizer) -> ModelConfig:
-    """The shape from the preset or the config fields; vocabulary and special ids from the tokenizer."""
+    """The shape from the preset or the config fields; vocabulary and special ids from the tokenizer.
+
+    With n_experts, layers after the first dense_layers are MoE. The llada2_moe layout takes
+    LLaDA2's fixed choices (q/k RMSNorm, RoPE on half of each head, sigmoid routing with an expert
+    bias, weights renormalised when experts_per_token > 1); its expert groups and routed scale
+    stay off (1 group, scale 1), which a from-scratch model has no use for.
+    """
     if tokenizer.mask_token_id is None:
         raise ValueError("the tokenizer has no mask token (mask_token); a masked diffusion LM needs one")
     ids = dict(vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id,
@@ -160,9 +181,28 @@ def model_config(cfg: TrainConfig, tokenizer) -> ModelConfig:
         preset = PRESETS[cfg.preset]
         return preset.with_(**ids, max_seq_len=max(cfg.seq_len, preset.max_seq_len))
     hidden = cfg.mlp_hidden_size or -(-8 * cfg.d_model // 3 // 32) * 32
+    moe = {}
+    if cfg.n_experts:
+        width = cfg.expert_hidden_size or max(1, hidden // cfg.experts_per_token)
+        moe = dict(n_experts=cfg.n_experts, experts_per_token=cfg.experts_per_token, expert_hidden_size=width,
+                   shared_expert_hidden_size=cfg.shared_experts * width or None,
+                   moe_layers=[i >= cfg.dense_layers for i in range(cfg.n_layers)])
+    if cfg.layout == "llada2_moe":
+        moe.update(qk_norm=True, partial_rotary_factor=0.5)
+        if cfg.n_experts:
+            moe.update(router="sigmoid", expert_bias=True, norm_topk_prob=cfg.experts_per_token > 1)
     return ModelConfig(layout=cfg.layout, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                        n_kv_heads=cfg.n_kv_heads or cfg.n_heads, mlp_hidden_size=hidden,
-                       rope_theta=cfg.rope_theta, max_seq_len=cfg.seq_len, tie_embeddings=cfg.tie_embeddings, **ids)
+                       rope_theta=cfg.rope_theta, max_seq_len=cfg.seq_len, tie_embeddings=cfg.tie_embeddings,
+                       **moe, **ids)
+
+
+def block_length_for(cfg: TrainConfig, model_cfg: ModelConfig) -> int | None:
+    """The block length of block-diffusion training, None for none: the config's (0: off), else
+    LLaDA2's 32 for a block-diffusion layout (which decodes block-causally)."""
+    if cfg.block_length is not None:
+        return cfg.block_length or None
+    return LLADA2_BLOCK_LENGTH if model_cfg.layout in BLOCK_DIFFUSION_LAYOUTS else None
 
 
 def init_weights(model: MaskedDiffusionLM) -> None:
@@ -344,7 +384,15 @@ class Trainer:
         self.core = build_model(cfg, self.tokenizer).to(self.dist.device)
         self.core.gradient_checkpointing = cfg.activation_checkpointing
         self.mask_id = self.core.config.mask_token_id
-        self.log(f"model: {self.core.num_parameters() / 1e6:.2f}M parameters, world size {self.dist.world_size}")
+        self.block_length = block_length_for(cfg, self.core.config)
+        self.log(f"model: {self.core.num_parameters() / 1e6:.2f}M parameters ({self.core.config.layout}), "
+                 f"world size {self.dist.world_size}")
+        if self.block_length:
+            self.log(f"block diffusion: blocks of {self.block_length} tokens, each denoised given the clean blocks "
+                     "before it (a forward pass runs [noisy | clean], twice the row)")
+            if self.core.config.layout not in BLOCK_DIFFUSION_LAYOUTS:
+                self.log(f"note: unmask.generate decodes a {self.core.config.layout!r} model bidirectionally; "
+                         "decode this one with unmask.sampling.block_generate")
         self.model = self._wrap(self.core)
         self.optimizer = make_optimizer(self.core, cfg)
         self.step = 0
@@ -443,7 +491,8 @@ class Trainer:
     def evaluate(self) -> float:
         autocast = self._autocast()
         with autocast:
-            bound = mdm_bound(self.core, self.heldout, self.mask_id, self.cfg.eval_mc_samples, seed=0)
+            bound = mdm_bound(self.core, self.heldout, self.mask_id, self.cfg.eval_mc_samples, seed=0,
+                              block_length=self.block_length)
         return bound.nats_per_token
 
     def _autocast(self):
@@ -469,7 +518,8 @@ class Trainer:
             batch = self.stream.next().to(self.dist.device)
             gen = noise_generator(cfg.seed, self.step, micro, self.dist.rank)
             with self._sync_context(micro == cfg.grad_accum - 1), self._autocast():
-                loss = batch_loss(self.model, batch, self.mask_id, gen, cfg.cond_drop) / cfg.grad_accum
+                loss = batch_loss(self.model, batch, self.mask_id, gen, cfg.cond_drop,
+                                  self.block_length) / cfg.grad_accum
                 loss.backward()
             totals += torch.tensor([loss.item(), batch.input_ids.numel()], dtype=torch.float64)
         norm = torch.nn.utils.clip_grad_norm_(self.core.parameters(), cfg.grad_clip or float("inf"))
