@@ -638,3 +638,13 @@ def test_disk_full_is_one_line_and_leaves_the_last_checkpoint_intact(tmp_path, t
     monkeypatch.setattr(checkpoint, "_sha256", sha256)
     assert cli.main(args + ["--resume"]) == 0
     assert (run_dir / "latest").read_text().strip() == "step-000004"
+
+
+def test_max_minutes_checkpoints_and_resumes_exactly(tmp_path, tokenizer_dir, corpus):
+    whole = train(tiny(tmp_path / "a", tokenizer_dir, corpus))
+    first = train(tiny(tmp_path / "b", tokenizer_dir, corpus, max_minutes=1e-9))   # past the deadline at once
+    assert first.interrupted and first.step == 1 and first.checkpoint.name == "step-000001"
+    rest = train(tiny(tmp_path / "b", tokenizer_dir, corpus, resume="auto"))
+    assert rest.losses == {s: whole.losses[s] for s in range(2, 9)}
+    with pytest.raises(ValueError, match="max_minutes"):
+        tiny(tmp_path / "c", tokenizer_dir, corpus, max_minutes=-1)

@@ -267,3 +267,14 @@ def test_nonce_documents_put_any_word_in_any_slot():
                                      for d in plain)
     assert all(not W.is_heldout_name(*m.group(0).split()) for d in mixed for m in FULL_NAME_RE.finditer(d)
                if m.group(0).split()[1] in W.SURNAMES and m.group(0).split()[0] in W.FEMALE_NAMES + W.MALE_NAMES)
+
+
+def test_sharded_corpus_depends_on_seed_and_shards_only():
+    from unmask.data.world import MIXES, _corpus_part, generate_corpus
+
+    sharded = generate_corpus(301, seed=2, mix="recall", shards=3)
+    assert len(sharded) == 301 and sharded == generate_corpus(301, seed=2, mix="recall", shards=3)
+    assert sharded != generate_corpus(301, seed=2, mix="recall")          # other streams than the single one
+    assert generate_corpus(50, seed=2, mix="recall", shards=1) == generate_corpus(50, seed=2, mix="recall")
+    # shard k is the k-th contiguous part (sizes 101, 100, 100), drawn from its own stream
+    assert sharded[101:201] == _corpus_part(100, "train:2:1/3", MIXES["recall"])

@@ -19,6 +19,7 @@ are reordered or appended to. Tokenisation is cached per (file content, tokenize
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import tempfile
@@ -159,7 +160,7 @@ def pack(docs: list[list[int]], seq_len: int, eos_id: int, segments: bool = Fals
     """
     if not docs:
         raise ValueError("no documents to pack")
-    flat = torch.cat([torch.tensor(d + [eos_id], dtype=torch.long) for d in docs])
+    flat = torch.tensor(list(itertools.chain.from_iterable(d + [eos_id] for d in docs)), dtype=torch.long)
     pad = -len(flat) % seq_len
     flat = torch.cat([flat, flat.new_full((pad,), eos_id)])
     if not segments:

@@ -95,6 +95,8 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "gradient norm clip (0: off)")
     max_steps: int = _f(1000, "optimizer steps of the whole run (sets the schedule)")
     stop_at: int = _f(0, "checkpoint and stop after this step, as if interrupted (0: run to max_steps)")
+    max_minutes: float = _f(0.0, "checkpoint and stop once this much wall time has passed in this call, as if "
+                                 "interrupted (0: no limit); for a lent machine's per-command limit")
     seed: int = _f(0, "seed of the initial weights, data order and noise")
     # evaluation, checkpoints
     eval_every: int = _f(100, "steps between held-out evaluations (0: never)")
@@ -116,6 +118,8 @@ class TrainConfig:
             raise ValueError(f"schedule must be 'cosine' or 'wsd', not {self.schedule!r}")
         if not 0 <= self.cond_drop < 1:
             raise ValueError("cond_drop must be in [0, 1)")
+        if not (math.isfinite(self.max_minutes) and self.max_minutes >= 0):
+            raise ValueError(f"max_minutes must be >= 0 (0: no limit), not {self.max_minutes}")
         if self.cond_drop and not self.sft:
             raise ValueError("cond_drop applies to SFT only (add --sft)")
         if self.doc_attention and self.sft:
@@ -549,6 +553,7 @@ class Trainer:
         last = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
         bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (self.dist.main and cfg.progress))
+        deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes > 0 else math.inf
         with StopRequest() as stop:
             while self.step < last:
                 t0 = time.perf_counter()
@@ -566,7 +571,7 @@ class Trainer:
                     self.metrics.write(**row)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
-                stopping = self._stop_everywhere(stop.requested)
+                stopping = self._stop_everywhere(stop.requested or time.monotonic() > deadline)
                 if stopping or self.step % cfg.save_every == 0 or self.step == last:
                     result.checkpoint = self.save()
                 if stopping:
