@@ -144,8 +144,7 @@ class BenchConfig:
                 kind = "block-diffusion (LLaDA2.x)" if block_diffusion else "LLaDA"
                 raise ValueError(f"mode {name!r} is not a mode of {kind} models: choose from {', '.join(family)}")
             try:
-                options = mode_options(name, self.cfg_scale, self.schedule(block_diffusion), block_diffusion)
-                options.check(device=device) if not block_diffusion else options.check()
+                mode_options(name, self.cfg_scale, self.schedule(block_diffusion), block_diffusion).check(device=device)
             except ValueError as e:
                 raise ValueError(f"mode {name!r}: {e}") from None
         return self

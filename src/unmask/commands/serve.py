@@ -76,6 +76,7 @@ def serve(args) -> int:
     from ..models.placement import resolve_device, resolve_dtype
     from ..models.quantize import check_quantize
     from ..serve import ServeConfig, create_app
+    from ..sampling.blocks import is_block_checkpoint
     from ..serve.lifecycle import bind, run
 
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -89,7 +90,7 @@ def serve(args) -> int:
                          batch_window_ms=args.batch_window_ms, timeout_s=args.timeout,
                          max_body_bytes=args.max_body_bytes, api_key=api_key,
                          allowed_origins=tuple(args.allowed_origins),
-                         shutdown_grace_s=args.shutdown_grace).check(_is_block_checkpoint(args.model), device)
+                         shutdown_grace_s=args.shutdown_grace).check(is_block_checkpoint(args.model), device)
     dtype = resolve_dtype(args.dtype)
     quantize = check_quantize(args.quantize)
     sock = bind(args.host, args.port)
@@ -103,19 +104,6 @@ def serve(args) -> int:
               flush=True)
     run(app, sock, config.shutdown_grace_s)
     return 0
-
-
-def _is_block_checkpoint(path) -> bool:
-    """Whether the checkpoint is a block-diffusion (LLaDA2.x) model, from its config alone, so the
-    flags are checked under its family's rules before the load; a checkpoint that cannot be read
-    counts as LLaDA here (the load then says what is wrong with it)."""
-    from ..models import CheckpointError
-    from .generate import is_block_checkpoint
-
-    try:
-        return is_block_checkpoint(path)
-    except CheckpointError:
-        return False
 
 
 def _api_key(args) -> str | None:

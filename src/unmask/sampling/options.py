@@ -186,7 +186,9 @@ class BlockOptions:
         """Steps per block, as the public code caps them."""
         return min(self.steps, self.gen_length // self.minimal_topk)
 
-    def check(self) -> BlockOptions:
+    def check(self, device: str | torch.device | None = None) -> BlockOptions:
+        """Raise OptionError for the first option that cannot be honoured; returns self. `device`
+        is taken for symmetry with `SamplerOptions.check`: block decoding runs anywhere."""
         for name in ("gen_length", "block_length", "steps", "minimal_topk"):
             _integer(getattr(self, name), name)
         if self.minimal_topk > self.gen_length:
@@ -223,8 +225,7 @@ def options_for(block_diffusion: bool, device: str | torch.device | None = None,
     for name, value in given.items():
         if value is not None and name not in names:
             raise OptionError(name, f"{name} does not apply to {family} models: drop it")
-    options = cls(**{k: v for k, v in given.items() if v is not None})
-    return options.check(device=device) if cls is SamplerOptions else options.check()
+    return cls(**{k: v for k, v in given.items() if v is not None}).check(device=device)
 
 
 def check_mask_id(model, mask_id: int) -> None:
