@@ -14,13 +14,14 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import openai
 import pytest
 
 import unmask
-from serve_fixtures import live_server
+from serve_fixtures import live_server, metrics, wait_idle
 from unmask.cli import main as cli_main
 from unmask.sampling import SamplerOptions
 from unmask.serve import ServeConfig, create_app
@@ -53,7 +54,7 @@ def post(url: str, body, path: str = "/v1/completions", **kw) -> httpx.Response:
     """POST a body given as a dict (sent as JSON), str or bytes (sent as they are)."""
     content = json.dumps(body) if isinstance(body, dict) else body
     headers = {"Content-Type": "application/json", **kw.pop("headers", {})}
-    return httpx.post(url + path, content=content, headers=headers, timeout=60, **kw)
+    return httpx.post(url + path, content=content, headers=headers, timeout=kw.pop("timeout", 60), **kw)
 
 
 def assert_error(r: httpx.Response, status: int, param: str | None = ..., code: str | None = None) -> dict:
@@ -430,3 +431,205 @@ def test_page_ticks_the_chat_template_only_for_chat_models(loaded, name, chat):
     with live_server(create_app(*loaded, ServeConfig(model_name=name))) as base:
         page = httpx.get(base + "/").text
     assert f'const PAGE = {{"chat": {json.dumps(chat)}, "api_key": false, "block_diffusion": false}};' in page
+
+
+# --- issue 22 (hardening, round two) --------------------------------------------------------------
+
+@contextmanager
+def uvicorn_log():
+    """The records uvicorn logs (its logger does not propagate to pytest's caplog)."""
+    records = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_a_prompt_longer_than_the_context_can_spell_is_refused_untokenized(url):
+    """Before: a 4 MB prompt was tokenized (~11 s) before being refused for the context."""
+    started = time.monotonic()
+    error = assert_error(post(url, {"model": MODEL, "prompt": "x" * 4_000_000}), 400, "prompt",
+                         "context_length_exceeded")
+    assert "characters" in error["message"] and time.monotonic() - started < 5
+
+
+def test_special_token_floods_do_not_delay_other_requests(url):
+    """Before: four 3.8 MiB chat bodies of <|eot|> delayed an 8-token request to 86.6 s."""
+    flood = {"model": MODEL, "messages": [{"role": "user", "content": "<|eot|>" * 570_000}]}
+    with ThreadPoolExecutor(5) as pool:
+        floods = [pool.submit(post, url, flood, "/v1/chat/completions") for _ in range(4)]
+        time.sleep(0.2)
+        started = time.monotonic()
+        normal = post(url, {"model": MODEL, "prompt": "Mira lives in", "max_tokens": 8}, timeout=20)
+        took = time.monotonic() - started
+        for f in floods:
+            assert_error(f.result(), 400, "messages", "context_length_exceeded")
+    assert normal.status_code == 200 and took < 10, (normal.status_code, took)
+
+
+def test_special_token_text_in_a_message_is_tokenized_in_a_few_calls(loaded, monkeypatch):
+    """Before: one tokenizer call per special-token piece (2,001 for 1,000 <|eot|>)."""
+    from transformers import PreTrainedTokenizerBase
+
+    from unmask.serve.prompts import PromptEncoder
+
+    encoder = PromptEncoder(loaded[1])
+    expected = encoder.chat([{"role": "user", "content": "<|eot|>"}])
+    calls = []
+    original = PreTrainedTokenizerBase.__call__
+    monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", lambda self, *a, **k: calls.append(1) or original(
+        self, *a, **k))
+    ids = encoder.chat([{"role": "user", "content": "<|eot|>" * 1000}])
+    assert len(calls) <= 2, len(calls)
+    eot_as_text = expected[-len("<|eot|>") - 3:-3]   # the content sits before the template's <|eot|><|assistant|>\n
+    assert ids == expected[:-len("<|eot|>") - 3] + eot_as_text * 1000 + expected[-3:]
+
+
+def _slow_prompts(server, monkeypatch, seconds: float) -> None:
+    """Make tokenizing a prompt that starts with "slow" take `seconds`."""
+    original = server.prompts.completion
+
+    def completion(text, infill=False):
+        if text.startswith("slow"):
+            time.sleep(seconds)
+        return original(text, infill)
+
+    monkeypatch.setattr(server.prompts, "completion", completion)
+
+
+def test_the_timeout_covers_tokenizing(loaded, monkeypatch):
+    """Before: --timeout started after tokenizing, so a prompt that took long to tokenize still ran."""
+    app = create_app(*loaded, ServeConfig(model_name=MODEL, timeout_s=0.5))
+    _slow_prompts(app.state.server, monkeypatch, 2.0)
+    with live_server(app) as base:
+        started = time.monotonic()
+        assert_error(post(base, {"model": MODEL, "prompt": "slow prompt", "max_tokens": 8}), 504, code="timeout")
+        assert time.monotonic() - started < 1.8
+
+
+def test_one_slow_prompt_does_not_queue_the_others(loaded, monkeypatch):
+    """Before: one tokenizer thread, so every prompt waited for the slow one."""
+    app = create_app(*loaded, ServeConfig(model_name=MODEL))
+    _slow_prompts(app.state.server, monkeypatch, 4.0)
+    with live_server(app) as base, ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(post, base, {"model": MODEL, "prompt": "slow prompt", "max_tokens": 8})
+        time.sleep(0.3)
+        started = time.monotonic()
+        assert post(base, {"model": MODEL, "prompt": "quick", "max_tokens": 8}).status_code == 200
+        assert time.monotonic() - started < 3.0
+        assert slow.result().status_code == 200
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes `sock` within `seconds` (reading whatever it sends first)."""
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except (TimeoutError, socket.timeout):
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_slow_clients_are_timed_out(loaded):
+    """Before: a connection that sent nothing, trickled its headers or stopped mid-body stayed open."""
+    config = ServeConfig(model_name=MODEL, header_timeout_s=0.5, body_timeout_s=0.5)
+    with live_server(create_app(*loaded, config)) as base:
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as silent:
+            assert _closed_within(silent, 3)
+        with socket.create_connection(("127.0.0.1", port)) as trickle:
+            trickle.sendall(b"POST /v1/completions HTTP/1.1\r\n")
+            deadline = time.monotonic() + 3
+            with pytest.raises(OSError):
+                while time.monotonic() < deadline:
+                    trickle.sendall(b"X-Slow: 1\r\n")
+                    time.sleep(0.1)
+                    if _closed_within(trickle, 0.01):
+                        raise OSError("closed")
+        with socket.create_connection(("127.0.0.1", port)) as partial:
+            partial.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: 100\r\n\r\n{\"model\"")
+            partial.settimeout(3)
+            reply = partial.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in reply, reply
+        assert post(base, {"model": MODEL, "prompt": "Mira", "max_tokens": 8}).status_code == 200
+
+
+def test_open_connections_are_capped(loaded):
+    config = ServeConfig(model_name=MODEL, max_connections=2)
+    with live_server(create_app(*loaded, config)) as base:
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)), socket.create_connection(("127.0.0.1", port)):
+            time.sleep(0.2)
+            assert httpx.get(base + "/health").status_code == 503
+        time.sleep(0.2)
+        assert httpx.get(base + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", '{"model": "tiny", "prompt": "a\\ud800b"}', "prompt"),
+    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": "a\\udfffb"}]}',
+     "messages.0.content"),
+    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": '
+                             '[{"type": "text", "text": "\\ud800"}]}]}', "messages.0.content.0.text"),
+], ids=["prompt", "chat", "chat-part"])
+def test_a_lone_surrogate_is_a_400_naming_the_field(url, path, body, param):
+    """Before: a 500 naming an internal type, with a traceback in the log."""
+    with uvicorn_log() as records:
+        error = assert_error(post(url, body, path), 400, param, "invalid_text")
+    assert "surrogate" in error["message"]
+    assert not [r for r in records if r.exc_info]
+
+
+def test_client_errors_are_counted_and_logged_as_what_the_client_got(url):
+    """Before: a 5,000-digit integer was a 400 with code null, counted as a 500 and logged as an
+    ERROR traceback; so was a client that left mid-body."""
+    before = wait_idle(url)
+    with uvicorn_log() as records:
+        assert_error(post(url, '{"model": "tiny", "prompt": "hi", "seed": ' + "7" * 5000 + "}"), 400,
+                     code="invalid_json")
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as leaving:
+            leaving.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: 1000\r\n\r\n{\"model\"")
+            time.sleep(0.2)
+        time.sleep(0.5)
+        after = metrics(url)
+    key = 'unmask_requests_total{endpoint="/v1/completions",status="%s"}'
+    assert after.get(key % 500, 0) == before.get(key % 500, 0)
+    assert after[key % 400] == before.get(key % 400, 0) + 1
+    assert after[key % 499] == before.get(key % 499, 0) + 1
+    assert not [r for r in records if r.exc_info or r.levelno >= logging.ERROR], [r.getMessage() for r in records]
+
+
+def test_a_refused_cors_preflight_is_openai_shaped(loaded):
+    config = ServeConfig(model_name=MODEL, allowed_origins=("https://app.example",))
+    with live_server(create_app(*loaded, config)) as base:
+        refused = httpx.options(base + "/v1/chat/completions", headers={
+            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    assert "origin" in assert_error(refused, 400, code="cors_refused")["message"].lower()
+
+
+@pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"])
+def test_no_api_docs_pages(loaded, path):
+    """Before: served without the key, /docs loading scripts from a CDN."""
+    with live_server(create_app(*loaded, ServeConfig(model_name=MODEL, api_key="s3cret"))) as base:
+        assert_error(httpx.get(base + path), 404, code="not_found")
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "name": "mira"}]}, "messages.0.name"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "diffusion_progress": True},
+     "diffusion_progress"),
+    ("/v1/completions", {"prompt": "hi", "diffusion_progress": True}, "diffusion_progress"),
+], ids=["name", "chat-progress", "completion-progress"])
+def test_fields_the_server_would_ignore_are_refused(url, path, body, param):
+    """Before: a message's name and diffusion_progress without stream were silently ignored."""
+    assert_error(post(url, {"model": MODEL, "max_tokens": 8, **body}, path), 400, param)

@@ -40,6 +40,12 @@ def register(subparsers) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds")
     p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="larger request bodies are refused (413)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection may take to send a request's headers before it is closed")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request body may take to arrive before the request is refused (408)")
+    p.add_argument("--max-connections", type=int, default=1024,
+                   help="open connections at most; a request over the limit is answered 503")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/*; when not given, $UNMASK_API_KEY if set")
     p.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
@@ -67,7 +73,7 @@ def register(subparsers) -> None:
 
 def serve(args) -> int:
     """Check every setting (under the rules of the checkpoint's family) and bind the port, then load
-    the model, then serve until a signal drains it."""
+    the model, then serve until a signal drains it. Exits 1 when a second signal cut requests off."""
     from pathlib import Path
 
     import torch
@@ -88,7 +94,8 @@ def serve(args) -> int:
                          remasking=args.remasking, cache=args.cache, cuda_graph=args.cuda_graph,
                          max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                          batch_window_ms=args.batch_window_ms, timeout_s=args.timeout,
-                         max_body_bytes=args.max_body_bytes, api_key=api_key,
+                         max_body_bytes=args.max_body_bytes, header_timeout_s=args.header_timeout,
+                         body_timeout_s=args.body_timeout, max_connections=args.max_connections, api_key=api_key,
                          allowed_origins=tuple(args.allowed_origins),
                          shutdown_grace_s=args.shutdown_grace).check(is_block_checkpoint(args.model), device)
     dtype = resolve_dtype(args.dtype)
@@ -102,8 +109,7 @@ def serve(args) -> int:
     if api_key is None and not _is_loopback(args.host):
         print(f"unmask serve: warning: {args.host} is reachable from other machines and no --api-key is set",
               flush=True)
-    run(app, sock, config.shutdown_grace_s)
-    return 0
+    return 0 if run(app, sock, config.shutdown_grace_s) else 1
 
 
 def _api_key(args) -> str | None:

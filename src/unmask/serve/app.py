@@ -35,9 +35,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..sampling import OptionError, block_length_for, check_seed, is_block_diffusion
-from ..sampling.options import BlockOptions, SamplerOptions, options_for
+from ..sampling.options import BlockOptions, SamplerOptions, context_length, options_for
 from ..sampling.text import stop_token_ids
 from .batching import (BatchRunner, Failed, Finished, FixedShapes, Job, QueueFull, RequestTimeout, Scheduler,
                        ShuttingDown)
@@ -49,6 +50,8 @@ from .protocol import (AssistantMessage, ChatChoice, ChatCompletion, ChatComplet
 from .protocol import Request as RequestBody
 
 STATIC = Path(__file__).parent / "static"
+TOKENIZE_THREADS = 4   # prompts tokenized at once, so one client's long prompt does not queue the rest
+SURROGATE = re.compile("[\ud800-\udfff]")
 JSON_KINDS = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
 # The flag that sets each server default, for ServeConfig.check's messages.
 DEFAULT_FLAGS = {"steps": "--steps", "block_length": "--block-length", "gen_length": "--default-max-tokens",
@@ -81,6 +84,9 @@ class ServeConfig:
     timeout_s: float = 300.0
     max_stop_sequences: int = 4
     max_body_bytes: int = 4 * 2**20  # a larger request body is refused (413) before it is read
+    header_timeout_s: float = 10.0   # a connection whose request headers take longer is closed
+    body_timeout_s: float = 30.0     # a request body that takes longer to arrive is a 408
+    max_connections: int = 1024      # open connections beyond this are answered 503
     api_key: str | None = None       # when set, /v1/* needs `Authorization: Bearer <key>`
     allowed_origins: tuple[str, ...] = ()   # CORS allow-list; empty: no cross-origin access
     shutdown_grace_s: float = 30.0   # how long a drain waits for accepted requests (lifecycle.run)
@@ -131,7 +137,8 @@ class ServeConfig:
         (--cuda-graph off CUDA: `SamplerOptions.check`)."""
         positive = {"--max-tokens-limit": self.max_tokens_limit, "--default-max-tokens": self.default_max_tokens,
                     "--block-length": self.block_length, "--max-batch-size": self.max_batch_size,
-                    "--max-queue": self.max_queue, "--max-body-bytes": self.max_body_bytes}
+                    "--max-queue": self.max_queue, "--max-body-bytes": self.max_body_bytes,
+                    "--max-connections": self.max_connections}
         if self.steps is not None:
             positive["--steps"] = self.steps
         for flag, value in positive.items():
@@ -141,12 +148,15 @@ class ServeConfig:
             raise ValueError(f"--default-max-tokens ({self.default_max_tokens}) exceeds --max-tokens-limit "
                              f"({self.max_tokens_limit})")
         durations = {"--batch-window-ms": self.batch_window_ms, "--timeout": self.timeout_s,
-                     "--shutdown-grace": self.shutdown_grace_s}
+                     "--shutdown-grace": self.shutdown_grace_s, "--header-timeout": self.header_timeout_s,
+                     "--body-timeout": self.body_timeout_s}
         for flag, value in durations.items():
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{flag} must be a finite number >= 0 (got {value!r})")
-        if self.timeout_s == 0:
-            raise ValueError("--timeout must be more than 0 seconds")
+        for flag, value in {"--timeout": self.timeout_s, "--header-timeout": self.header_timeout_s,
+                            "--body-timeout": self.body_timeout_s}.items():
+            if value == 0:
+                raise ValueError(f"{flag} must be more than 0 seconds")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("--api-key must not be empty")
         try:   # a request that sets nothing must be valid, and (LLaDA) --steps must fit the default length
@@ -186,6 +196,8 @@ def as_api_error(e: Exception) -> APIError:
         return APIError(503, str(e), code="shutting_down", type="server_error")
     if isinstance(e, RequestTimeout):
         return APIError(504, str(e), code="timeout", type="server_error")
+    if isinstance(e, ClientDisconnect):
+        return APIError(499, "client closed the request", code="client_closed")
     if isinstance(e, ValueError):
         return APIError(400, str(e))
     return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
@@ -234,7 +246,7 @@ class Server:
             self.eos_id = tokenizer.eos_token_id
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.prompts = PromptEncoder(tokenizer)
-        self.tokenize_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unmask-tokenize")
+        self.tokenize_threads = ThreadPoolExecutor(max_workers=TOKENIZE_THREADS, thread_name_prefix="unmask-tokenize")
         self.scheduler: Scheduler | None = None
         self.metrics = ServerMetrics(lambda: self.scheduler.queue_depth if self.scheduler else 0,
                                      lambda: self.scheduler.in_flight if self.scheduler else 0)
@@ -258,10 +270,15 @@ class Server:
         if not self.accepting:
             raise as_api_error(ShuttingDown("the server is shutting down"))
 
+    def deadline(self) -> float:
+        """When a request starting now must be done: --timeout covers tokenizing as well as generating."""
+        return time.monotonic() + self.config.timeout_s
+
     async def parse(self, request: Request, model: type[RequestBody]) -> RequestBody:
         """The body as `model`: JSON (415 for another or no content type, which also keeps a
-        browser's cross-origin "simple" requests out), at most --max-body-bytes (413), UTF-8, an
-        object, every field known and well typed (400 naming the field)."""
+        browser's cross-origin "simple" requests out), at most --max-body-bytes (413) arriving within
+        --body-timeout (408), UTF-8, an object, its text Unicode (no lone surrogates, which no
+        tokenizer can encode), every field known and well typed (400 naming the field)."""
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type != "application/json" and not content_type.endswith("+json"):
             raise APIError(415, "the request body must be JSON, sent with Content-Type: application/json "
@@ -276,28 +293,37 @@ class Server:
             raise APIError(400, message, code="invalid_json") from None
         except RecursionError:
             raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
+        except ValueError:   # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+            raise APIError(400, "the request body has a number with too many digits", code="invalid_json") from None
         if not isinstance(data, dict):
             kind = JSON_KINDS.get(type(data), "a number")
             raise APIError(400, f"the request body must be a JSON object, not {kind}", code="invalid_json")
+        check_unicode(data)
         try:
             return model.model_validate(data)
         except ValidationError as e:
             raise validation_error(e) from None
 
     async def read_body(self, request: Request) -> bytes:
-        """The body, refused as soon as it is known to exceed the limit (so it is never held)."""
-        limit = self.config.max_body_bytes
+        """The body, refused as soon as it is known to exceed the limit (so it is never held), or
+        once it has taken --body-timeout to arrive (so a client trickling it cannot hold a slot)."""
+        limit, timeout = self.config.max_body_bytes, self.config.body_timeout_s
         too_large = APIError(413, f"the request body exceeds this server's limit of {limit} bytes",
                              code="request_too_large")
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise too_large
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(timeout):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise too_large
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout",
+                           headers={"Connection": "close"}) from None
         return b"".join(chunks)
 
     def check_common(self, req: SamplingRequest) -> None:
@@ -315,6 +341,9 @@ class Server:
                 raise APIError(400, f"{name} is not supported by the diffusion sampler (leave it unset or 0)", name)
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed with stream=true", "stream_options")
+        if req.diffusion_progress and not req.stream:
+            raise APIError(400, "diffusion_progress rides on stream chunks: send it with stream=true",
+                           "diffusion_progress")
 
     def stop_sequences(self, stop: str | list[str] | None) -> list[str]:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -344,12 +373,32 @@ class Server:
         except OptionError as e:
             raise option_error(e, max_tokens_field) from None
 
-    async def tokenize(self, encode, text, infill: bool, prompt_field: str) -> list[int]:
-        """Token ids, computed in the tokenizer's own thread: a long prompt takes seconds, which on
-        the event loop would stall every other request and /health."""
+    def check_size(self, options: SamplerOptions | BlockOptions, characters: int, prompt_field: str,
+                   max_tokens_field: str) -> None:
+        """Refuse a prompt too long for the context before tokenizing it (which takes seconds for a
+        few megabytes): more characters than the tokens left after gen_length can spell."""
+        limit = context_length(self.model)
+        if limit is None:
+            return
+        most = self.prompts.max_characters(limit - options.gen_length)
+        if characters > most:
+            raise option_error(OptionError("prompt", f"the prompt ({characters} characters) cannot fit the model's "
+                                                     f"context of {limit} tokens with gen_length {options.gen_length} "
+                                                     f"(at most {most} characters with this tokenizer); shorten "
+                                                     "the prompt or lower gen_length"),
+                               max_tokens_field, prompt_field)
+
+    async def tokenize(self, encode, text, infill: bool, prompt_field: str, deadline: float) -> list[int]:
+        """Token ids, computed in a tokenizer thread: a long prompt takes seconds, which on the event
+        loop would stall every other request and /health. Several threads, so one client's prompt
+        does not queue everyone else's; the request's timeout runs meanwhile."""
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self.tokenize_thread, encode, text, infill)
+            return await asyncio.wait_for(loop.run_in_executor(self.tokenize_threads, encode, text, infill),
+                                          timeout=max(deadline - time.monotonic(), 0.0))
+        except asyncio.TimeoutError:
+            raise as_api_error(RequestTimeout("the request did not finish within its timeout (while tokenizing "
+                                              "the prompt)")) from None
         except PromptError as e:
             raise APIError(400, str(e), prompt_field) from None
         except jinja2.TemplateError as e:   # a template may reject an ordering of roles
@@ -372,9 +421,9 @@ class Server:
         except OptionError as e:
             raise option_error(e, max_tokens_field, prompt_field) from None
 
-    def submit(self, req: SamplingRequest, prompt: list[int], options: SamplerOptions) -> Job:
+    def submit(self, req: SamplingRequest, prompt: list[int], options: SamplerOptions, deadline: float) -> Job:
         job = Job(prompt=prompt, options=options, loop=asyncio.get_running_loop(),
-                  deadline=time.monotonic() + self.config.timeout_s, stop=self.stop_sequences(req.stop),
+                  deadline=deadline, stop=self.stop_sequences(req.stop),
                   seed=req.seed, stream=req.stream, progress=req.diffusion_progress and req.stream)
         try:
             self.scheduler.submit(job)
@@ -400,7 +449,7 @@ class Server:
 
     async def close(self) -> None:
         await self.scheduler.close()
-        self.tokenize_thread.shutdown(wait=True)
+        self.tokenize_threads.shutdown(wait=True)
 
     # --- job -> response --------------------------------------------------------------------------
 
@@ -460,6 +509,28 @@ class Server:
             self.cancel(job)
 
 
+def check_unicode(data) -> None:
+    """Refuse text with a lone UTF-16 surrogate (JSON's "\\ud800" escape), which is no Unicode
+    character: a 400 naming the field, rather than a tokenizer's error. Walks the body iteratively,
+    so its depth (already bounded by the JSON parser) costs no recursion."""
+    stack = [((), data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str) and SURROGATE.search(value):
+            param = ".".join(map(str, path)) or None
+            raise APIError(400, f"invalid value for {param}: the text contains a lone surrogate (a \\ud800-\\udfff "
+                                "escape not paired into one character), which is not Unicode", param, "invalid_text")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if SURROGATE.search(key):
+                    param = ".".join(map(str, path)) or None
+                    raise APIError(400, "a field name contains a lone surrogate, which is not Unicode", param,
+                                   "invalid_text")
+                stack.append(((*path, key), item))
+        elif isinstance(value, list):
+            stack.extend(((*path, i), item) for i, item in enumerate(value))
+
+
 def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -476,7 +547,11 @@ def _stream_response(gen) -> StreamingResponse:
 
 class CountRequests:
     """ASGI middleware: count responses by endpoint and status, and time them to their last byte
-    (so a streamed response is timed to its end, not to its headers)."""
+    (so a streamed response is timed to its end, not to its headers).
+
+    An exception that reaches it before a response started is counted as the status the client
+    gets for it (`as_api_error`); one that ends as a client error (4xx) is answered here, so it is
+    neither counted nor logged as a 500 with a traceback, which stays for real server errors."""
 
     ROUTES = {"/", "/health", "/version", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
 
@@ -497,10 +572,31 @@ class CountRequests:
 
         try:
             await self.app(scope, receive, send_and_count)
+        except Exception as e:
+            if status != 500:   # the response had started: it is what the client got
+                raise
+            error = as_api_error(e)
+            status = error.status
+            if status >= 500:
+                raise
+            await error.response()(scope, receive, send)
         finally:
             self.metrics.requests.inc(endpoint=endpoint, status=status)
             if endpoint.startswith("/v1/"):
                 self.metrics.latency.observe(time.monotonic() - started, endpoint=endpoint)
+
+
+class OpenAICORS(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight (an origin, method or header not allowed) in the
+    OpenAI error shape like every other error, instead of plain text."""
+
+    def preflight_response(self, request_headers):
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+        return APIError(400, f"CORS preflight refused: {response.body.decode()} (see --allowed-origins)",
+                        code="cors_refused", headers=headers).response()
 
 
 def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
@@ -519,12 +615,12 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         yield
         await server.close()
 
-    app = FastAPI(title="unmask", lifespan=lifespan)
+    app = FastAPI(title="unmask", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
 
     app.add_middleware(CountRequests, metrics=server.metrics)
     if server.config.allowed_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(server.config.allowed_origins),
+        app.add_middleware(OpenAICORS, allow_origins=list(server.config.allowed_origins),
                            allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
 
     @app.exception_handler(APIError)
@@ -572,6 +668,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat_completions(request: Request):
+        deadline = server.deadline()
         req = await server.parse(request, ChatCompletionRequest)
         server.check_common(req)
         if not req.messages:
@@ -583,10 +680,15 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         max_field = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
         max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
         options = server.options(req, max_tokens, max_field)
+        for i, m in enumerate(req.messages):
+            if m.name is not None:
+                raise APIError(400, "message names are not supported: the chat template has no place for them "
+                                    "(drop name)", f"messages.{i}.name")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-        prompt = await server.tokenize(server.prompts.chat, messages, req.infill, "messages")
+        server.check_size(options, sum(len(m["content"]) for m in messages), "messages", max_field)
+        prompt = await server.tokenize(server.prompts.chat, messages, req.infill, "messages", deadline)
         server.check_prompt(options, prompt, req.infill, "messages", max_field)
-        job = server.submit(req, prompt, options)
+        job = server.submit(req, prompt, options, deadline)
         rid, created = new_id("chatcmpl"), now()
 
         if req.stream:
@@ -607,6 +709,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
 
     @app.post("/v1/completions", dependencies=v1)
     async def completions(request: Request):
+        deadline = server.deadline()
         req = await server.parse(request, CompletionRequest)
         server.check_common(req)
         if isinstance(req.prompt, list):
@@ -620,9 +723,10 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         if req.echo:
             raise APIError(400, "echo is not supported", "echo")
         options = server.options(req, req.max_tokens, "max_tokens")
-        prompt = await server.tokenize(server.prompts.completion, req.prompt, req.infill, "prompt")
+        server.check_size(options, len(req.prompt), "prompt", "max_tokens")
+        prompt = await server.tokenize(server.prompts.completion, req.prompt, req.infill, "prompt", deadline)
         server.check_prompt(options, prompt, req.infill, "prompt", "max_tokens")
-        job = server.submit(req, prompt, options)
+        job = server.submit(req, prompt, options, deadline)
         rid, created = new_id("cmpl"), now()
 
         if req.stream:
