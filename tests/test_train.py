@@ -611,33 +611,133 @@ def test_two_processes_agree_learn_and_resume(tmp_path, tokenizer_dir, corpus, f
     assert all(torch.equal(rest["weights"][k], whole["weights"][k]) for k in whole["weights"])
 
 
-def test_disk_full_is_one_line_and_leaves_the_last_checkpoint_intact(tmp_path, tokenizer_dir, corpus, monkeypatch,
-                                                                    capsys):
+def _fail_step_4(kind: str, monkeypatch) -> None:
+    """Make writing the step-4 checkpoint fail as each writer reports a full or read-only disk."""
     import errno
+    import tempfile
 
-    from unmask import cli
+    from safetensors import SafetensorError
+
+    from unmask.models import loading
     from unmask.train import checkpoint
+
+    def failing(original, raises, where=lambda *a, **k: str(a[1] if len(a) > 1 else a[0])):
+        def write(*args, **kwargs):
+            if "step-000004" in where(*args, **kwargs):
+                raise raises
+            return original(*args, **kwargs)
+        return write
+
+    if kind == "enospc":   # an OSError from our own code (hashing the files)
+        monkeypatch.setattr(checkpoint, "_sha256", failing(checkpoint._sha256, OSError(
+            errno.ENOSPC, "No space left on device", "run/.tmp-step-000004/model.safetensors"),
+            lambda path: str(path)))
+    elif kind == "safetensors":
+        monkeypatch.setattr(loading, "save_file", failing(loading.save_file, SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)")))
+    elif kind == "torch":
+        monkeypatch.setattr(torch, "save", failing(torch.save, RuntimeError(
+            "[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file data/3: file "
+            "write failed")))
+    else:   # the run directory became read-only
+        monkeypatch.setattr(tempfile, "mkdtemp", failing(tempfile.mkdtemp, OSError(
+            errno.EROFS, "Read-only file system", "run/.tmp-step-000004"), lambda **k: k["prefix"]))
+
+
+@pytest.mark.parametrize("kind, said", [("enospc", "no space left on device"),
+                                        ("safetensors", "no space left on device"),
+                                        ("torch", "no space left on device"),
+                                        ("erofs", "read-only file system")])
+def test_a_full_or_read_only_disk_is_one_line_and_leaves_the_last_checkpoint_intact(
+        tmp_path, tokenizer_dir, corpus, monkeypatch, capsys, kind, said):
+    """Before: only an OSError ENOSPC was one line; safetensors' and torch's errors for a full disk,
+    and a read-only directory, were tracebacks."""
+    from unmask import cli
 
     run_dir = tmp_path / "run"
     args = ["train", "--tokenizer", str(tokenizer_dir), "--data", str(corpus), "--out-dir", str(run_dir),
             "--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--seq-len", "32", "--batch-size", "8",
             "--max-steps", "4", "--eval-every", "0", "--save-every", "2", "--no-progress"]
-    sha256 = checkpoint._sha256
-
-    def full_after_first_checkpoint(path):
-        if "step-000004" in str(path):
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return sha256(path)
-
-    monkeypatch.setattr(checkpoint, "_sha256", full_after_first_checkpoint)
-    assert cli.main(args) == 2
+    with monkeypatch.context() as patched:
+        _fail_step_4(kind, patched)
+        assert cli.main(args) == 2
     err = capsys.readouterr().err
-    assert "no space left on device" in err and "--resume" in err and "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith("unmask train: error: " + said) and "--resume" in errors[0], err
+    assert f"{run_dir / 'step-000002'}, is intact" in err
     assert (run_dir / "latest").read_text().strip() == "step-000002"
     assert not list(run_dir.glob(".tmp-*"))   # the partial checkpoint was removed
-    monkeypatch.setattr(checkpoint, "_sha256", sha256)
     assert cli.main(args + ["--resume"]) == 0
     assert (run_dir / "latest").read_text().strip() == "step-000004"
+
+
+def test_resaving_a_step_keeps_latest_on_a_complete_checkpoint_whenever_it_crashes(tmp_path):
+    """Re-save step 4 (as after resuming from step 2), crashing (os._exit, so no cleanup runs) at
+    each file-system operation in turn: `latest` must always name a complete checkpoint, old or new.
+    Before: step-000004 was deleted before the new one was renamed in, with `latest` naming it."""
+    from unmask.models.loading import resolve_checkpoint_dir
+    from unmask.train import checkpoint
+
+    def writes(text):
+        return lambda d: (d / "weights.txt").write_text(text)
+
+    base = tmp_path / "base"
+    base.mkdir()
+    checkpoint.write_checkpoint(base, 2, writes("two"), keep_last=0)
+    checkpoint.write_checkpoint(base, 4, writes("old four"), keep_last=0)
+    operations = [(os, "replace"), (os, "link"), (shutil, "rmtree"), (shutil, "copytree"), (checkpoint, "_fsync")]
+    seen = set()
+    for crash_at in range(1, 100):
+        run = tmp_path / f"crash-{crash_at}"
+        shutil.copytree(base, run)
+        pid = os.fork()
+        if pid == 0:   # the child re-saves step 4 and dies at the crash_at-th operation
+            calls = [0]
+
+            def crashing(original):
+                def operation(*args, **kwargs):
+                    calls[0] += 1
+                    if calls[0] == crash_at:
+                        os._exit(17)
+                    return original(*args, **kwargs)
+                return operation
+
+            for module, name in operations:
+                setattr(module, name, crashing(getattr(module, name)))
+            checkpoint.write_checkpoint(run, 4, writes("new four"), keep_last=0)
+            os._exit(0)
+        status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        ckpt = resolve_checkpoint_dir(run)
+        checkpoint.verify(ckpt)
+        seen.add((ckpt / "weights.txt").read_text())
+        if status == 0:
+            break
+        assert status == 17
+    assert status == 0 and crash_at > 5 and seen == {"old four", "new four"}
+    assert (run / "latest").read_text().strip() == "step-000004"
+    assert (run / "step-000004" / "weights.txt").read_text() == "new four"
+    assert sorted(p.name for p in run.iterdir()) == ["latest", "step-000002", "step-000004"]
+
+
+def test_resume_drops_a_torn_last_metrics_line_and_names_a_bad_one(tmp_path, tokenizer_dir, corpus, capsys):
+    """Before: a torn last line of metrics.jsonl (a crash mid-write) blocked --resume with a JSON
+    error naming no file, though the checkpoint was intact."""
+    import json
+
+    cfg = tiny(tmp_path, tokenizer_dir, corpus, eval_every=0, save_every=2)
+    train(tiny(tmp_path, tokenizer_dir, corpus, eval_every=0, save_every=2, stop_at=4))
+    log = Path(cfg.out_dir) / "metrics.jsonl"
+    good = log.read_text()
+    log.write_text(good + '{"step": 5, "loss": 2.')
+    capsys.readouterr()
+    rest = train(tiny(tmp_path, tokenizer_dir, corpus, eval_every=0, save_every=2, resume="auto"))
+    assert rest.step == 8 and "dropped its torn last line" in capsys.readouterr().err
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(1, 9))
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:2] + ['{"step": 3, "lo'] + lines[3:]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics\.jsonl, line 3, is not a metrics row"):
+        train(tiny(tmp_path, tokenizer_dir, corpus, eval_every=0, save_every=2, resume="auto", max_steps=10))
 
 
 def test_max_minutes_checkpoints_and_resumes_exactly(tmp_path, tokenizer_dir, corpus):

@@ -71,18 +71,19 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import errno
+    """Train; a full, read-only or unwritable disk is one line (`checkpoint.disk_error_message`)."""
+    from pathlib import Path
 
     from ..cli import UserError
+    from ..train.checkpoint import disk_error_message
     from ..train.trainer import train
 
     config = config_from_args(args)
     try:
         result = train(config)
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
+    except Exception as e:
+        message = disk_error_message(e, Path(config.out_dir))
+        if message is None:
             raise
-        raise UserError(f"no space left on device while writing {e.filename or config.out_dir}; checkpoints are "
-                        "written to a temporary directory and renamed, so the last complete one is intact: free "
-                        "space, then rerun with --resume") from None
+        raise UserError(message) from None
     return 130 if result.interrupted else 0

@@ -8,15 +8,20 @@ Layout of `out_dir`:
 
 A checkpoint is written into a temporary directory inside out_dir, every file fsynced, then
 renamed into place, and only then is `latest` replaced (itself atomically). A crash at any moment
-leaves the previous checkpoint and pointer intact. On resume the manifest is checked first, so a
+leaves the previous checkpoint and pointer intact. Saving a step directory that exists already
+(after resuming from an older checkpoint) cannot rename over it, so `latest` first names the
+sealed temporary directory, the old one is moved aside, the new one hard-linked into place, and
+only then does `latest` name it: `latest` names a complete checkpoint throughout. On resume the manifest is checked first, so a
 truncated or corrupted file is reported as a `CheckpointError` instead of loading half a state.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,6 +34,12 @@ from ..models.loading import LATEST, MANIFEST, read_json, resolve_checkpoint_dir
 
 STATE = "trainer_state.pt"
 PREFIX = "step-"
+# Why writing can fail that is the disk's doing, not the run's, and what to do about it.
+DISK_ERRORS = {errno.ENOSPC: ("no space left on device", "free space"),
+               errno.EDQUOT: ("disk quota exceeded", "free space or raise the quota"),
+               errno.EROFS: ("read-only file system", "make it writable or copy the run to a writable disk"),
+               errno.EACCES: ("permission denied", "make it writable or copy the run to a writable disk"),
+               errno.EPERM: ("permission denied", "make it writable or copy the run to a writable disk")}
 
 
 def step_name(step: int) -> str:
@@ -75,15 +86,77 @@ def write_checkpoint(out_dir: Path, step: int, write_files: Callable[[Path], Non
         _fsync(tmp / MANIFEST)
         _fsync(tmp)
         if final.exists():  # re-saving a step (e.g. after resuming from an older checkpoint)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    write_text_atomic(out_dir / LATEST, final.name + "\n")
+            _replace_step(out_dir, tmp, final)
+        else:
+            os.replace(tmp, final)
+            _fsync(out_dir)
+        write_text_atomic(out_dir / LATEST, final.name + "\n")
+    finally:   # best effort (the disk may be full or read-only), and never what `latest` names
+        if tmp.exists() and _latest_name(out_dir) != tmp.name:
+            shutil.rmtree(tmp, ignore_errors=True)
     prune(out_dir, keep_last, keep=final.name)
     return final
+
+
+def disk_error(e: BaseException) -> int | None:
+    """The errno of a write that failed for the disk's sake (full, over quota, read-only, not
+    writable), else None. The writers report it three ways: an OSError; safetensors'
+    SafetensorError and torch's RuntimeError, which carry only a message ("... os error 28"), or
+    for torch's zip writer (PytorchStreamWriter, "unexpected pos") no cause at all, which is taken
+    as a full disk."""
+    if isinstance(e, OSError):
+        return e.errno if e.errno in DISK_ERRORS else None
+    if not isinstance(e, RuntimeError) and type(e).__name__ != "SafetensorError":
+        return None
+    number = re.search(r"os error (\d+)", str(e))
+    if number:
+        return int(number.group(1)) if int(number.group(1)) in DISK_ERRORS else None
+    if isinstance(e, RuntimeError) and ("PytorchStreamWriter" in str(e) or "unexpected pos" in str(e)):
+        return errno.ENOSPC
+    return None
+
+
+def disk_error_message(e: BaseException, out_dir: Path) -> str | None:
+    """One line for a disk error (`disk_error`) while training into out_dir: what happened, that the
+    last complete checkpoint is intact (checkpoints are renamed into place whole), what to do."""
+    code = disk_error(e)
+    if code is None:
+        return None
+    what, fix = DISK_ERRORS[code]
+    where = getattr(e, "filename", None) or out_dir
+    last = _latest_name(out_dir)
+    kept = f"the last complete checkpoint, {out_dir / last}, is intact" if last else "no checkpoint was written yet"
+    return f"{what} while writing {where}; {kept}: {fix}, then rerun with --resume"
+
+
+def _replace_step(out_dir: Path, sealed: Path, final: Path) -> None:
+    """Put the sealed checkpoint at `final`, which exists, with `latest` naming a complete directory
+    at every moment: a directory cannot be renamed over another, and between removing the old one
+    and renaming the new one in, `latest` could name neither. So `latest` names `sealed` first, the
+    old directory moves aside (under a temporary name that `prune` removes), and `sealed`'s files
+    are hard-linked into a new `final` (no copying), which `write_checkpoint` then points `latest` at."""
+    write_text_atomic(out_dir / LATEST, sealed.name + "\n")
+    old = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".tmp-{final.name}-replaced-"))
+    os.replace(final, old / final.name)
+    _fsync(out_dir)
+    shutil.copytree(sealed, final, copy_function=_link_or_copy)
+    _fsync(final)
+    _fsync(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link, or a copy (fsynced) on a file system without them."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+        _fsync(Path(dst))
+
+
+def _latest_name(out_dir: Path) -> str | None:
+    pointer = out_dir / LATEST
+    return pointer.read_text(errors="replace").strip() if pointer.is_file() else None
 
 
 def list_checkpoints(out_dir: Path) -> list[Path]:

@@ -314,24 +314,49 @@ class StopRequest:
 
 
 class MetricsLog:
-    """metrics.jsonl (one JSON object per line) and loss_curve.png in the run directory."""
+    """metrics.jsonl (one JSON object per line) and loss_curve.png in the run directory.
 
-    def __init__(self, out_dir: Path, resume_step: int):
+    Each row is appended with one write, so a crash can tear only the last line; on resume a torn
+    last line is dropped (and reported through `log`) before anything is appended after it, so it
+    never ends up inside the file. A line that is not JSON anywhere else is an error naming it."""
+
+    def __init__(self, out_dir: Path, resume_step: int, log=lambda msg: None):
         self.path = out_dir / "metrics.jsonl"
         if self.path.exists():  # drop lines past the resumed step: they belong to an abandoned future
-            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            kept = [ln for ln, row in self._rows(log) if row["step"] <= resume_step]
             ckpt_io.write_text_atomic(self.path, "".join(ln + "\n" for ln in kept))
 
+    def _rows(self, log) -> list[tuple[str, dict]]:
+        """Each line with its row; a torn last line (a crash mid-write) is left out and reported."""
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        rows = []
+        for number, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line) if line else None
+            except ValueError:
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append((line, row))
+            elif number == len(lines) and line:
+                log(f"{self.path}: dropped its torn last line (a crash while it was written): {line[:60]!r}")
+            elif line:
+                raise ValueError(f"{self.path}, line {number}, is not a metrics row ({line[:60]!r}): delete or fix "
+                                 "that line, then rerun")
+        return rows
+
     def write(self, **row) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(row) + "\n").encode())
+        finally:
+            os.close(fd)
 
     def plot(self) -> None:
         try:
             from matplotlib.figure import Figure  # no pyplot: no global backend state, no display needed
         except ImportError:
             return
-        rows = [json.loads(ln) for ln in self.path.read_text().splitlines() if ln]
+        rows = [row for _, row in self._rows(log=lambda msg: None)]
         train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
         held = [(r["step"], r["eval_nats_per_token"]) for r in rows if "eval_nats_per_token" in r]
         fig = Figure(figsize=(7, 4))
@@ -401,7 +426,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.core, cfg)
         self.step = 0
         self._resume()
-        self.metrics = MetricsLog(self.out_dir, self.step) if self.dist.main else None
+        self.metrics = MetricsLog(self.out_dir, self.step, self.log) if self.dist.main else None
 
     def log(self, msg: str) -> None:
         if self.dist.main:
