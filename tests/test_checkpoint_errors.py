@@ -52,6 +52,10 @@ def refused(path, *words) -> str:
     (DENSE, {"n_heads": 0, "n_kv_heads": 0}, "n_heads must be at least 1, got 0"),
     (MOE, {"num_experts_per_tok": "2"}, 'num_experts_per_tok must be an integer, got "2"'),
     (MOE, {"moe_layer_freq": ["yes", 1]}, "moe_layer_freq must be an integer or a list of 0/1"),
+    (DENSE, {"rope_theta": float("nan")}, "rope_theta must be a finite number, got nan"),
+    (DENSE, {"rope_theta": 0}, "rope_theta must be a finite number > 0"),
+    (DENSE, {"rms_norm_eps": -1e-5}, "norm_eps must be a finite number > 0 (rms_norm_eps in config.json)"),
+    (MOE, {"rope_theta": float("inf")}, "rope_theta must be a finite number, got inf"),
 ])
 def test_config_values_of_the_wrong_type_name_file_and_key(tmp_path, src, changes, message):
     d = copy_checkpoint(src, tmp_path / "ckpt")
@@ -125,6 +129,43 @@ def test_shapes_are_checked_against_the_headers_before_any_memory_is_allocated(t
 
 
 # ---- files and directories ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("src, key", [(DENSE, "n_layers"), (MOE, "num_hidden_layers"), (MOE, "num_experts")])
+def test_huge_counts_are_refused_from_the_header_at_once(tmp_path, src, key):
+    """Before: n_layers 10**9 built per-layer tables first: the load hung at 8 GB."""
+    import time
+
+    d = copy_checkpoint(src, tmp_path / "ckpt")
+    edit_config(d, **{key: 10**9})
+    started = time.monotonic()
+    refused(d, d / "config.json", f"{key} is 1000000000, but", d / "model.safetensors", "tensors")
+    with pytest.raises(CheckpointError, match=f"{key} is 1000000000"):
+        unmask.models.load_config(d)   # what reads a checkpoint's family (unmask serve) before a load
+    assert time.monotonic() - started < 5
+
+
+def _rewrite_weights(d: Path, change) -> str:
+    """Rewrite d's model.safetensors with `change` applied to its first tensor; returns that tensor's name."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(d / "model.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name] = change(tensors[name])
+    save_file(tensors, d / "model.safetensors")
+    return name
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda t: t.index_fill(0, torch.tensor([0]), float("nan")), ["NaN or infinite"]),
+    (lambda t: t.index_fill(0, torch.tensor([0]), float("inf")), ["NaN or infinite"]),
+    (lambda t: t.round().to(torch.int64), ["I64", "not floating point"]),
+], ids=["nan", "inf", "int64"])
+def test_unsound_weights_are_refused_naming_the_tensor(tmp_path, change, words):
+    """Before: NaN weights and integer-typed tensors loaded silently."""
+    d = copy_checkpoint(DENSE, tmp_path / "ckpt")
+    name = _rewrite_weights(d, change)
+    refused(d, d / "model.safetensors", name, *words)
+
 
 def test_a_file_is_not_a_checkpoint_directory(tmp_path):
     message = refused(DENSE / "model.safetensors", "is a file; pass the checkpoint directory that contains it")

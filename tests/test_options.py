@@ -27,6 +27,7 @@ def dense():
     (dict(temperature=-0.1), "temperature", "finite number >= 0"),
     (dict(cfg_scale=math.inf), "cfg_scale", "finite number >= 0"),
     (dict(cfg_scale=-1.0), "cfg_scale", "0 turns guidance off"),
+    (dict(cfg_scale=1e308), "cfg_scale", "<= 100"),   # before: ran, and gave empty text
     (dict(threshold=math.nan), "threshold", "scores are probabilities"),
     (dict(threshold=-1.0), "threshold", "> 0|>= 0"),
     (dict(threshold=1.5), "threshold", "<= 1"),

@@ -154,6 +154,7 @@ def test_infill_field_fills_typed_masks(url):
 BAD_NUMBERS = [
     ('"temperature": NaN', "temperature"), ('"temperature": Infinity', "temperature"),
     ('"cfg_scale": NaN', "cfg_scale"), ('"cfg_scale": Infinity', "cfg_scale"), ('"cfg_scale": -Infinity', "cfg_scale"),
+    ('"cfg_scale": 1e308', "cfg_scale"),   # before: 200 with empty text
     ('"threshold": NaN', "threshold"), ('"threshold": -1', "threshold"), ('"threshold": 2', "threshold"),
     ('"seed": 18446744073709551616', "seed"), ('"seed": -9223372036854775809', "seed"),
     ('"block_length": 0', "block_length"), ('"block_length": -1', "block_length"),

@@ -12,6 +12,7 @@ harmless is refused by name (`_KNOWN_KEYS`): it could change the computation.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 
 # Special ids of the public checkpoints, which their config.json files do not all record.
@@ -97,6 +98,10 @@ class ModelConfig:
             raise ValueError(f"unknown router {self.router!r}: use 'softmax' or 'sigmoid'")
         if any(self.moe_layers):
             _check_groups(self)
+        for name, hf_name in (("rope_theta", "rope_theta"), ("norm_eps", "rms_norm_eps")):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0 ({hf_name} in config.json), got {value}")
         if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"mask_token_id {self.mask_token_id} is outside the vocabulary (size {self.vocab_size})")
         _check_expressible(self)
@@ -246,6 +251,8 @@ def _get(d: dict, key: str, kind: type, default=_REQUIRED):
         value = float(value)
     if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
         raise ValueError(f"{key} must be {_JSON_TYPES[kind]}, got {json.dumps(value)[:80]}")
+    if kind is float and not math.isfinite(value):   # Python's JSON reads NaN and Infinity
+        raise ValueError(f"{key} must be a finite number, got {value}")
     return value
 
 

@@ -127,25 +127,57 @@ def read_json(path: Path) -> dict:
     return value
 
 
+# config.json's counts of things that each own tensors of their own (layers, experts), per layout.
+COUNT_KEYS = ("n_layers", "num_hidden_layers", "num_experts")
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
 def load_config(path: str | os.PathLike | None) -> ModelConfig:
+    """The checkpoint's config, checked first against its weights' headers where it has weights."""
     d = resolve_checkpoint_dir(path)
     cfg_file = d / "config.json"
     if not cfg_file.exists():
         raise CheckpointError(f"{cfg_file} is missing: a checkpoint directory needs config.json")
+    raw = read_json(cfg_file)
+    _check_counts(raw, cfg_file, d)
     try:
-        return ModelConfig.from_hf_dict(read_json(cfg_file))
+        return ModelConfig.from_hf_dict(raw)
     except ValueError as e:
         raise CheckpointError(f"{cfg_file}: {e}") from None
 
 
+def _check_counts(raw: dict, cfg_file: Path, d: Path) -> None:
+    """Refuse a layer or expert count larger than the number of tensors the weights hold (each
+    layer and each expert has tensors of its own), before the config builds per-layer tables: a
+    config.json saying n_layers = 10**9 would otherwise take minutes and gigabytes to refuse.
+    Reads only the safetensors headers."""
+    index, single = d / "model.safetensors.index.json", d / "model.safetensors"
+    if not (index.exists() or single.exists()):
+        return
+    weights, tensors = index if index.exists() else single, len(_weight_files(d))
+    for key in COUNT_KEYS:
+        value = raw.get(key)
+        if type(value) is int and value > tensors:
+            raise CheckpointError(f"{cfg_file}: {key} is {value}, but {weights} holds only {tensors} tensors "
+                                  "(does config.json match the weights?)")
+
+
 def _shapes(file: Path) -> dict[str, tuple[int, ...]]:
-    """Each tensor's shape, read from the safetensors header alone (no tensor data is loaded)."""
+    """Each tensor's shape, read from the safetensors header alone (no tensor data is loaded).
+    Every tensor must be floating point: an integer one would be cast into a weight silently."""
     _readable(file)
     try:
         with safe_open(file, framework="pt") as f:
-            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+            slices = {name: f.get_slice(name) for name in f.keys()}
+            shapes = {name: tuple(s.get_shape()) for name, s in slices.items()}
+            dtypes = {name: s.get_dtype() for name, s in slices.items()}
     except Exception as e:  # safetensors raises its own error type for truncated/corrupt files
         raise CheckpointError(f"{file} is unreadable (truncated or corrupt?): {e}") from None
+    wrong = sorted(name for name, dtype in dtypes.items() if dtype not in FLOAT_DTYPES)
+    if wrong:
+        raise CheckpointError(f"{file}: {wrong[0]} holds {dtypes[wrong[0]]} values, not floating point "
+                              f"({len(wrong)} such tensor(s)); weights must be F32, F16 or BF16")
+    return shapes
 
 
 def _weight_files(d: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
@@ -231,7 +263,17 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | str |
                         _tensor(model, p.param_name)[p.index].copy_(f.get_tensor(p.checkpoint_name))
             except Exception as e:
                 raise CheckpointError(f"{file} is unreadable (truncated or corrupt?): {e}") from None
+            _check_finite(model, group, file)
     return quantize_model(model.eval(), quantize)
+
+
+def _check_finite(model: torch.nn.Module, group: list, file: Path) -> None:
+    """Refuse NaN or infinite weights (as loaded, in the load's dtype), which would make every
+    output NaN without an error."""
+    for p in group:
+        if not torch.isfinite(_tensor(model, p.param_name)[p.index]).all():
+            raise CheckpointError(f"{file}: {p.checkpoint_name} holds NaN or infinite values (a diverged or "
+                                  "damaged checkpoint, or one too large for this dtype)")
 
 
 def _load_remote_code(d: Path, dtype, device) -> torch.nn.Module:

@@ -23,6 +23,7 @@ from .remasking import REMASKING_RULES
 CACHE_MODES = ("prefix", "dual")
 PROBABILITY_RULES = ("low_confidence", "margin", "random")   # rules whose scores lie in [0, 1]
 SEED_RANGE = (-2**63, 2**64 - 1)                             # what torch.Generator.manual_seed takes
+CFG_SCALE_MAX = 100.0   # far above any useful weight (LLaDA uses up to ~3); huge ones overflow the guided logits
 
 
 class OptionError(ValueError):
@@ -235,8 +236,10 @@ def check_mask_id(model, mask_id: int) -> None:
 
 
 def check_cfg_scale(w: float) -> float:
-    """A guidance weight: finite and >= 0 (0 is no guidance). Also what the likelihood paths take."""
-    _number(w, "cfg_scale", minimum=0.0, hint="; 0 turns guidance off")
+    """A guidance weight: >= 0 (0 is no guidance) and at most CFG_SCALE_MAX, beyond which the
+    guided logits uncond + (w+1)(cond - uncond) overflow to inf/NaN and the text comes out empty.
+    Also what the likelihood paths take."""
+    _number(w, "cfg_scale", minimum=0.0, maximum=CFG_SCALE_MAX, hint="; 0 turns guidance off")
     return w
 
 
