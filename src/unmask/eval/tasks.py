@@ -216,23 +216,31 @@ def read_rows(path: Path) -> list[tuple[str, dict]]:
             raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow), "
                              "or convert the file to .jsonl") from None
         return [(f"row {i}", r) for i, r in enumerate(pq.read_table(path).to_pylist(), 1)]
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); convert it to UTF-8") from None
     if path.suffix == ".json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e})") from None
+        rows = _json(text, path)
         if not isinstance(rows, list):
             raise ValueError(f"{path}: a .json task file holds a list of rows")
         return [(f"row {i}", r) for i, r in enumerate(rows, 1)]
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                out.append((f"line {n}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
-    return out
+    return [(f"line {n}", _json(line, path, f"line {n}")) for n, line in enumerate(text.splitlines(), 1)
+            if line.strip()]
+
+
+def _json(text: str, path: Path, where: str | None = None):
+    """Parse JSON from a task file; what cannot be read, nesting too deep for the parser included
+    (a RecursionError otherwise), is a ValueError naming the file (and line)."""
+    at = f"{path}: {where}" if where else str(path)
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{at} is nested too deeply to read as JSON") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{at} is not valid JSON ({e.msg}, column {e.colno})") from None
+    except ValueError as e:   # e.g. an integer of more digits than Python converts
+        raise ValueError(f"{at} is not readable JSON ({e})") from None
 
 
 def load_items(task: Task, data_dir: str | Path | None = None, limit: int | None = None) -> list[Item]:
