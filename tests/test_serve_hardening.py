@@ -634,3 +634,33 @@ def test_no_api_docs_pages(loaded, path):
 def test_fields_the_server_would_ignore_are_refused(url, path, body, param):
     """Before: a message's name and diffusion_progress without stream were silently ignored."""
     assert_error(post(url, {"model": MODEL, "max_tokens": 8, **body}, path), 400, param)
+
+
+@pytest.mark.slow   # starts an `unmask serve` process
+def test_a_second_signal_that_cuts_requests_exits_non_zero(tiny_checkpoint, tmp_path):
+    """Before: a second SIGTERM cut the running stream off and the process still exited 0."""
+    port, log = _free_port(), tmp_path / "serve.log"
+    base = f"http://127.0.0.1:{port}"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "unmask.cli", "serve", "--model", str(tiny_checkpoint),
+                                 "--served-model-name", MODEL, "--device", "cpu", "--port", str(port),
+                                 "--max-tokens-limit", "448", "--shutdown-grace", "60"],
+                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        _wait_healthy(base, proc)
+        body = {"model": MODEL, "prompt": "Story:", "stream": True, "max_tokens": 448, "steps": 448,
+                "block_length": 32, "cfg_scale": 1.0}
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(lambda: httpx.post(base + "/v1/completions", json=body, timeout=120))
+            deadline = time.monotonic() + 30
+            while _metric(base, "unmask_requests_in_flight") < 1:
+                assert time.monotonic() < deadline, "the request was not accepted"
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            _poll_health_until(base, 503)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "cut off" in log.read_text()
