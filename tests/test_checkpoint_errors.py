@@ -140,7 +140,7 @@ def test_huge_counts_are_refused_from_the_header_at_once(tmp_path, src, key):
     started = time.monotonic()
     refused(d, d / "config.json", f"{key} is 1000000000, but", d / "model.safetensors", "tensors")
     with pytest.raises(CheckpointError, match=f"{key} is 1000000000"):
-        unmask.models.load_config(d)   # what reads a checkpoint's family (unmask serve) before a load
+        unmask.models.load_config(d)   # the public config reader, on its own
     assert time.monotonic() - started < 5
 
 

@@ -562,18 +562,18 @@ class CountRequests:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         endpoint = scope["path"] if scope["path"] in self.ROUTES else "other"
-        started, status = time.monotonic(), 500
+        started, status, responded = time.monotonic(), 500, False
 
         async def send_and_count(message):
-            nonlocal status
+            nonlocal status, responded
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, responded = message["status"], True
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_count)
         except Exception as e:
-            if status != 500:   # the response had started: it is what the client got
+            if responded:   # the response had started: it is what the client got
                 raise
             error = as_api_error(e)
             status = error.status

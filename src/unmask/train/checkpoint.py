@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 
 from ..models import CheckpointError
 from ..models.loading import LATEST, MANIFEST, read_json, resolve_checkpoint_dir
@@ -106,7 +107,7 @@ def disk_error(e: BaseException) -> int | None:
     as a full disk."""
     if isinstance(e, OSError):
         return e.errno if e.errno in DISK_ERRORS else None
-    if not isinstance(e, RuntimeError) and type(e).__name__ != "SafetensorError":
+    if not isinstance(e, (RuntimeError, SafetensorError)):
         return None
     number = re.search(r"os error (\d+)", str(e))
     if number:
