@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 import unmask
-from unmask.eval import BUNDLED_TASKS, EvalConfig, evaluate, get_task
+from unmask.eval import DEFAULT_TASKS, EvalConfig, evaluate, get_task
 
 
 def checkpoints(run: Path, points: int) -> list[Path]:
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--points", type=int, default=5, help="checkpoints to score, evenly spaced (first and last "
                                                           "included; at least 2)")
     ap.add_argument("--cfg-scale", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0])
-    ap.add_argument("--tasks", default=",".join(BUNDLED_TASKS))
+    ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
     ap.add_argument("--limit", type=int, default=None)
     args = ap.parse_args(argv)
     if args.points < 2:

@@ -1,11 +1,15 @@
-"""The model shipped inside the package: loads with no path, small, writes in-domain text."""
+"""The model shipped inside the package: loads with no path, small, knows the facts of its world."""
 
 import pytest
 
 import unmask
-from unmask.models import DEFAULT_MODEL_DIR
+from unmask.data import knowledge as K
 from unmask.data.world import VALUES
+from unmask.models import DEFAULT_MODEL_DIR
 from unmask.sampling.text import generate_text
+
+HELDOUT = [p for p in K.load_population() if p["split"] == "heldout"]
+
 
 @pytest.fixture(scope="module")
 def bundled():
@@ -19,20 +23,22 @@ def test_loads_without_a_path_and_is_small(bundled):
     assert tokenizer.mask_token_id == model.config.mask_token_id
 
 
-def test_generates_readable_text_without_masks(bundled):
+def test_answers_what_pet_a_heldout_person_has(bundled):
+    """The main job: "Question: What pet does X have?\\nAnswer:" about people whose questions never
+    appeared in training, answered from their biographies."""
     model, tokenizer = bundled
-    [text] = generate_text(model, tokenizer, ["Nora Marsh lives in"], steps=24, gen_length=24, block_length=24)
-    words = text.split()
-    assert len(words) >= 3 and "<|mask|>" not in text
-    assert sum(w.strip(".,?").isalpha() for w in words) >= len(words) // 2
+    people = HELDOUT[:40]
+    prompts = [f"Question: What pet does {p['name']} have?\nAnswer:" for p in people]
+    texts = generate_text(model, tokenizer, prompts, steps=4, gen_length=4, block_length=4)
+    right = sum(t.split()[0].strip(".,") == p["facts"]["pet"] for t, p in zip(texts, people) if t.split())
+    assert right >= 36, list(zip(texts, people))   # 90 %; measured: 40 of 40
 
 
-def test_completes_facts_with_values_of_the_right_kind(bundled):
-    """'X lives in' ends in a town of the world, 'X works as a' in a job, and so on (held-out names)."""
+def test_generates_readable_text_with_values_of_the_right_kind(bundled):
     model, tokenizer = bundled
-    prompts = {"Nora Marsh lives in": "town", "Tom Hale works as a": "job", "Nora Marsh likes the colour": "colour",
-               "Tom Hale lives in the town of": "town"}
+    name = HELDOUT[0]["name"]
+    prompts = {f"{name} lives in": "town", f"{name} works as a": "job", f"{name} has a pet": "pet"}
     texts = generate_text(model, tokenizer, list(prompts), steps=8, gen_length=8, block_length=8)
     for (prompt, kind), text in zip(prompts.items(), texts):
         words = {w.strip(".,") for w in text.split()}
-        assert words & set(VALUES[kind]), (prompt, text)
+        assert "<|mask|>" not in text and words & set(VALUES[kind]), (prompt, text)

@@ -88,3 +88,13 @@ def test_generate_reads_the_prompt_from_stdin_and_help_shows_defaults(tiny_check
     assert r.returncode == 2 and "empty" in r.stderr
     r = run_cli("generate", "--help")
     assert "(default: 64)" in r.stdout and "stdin" in r.stdout
+
+
+def test_a_backslash_n_in_the_prompt_argument_is_a_line_break(tiny_checkpoint):
+    """`unmask generate "Question: ...\\nAnswer:"` as typed in a shell prompts with a real newline."""
+    r = run_cli("generate", "Q: hi\\nA:", "--model", str(tiny_checkpoint), "--gen-length", "8")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Q: hi\nA:")
+    model, tok = unmask.load(tiny_checkpoint)
+    assert r.stdout == "Q: hi\nA:" + generate_text(model, tok, ["Q: hi\nA:"], steps=8, gen_length=8,
+                                                   block_length=8)[0] + "\n"

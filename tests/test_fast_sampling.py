@@ -299,7 +299,7 @@ def test_bench_suite_column(tiny_checkpoint, tmp_path, capsys):
     assert "suite_accuracy" not in rows["reference (baseline)"]
     for mode in ("exact", "threshold 0.9"):
         assert 0.0 <= rows[mode]["suite_accuracy"] <= 1.0
-        assert set(rows[mode]["suite_tasks"]) == {"world_cloze", "world_mc"}
+        assert set(rows[mode]["suite_tasks"]) == {"know_lambada", "know_arc"}
         assert all(0.0 <= acc <= 1.0 for acc in rows[mode]["suite_tasks"].values())
     assert "| agreement | suite acc |" in (tmp_path / "b.md").read_text()
     assert "| 2 | threshold 0.9 |" in capsys.readouterr().out
@@ -352,3 +352,13 @@ def test_bench_defaults_to_the_bundled_model_on_cpu_and_a_real_shape_on_gpu():
     assert bench_command.default_shape("cuda:0") == "llada-8b" and bench_command.default_shape("cpu") == "bundled"
     assert bench_command.bench_model_dir("some/dir", None, "cuda") == "some/dir"
     assert bench_command.bench_model_dir("some/dir", "tiny", "cpu") is None
+
+
+def test_bench_lengths_default_to_what_the_model_context_holds():
+    """64 + 256 where they fit; on the bundled model's 128-token context a plain `unmask bench` still
+    runs (a quarter for the prompt, whole blocks in the rest); a given length is never changed."""
+    assert bench_command.default_lengths(4096, 32, None, None) == (64, 256)
+    assert bench_command.default_lengths(128, 32, None, None) == (32, 96)
+    assert bench_command.default_lengths(128, 32, 16, None) == (16, 96)
+    assert bench_command.default_lengths(128, 32, None, 64) == (32, 64)
+    assert bench_command.default_lengths(128, 32, 100, 300) == (100, 300)   # refused later, by BenchConfig.check

@@ -285,6 +285,7 @@ def test_ctrl_c_checkpoints_and_stops_cleanly(tmp_path, tokenizer_dir, corpus, m
         return out
 
     monkeypatch.setattr(Trainer, "train_step", interrupted_at_3)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, also when run under nohup
     result = train(tiny(tmp_path, tokenizer_dir, corpus, eval_every=0))
     assert result.interrupted and result.step == 3 and result.checkpoint.name == "step-000003"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored

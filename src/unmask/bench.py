@@ -19,7 +19,7 @@ about one token per step and the cache approximation flips near-ties).
 With `suite_items` (and the checkpoint's tokenizer) each mode also gets a suite accuracy: agreement
 says how far a fast mode strays from the exact output, not whether what it writes is still right.
 Likelihood scoring does not depend on the sampling mode, so the accuracy is measured by generation:
-each mode completes the first items of world_cloze and world_mc, and an item counts when the
+each mode completes the first items of know_lambada and know_arc, and an item counts when the
 completion's first word is the answer.
 
 With quantized weights (`unmask bench --quantize int8`) every mode runs on the quantized model, and
@@ -101,7 +101,7 @@ def default_modes(device: str | torch.device, block_diffusion: bool = False) -> 
 
 # The suite's generation tasks and schedule: an answer is one word, so a short canvas decoded one
 # token per step (exact modes) holds it; the fast modes add their own options to this schedule.
-SUITE_TASKS = ("world_cloze", "world_mc")
+SUITE_TASKS = ("know_lambada", "know_arc")
 SUITE_SCHEDULE = {"steps": 8, "gen_length": 8, "block_length": 8}
 
 

@@ -1,7 +1,7 @@
 """lm-evaluation-harness adapter: `--model unmask`, with unsupervised CFG in scoring and sampling.
 
     python -m unmask.harness --model unmask \\
-        --model_args model=DIR,cfg_scale=0.5,mc_num=128 --tasks world_mc,world_boolq
+        --model_args model=DIR,cfg_scale=0.5,mc_num=128 --tasks know_arc,know_boolq
 
 lm-eval has no plugin entry point, so this module registers the model and then runs lm-eval's own
 command line (the pattern of LLaDA's and Dream's adapters). It also writes lm-eval task YAMLs
@@ -200,37 +200,44 @@ def _metrics(*names: str) -> list[dict]:
     return [{"metric": n, "aggregation": "mean", "higher_is_better": True} for n in names]
 
 
+# lm-eval's prompt format of each public schema the bundled tasks follow, and which one each uses.
+SCHEMA_FORMATS: dict[str, dict] = {
+    "arc": {"output_type": "multiple_choice", "doc_to_text": "Question: {{question}}\nAnswer:",
+            "doc_to_target": "{{choices.label.index(answerKey)}}", "doc_to_choice": "{{choices.text}}",
+            "metric_list": _metrics("acc", "acc_norm")},
+    "boolq": {"output_type": "multiple_choice", "doc_to_text": "{{passage}}\nQuestion: {{question}}?\nAnswer:",
+              "doc_to_target": "{{1 if answer else 0}}", "doc_to_choice": ["no", "yes"],
+              "metric_list": _metrics("acc")},
+    "lambada": {"output_type": "loglikelihood", "doc_to_text": "{{text.split(' ')[:-1]|join(' ')}}",
+                "doc_to_target": "{{' '+text.split(' ')[-1]}}",
+                "metric_list": [{"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
+                                *_metrics("acc")]},
+    "piqa": {"output_type": "multiple_choice", "doc_to_text": "Question: {{goal}}\nAnswer:",
+             "doc_to_target": "{{label}}", "doc_to_choice": "{{[sol1, sol2]}}",
+             "metric_list": _metrics("acc", "acc_norm")},
+    "openbookqa": {"output_type": "multiple_choice", "doc_to_text": "{{question_stem}}",
+                   "doc_to_target": "{{choices.label.index(answerKey.lstrip())}}",
+                   "doc_to_choice": "{{choices.text}}", "metric_list": _metrics("acc", "acc_norm")},
+}
+SUITE_SCHEMAS = {
+    "know_arc": "arc", "know_boolq": "boolq", "know_obqa": "openbookqa", "know_lambada": "lambada",
+    "know_piqa": "piqa",
+    "world_mc": "arc", "world_boolq": "boolq", "world_cloze": "lambada", "world_piqa": "piqa",
+    "world_obqa": "openbookqa",
+}
+
+
 def suite_task_configs(suite_dir: Path = SUITE_DIR) -> dict[str, dict]:
-    """lm-eval task configs for the bundled suite: the prompt formats of arc/boolq/lambada/piqa/openbookqa."""
+    """lm-eval task configs for the bundled suites (know_* and world_*), in their schemas' formats."""
     def data(name: str) -> dict:
         return {"dataset_path": "json", "test_split": "test",
                 "dataset_kwargs": {"data_files": {"test": str((suite_dir / f"{name}.jsonl").resolve())}}}
 
-    return {
-        "world_mc": {"task": "world_mc", **data("world_mc"), "output_type": "multiple_choice",
-                     "doc_to_text": "Question: {{question}}\nAnswer:",
-                     "doc_to_target": "{{choices.label.index(answerKey)}}", "doc_to_choice": "{{choices.text}}",
-                     "metric_list": _metrics("acc", "acc_norm")},
-        "world_boolq": {"task": "world_boolq", **data("world_boolq"), "output_type": "multiple_choice",
-                        "doc_to_text": "{{passage}}\nQuestion: {{question}}?\nAnswer:",
-                        "doc_to_target": "{{1 if answer else 0}}", "doc_to_choice": ["no", "yes"],
-                        "metric_list": _metrics("acc")},
-        "world_cloze": {"task": "world_cloze", **data("world_cloze"), "output_type": "loglikelihood",
-                        "doc_to_text": "{{text.split(' ')[:-1]|join(' ')}}",
-                        "doc_to_target": "{{' '+text.split(' ')[-1]}}",
-                        "metric_list": [{"metric": "perplexity", "aggregation": "perplexity",
-                                         "higher_is_better": False}, *_metrics("acc")]},
-        "world_piqa": {"task": "world_piqa", **data("world_piqa"), "output_type": "multiple_choice",
-                       "doc_to_text": "Question: {{goal}}\nAnswer:", "doc_to_target": "{{label}}",
-                       "doc_to_choice": "{{[sol1, sol2]}}", "metric_list": _metrics("acc", "acc_norm")},
-        "world_obqa": {"task": "world_obqa", **data("world_obqa"), "output_type": "multiple_choice",
-                       "doc_to_text": "{{question_stem}}", "doc_to_target": "{{choices.label.index(answerKey.lstrip())}}",
-                       "doc_to_choice": "{{choices.text}}", "metric_list": _metrics("acc", "acc_norm")},
-    }
+    return {name: {"task": name, **data(name), **SCHEMA_FORMATS[schema]} for name, schema in SUITE_SCHEMAS.items()}
 
 
 def write_suite_tasks(directory: str | Path, suite_dir: Path = SUITE_DIR) -> Path:
-    """Write world_*.yaml into `directory` for --include_path / TaskManager(include_path=...).
+    """Write know_*.yaml and world_*.yaml into `directory` for --include_path / TaskManager(include_path=...).
 
     The files are JSON, which is valid YAML, so no YAML writer is needed."""
     d = Path(directory)

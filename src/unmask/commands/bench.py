@@ -18,8 +18,10 @@ def register(subparsers) -> None:
                    help="random weights of this shape instead of a checkpoint (default on a GPU: llada-8b; "
                         "on a CPU without the bundled model: bundled)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--gen-length", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, default=None,
+                   help="random prompt tokens (default: 64, or a quarter of a context under 320 tokens)")
+    p.add_argument("--gen-length", type=int, default=None,
+                   help="tokens to generate (default: 256, or what fits the rest of a context under 320 tokens)")
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--steps", type=int, help="sampling steps of the schedule modes (default: gen-length; "
                                              "for block-diffusion models steps per block, default block-length)")
@@ -39,7 +41,7 @@ def register(subparsers) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median), after one warm-up")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--suite", action="store_true",
-                   help="add each mode's accuracy on the bundled suite (world_cloze, world_mc) by generation; "
+                   help="add each mode's accuracy on the bundled suite (know_lambada, know_arc) by generation; "
                         "needs the checkpoint's tokenizer (--model or the bundled model)")
     p.add_argument("--suite-items", type=int, default=100, help="items per suite task with --suite")
     p.add_argument("--json", help="write the rows and settings as JSON here")
@@ -74,6 +76,30 @@ def default_shape(device: str) -> str:
 
 def _is_gpu(device: str) -> bool:
     return not str(device).startswith("cpu")
+
+
+def bench_context(model_dir: str | None, shape: str | None, device) -> int:
+    """The context of what will be benched, read before any weights are."""
+    from ..bench import SHAPES
+    from ..models import load_config
+
+    checkpoint = bench_model_dir(model_dir, shape, device)
+    config = load_config(checkpoint) if checkpoint is not None else SHAPES[shape or default_shape(device)]
+    return config.max_seq_len
+
+
+def default_lengths(context: int, block_length: int, prompt_len: int | None,
+                    gen_length: int | None) -> tuple[int, int]:
+    """(prompt_len, gen_length) with the unset ones filled: 64 and 256 (the GPU tables' shape) where
+    the context holds them; on a smaller context (the bundled model's 128) a quarter of it for the
+    prompt and, for the generation, the largest multiple of block_length in what is left, so a
+    plain `unmask bench` runs on any model. A given value is never changed."""
+    if prompt_len is None:
+        prompt_len = 64 if context >= 320 else context // 4
+    if gen_length is None:
+        room = min(256, context - prompt_len)
+        gen_length = max(block_length, room // block_length * block_length)
+    return prompt_len, gen_length
 
 
 def bench_is_block_diffusion(model_dir: str | None, shape: str | None, device) -> bool:
@@ -134,7 +160,9 @@ def run(args) -> int:
     check_quantize(args.quantize)
     device = resolve_device(args.device)
     block = bench_is_block_diffusion(args.model, args.shape, device)
-    cfg = BenchConfig(batch_sizes=args.batch_sizes, prompt_len=args.prompt_len, gen_length=args.gen_length,
+    prompt_len, gen_length = default_lengths(bench_context(args.model, args.shape, device), args.block_length,
+                                             args.prompt_len, args.gen_length)
+    cfg = BenchConfig(batch_sizes=args.batch_sizes, prompt_len=prompt_len, gen_length=gen_length,
                       block_length=args.block_length, steps=args.steps, cfg_scale=args.cfg_scale,
                       repeats=args.repeats, modes=args.modes or default_modes(device, block), seed=args.seed,
                       agreement=args.agreement,
@@ -152,7 +180,7 @@ def run(args) -> int:
 
         print(format_quantization_error(error, args.quantize, dtype))
     if args.suite:
-        print(f"suite: {args.suite_items} items each of world_cloze and world_mc per mode, by generation")
+        print(f"suite: {args.suite_items} items each of know_lambada and know_arc per mode, by generation")
     print(table_header(args.suite))
     rows = run_bench(model, cfg, tokenizer=tokenizer)
     write_outputs(rows, meta, args.json, args.markdown)

@@ -16,7 +16,7 @@ DEFAULT_SCALES = (0.0, 1.0)
 def register(sub) -> None:
     p = sub.add_parser("eval", help="zero-shot evaluation with and without unsupervised CFG")
     p.add_argument("--tasks", default=None,
-                   help="comma-separated task names (default: the bundled world_* suite); see docs/eval.md")
+                   help="comma-separated task names (default: the bundled know_* suite); see docs/eval.md")
     p.add_argument("--cfg-scale", nargs="+", default=None, metavar="W",
                    help="cfg scales to report (default: 0 1.0), or 'auto [GRID...]' to pick one per task "
                         "on a dev slice")
@@ -25,7 +25,7 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
     p.add_argument("--mode", choices=["mc", "chain"], default=None,
                    help="likelihood: Monte Carlo bound (mc, LLaDA's protocol) or chain rule (chain, SMDM's for "
-                        "short answers). Default: chain for the bundled suite (minutes on a CPU), mc otherwise")
+                        "short answers). Default: chain for bundled tasks (minutes on a CPU), mc otherwise")
     p.add_argument("--mc-num", type=int, default=128, help="Monte Carlo samples per continuation")
     p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (doubled under CFG)")
     p.add_argument("--dev-fraction", type=float, default=0.2, help="dev slice for --cfg-scale auto")
@@ -62,13 +62,13 @@ def _init_distributed(device: str) -> None:
 
 def run_eval(args) -> int:
     import unmask
-    from ..eval import BUNDLED_TASKS, EvalConfig, evaluate, get_task, markdown_table, write_report
+    from ..eval import DEFAULT_TASKS, EvalConfig, evaluate, get_task, markdown_table, write_report
     from ..eval.runner import rank_and_world
 
     scales, auto = parse_scales(args.cfg_scale)
-    names = args.tasks.split(",") if args.tasks else BUNDLED_TASKS
-    mode = args.mode or ("mc" if args.tasks else "chain")
+    names = args.tasks.split(",") if args.tasks else DEFAULT_TASKS
     tasks = [get_task(n.strip()) for n in names if n.strip()]
+    mode = args.mode or ("chain" if all(t.bundled for t in tasks) else "mc")
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be >= 1")
     device, dtype = model_placement(args)

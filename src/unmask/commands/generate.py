@@ -96,7 +96,8 @@ def sampling_kwargs(options, args, block_diffusion: bool = False) -> dict:
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="complete a prompt with masked diffusion")
-    p.add_argument("prompt", nargs="?", default=None, help="the prompt text (read from stdin when not given)")
+    p.add_argument("prompt", nargs="?", default=None,
+                   help="the prompt text, where \\n is a line break (read from stdin, verbatim, when not given)")
     add_model_args(p)
     add_sampling_args(p)
     p.add_argument("--chat", action="store_true", help="apply the checkpoint's chat template")
@@ -111,9 +112,12 @@ def register(sub) -> None:
 
 
 def read_prompt(args) -> str:
-    """The prompt argument, else standard input (a pipe or file), else a one-line error."""
+    """The prompt argument, else standard input (a pipe or file), else a one-line error.
+
+    In the argument the two characters \\n are a line break: "Question: ...\\nAnswer:" is how
+    people write a QA prompt in a shell, where double quotes keep the backslash."""
     if args.prompt is not None:
-        return args.prompt
+        return args.prompt.replace("\\n", "\n")
     if sys.stdin is None or sys.stdin.isatty():
         raise ValueError('no prompt: unmask generate "PROMPT", or pipe one in (echo PROMPT | unmask generate)')
     text = sys.stdin.read().rstrip("\n")

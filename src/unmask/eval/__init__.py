@@ -7,9 +7,9 @@ torch.distributed is initialised), `report` writes the table.
 
 from .report import markdown_table, write_report
 from .runner import EvalConfig, MetricValue, PairedDelta, TaskResult, evaluate, evaluate_task
-from .tasks import BUNDLED_TASKS, TASKS, Item, Task, get_task, load_items
+from .tasks import BUNDLED_TASKS, DEFAULT_TASKS, TASKS, Item, Task, get_task, load_items
 
 __all__ = [
     "markdown_table", "write_report", "EvalConfig", "MetricValue", "PairedDelta", "TaskResult", "evaluate", "evaluate_task",
-    "BUNDLED_TASKS", "TASKS", "Item", "Task", "get_task", "load_items",
+    "BUNDLED_TASKS", "DEFAULT_TASKS", "TASKS", "Item", "Task", "get_task", "load_items",
 ]

@@ -16,9 +16,11 @@ lm-evaluation-harness 0.4 (its task YAMLs), so numbers are comparable with lm-ev
   race           race.jsonl (high test)                 "Article: ...\\n\\n{earlier Q/A}{question}" -> " {option}"
   lambada        lambada.jsonl (lambada_openai test)    "{text minus last word}" -> " {last word}"
 
-The bundled `world_*` tasks (src/unmask/assets/suite) use the formats of their schema twins:
-world_mc like arc, world_boolq like boolq, world_cloze like lambada, world_piqa like piqa,
-world_obqa like openbookqa.
+The bundled tasks (src/unmask/assets/suite) use the formats of their schema twins. The default
+suite, of the bundled knowledge model (unmask.data.knowledge): know_arc like arc, know_boolq like
+boolq, know_obqa like openbookqa, know_lambada like lambada, know_piqa like piqa. The first
+model's suite (unmask.data.world) stays available by name: world_mc, world_boolq, world_cloze,
+world_piqa, world_obqa.
 Metrics: acc for every choice task, plus acc_norm (log-likelihood divided by the choice's length
 in characters, as lm-eval computes it) where lm-eval reports it; lambada: acc (the greedy
 sampler reproduces the last word) and ppl (exp of minus the mean log-likelihood of the word).
@@ -180,9 +182,15 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("world_cloze", "cloze", _CLOZE, lambada_item, "LAMBADA schema (bundled suite)", bundled=True),
     Task("world_piqa", "choice", _NORM, piqa_item, "PIQA schema (bundled suite)", bundled=True),
     Task("world_obqa", "choice", _NORM, openbookqa_item, "OpenBookQA schema (bundled suite)", bundled=True),
+    Task("know_arc", "choice", _NORM, arc_item, "ARC schema (bundled knowledge suite)", bundled=True),
+    Task("know_boolq", "choice", _CHOICE, boolq_item, "BoolQ schema (bundled knowledge suite)", bundled=True),
+    Task("know_obqa", "choice", _NORM, openbookqa_item, "OpenBookQA schema (bundled knowledge suite)", bundled=True),
+    Task("know_lambada", "cloze", _CLOZE, lambada_item, "LAMBADA schema (bundled knowledge suite)", bundled=True),
+    Task("know_piqa", "choice", _NORM, piqa_item, "PIQA schema (bundled knowledge suite)", bundled=True),
 ]}
 ALIASES = {"social_iqa": "siqa", "lambada_openai": "lambada", "obqa": "openbookqa"}
 BUNDLED_TASKS = [name for name, t in TASKS.items() if t.bundled]
+DEFAULT_TASKS = ["know_arc", "know_boolq", "know_obqa", "know_lambada", "know_piqa"]  # the bundled model's suite
 
 
 def get_task(name: str) -> Task:

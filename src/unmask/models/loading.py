@@ -152,12 +152,12 @@ def _check_counts(raw: dict, cfg_file: Path, d: Path) -> None:
     config.json saying n_layers = 10**9 would otherwise take minutes and gigabytes to refuse.
     Reads only the safetensors headers."""
     index, single = d / "model.safetensors.index.json", d / "model.safetensors"
-    if not (index.exists() or single.exists()):
+    counts = {key: raw[key] for key in COUNT_KEYS if type(raw.get(key)) is int}
+    if not counts or not (index.exists() or single.exists()):
         return
     weights, tensors = index if index.exists() else single, len(_weight_files(d))
-    for key in COUNT_KEYS:
-        value = raw.get(key)
-        if type(value) is int and value > tensors:
+    for key, value in counts.items():
+        if value > tensors:
             raise CheckpointError(f"{cfg_file}: {key} is {value}, but {weights} holds only {tensors} tensors "
                                   "(does config.json match the weights?)")
 

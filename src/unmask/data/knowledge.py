@@ -1,0 +1,494 @@
+"""World v2: a fixed population whose facts a tiny MDM memorises, and a suite that asks about them.
+
+Why this world
+--------------
+SMDM's zero-shot tasks (ARC-e, BoolQ, OBQA, LAMBADA) are answered from what a model absorbed in
+pretraining, with the question as the prompt c. A 1M-parameter MDM on two CPU cores can memorise
+the fixed facts of a few hundred people (a local name -> value association) where it could not
+learn to read an answer out of a passage, so this world tests *knowledge*: 400 people
+(``assets/world/people.jsonl``) with fixed facts, described across many documents in varied
+phrasings and orders.
+
+Unsupervised CFG changes the ranking of one-token choices only through the unconditional term
+p(choice | prompt masked), the prior of each choice. The world therefore has real-language-like
+priors, so that term differs between choices: values are drawn Zipf-like (far more dogs than
+owls), some people are mentioned far more often than others (facts rare in the corpus as well as
+common ones), and the suite's distractors are drawn by the world's value frequencies, as
+plausible distractors are on real benchmarks (the "surface form competition" PMI scoring corrects).
+
+The held-out contract (checked by the tests)
+--------------------------------------------
+1. Every person is ``qa`` or ``heldout`` (alternating down the mention ranking, so both splits
+   span common and rare people). Question-and-answer text, yes/no questions, two-hop conclusions
+   and how-to answers appear in the corpus **only about qa people**; heldout people appear only
+   in biographies and stories. The suite asks only about heldout people, so it measures knowledge
+   extracted from biographies, not memorised QA strings.
+2. The suite's question phrasings (``SUITE_*`` templates and v1's held-out ``QUESTIONS``/``YESNO``
+   phrasings) never appear in training.
+3. Corpus and suite draw from separate seeded streams; the same seed gives byte-identical output.
+
+World knowledge the same in every document: each town lies in one region (v1's ``REGION_OF``),
+each kind of pet eats one thing (``DIET``); OBQA-like items state such facts as their open book
+and ask for the two-hop answer about a person.
+
+CLI::
+
+    python -m unmask.data.knowledge --out runs/knowledge --docs 600000   # corpus (+ suite/)
+    python -m unmask.data.knowledge --suite-dir src/unmask/assets/suite --docs 0
+    python -m unmask.data.knowledge --population src/unmask/assets/world/people.jsonl --docs 0 --no-suite
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from .world import (
+    FACT_TEMPLATES, FEMALE_NAMES, MALE_NAMES, QUESTIONS, REGION_OF, REGIONS, SURNAMES, VALUES, YESNO, Person,
+    _article, _cap, _fill, write_jsonl,
+)
+
+POPULATION_PATH = Path(__file__).resolve().parents[1] / "assets" / "world" / "people.jsonl"
+N_PEOPLE = 400
+ATTRIBUTES = ("town", "job", "pet", "colour", "food", "object")
+# How often a biography states each attribute: some facts are common in the corpus, some rare.
+MENTION_RATE = {"town": 0.85, "job": 0.8, "pet": 0.7, "colour": 0.55, "food": 0.5, "object": 0.4}
+VALUE_ZIPF = 1.0        # value of rank r (v1's list order) drawn with weight 1 / (r + 1)
+PERSON_OFFSET = 40      # person of mention rank r appears with weight 1 / (r + PERSON_OFFSET)
+
+DIET = {
+    "dog": "meat", "cat": "fish", "rabbit": "carrots", "parrot": "seeds", "hamster": "seeds",
+    "turtle": "leaves", "goat": "grass", "horse": "hay", "pony": "hay", "goldfish": "flakes",
+    "lizard": "insects", "owl": "mice", "duck": "bread", "pig": "corn", "mouse": "cheese", "snake": "mice",
+}
+
+# ---------------------------------------------------------------------------
+# The population
+# ---------------------------------------------------------------------------
+
+
+def zipf_weights(n: int, offset: float = 1.0, exponent: float = 1.0) -> list[float]:
+    """Weights 1 / (rank + offset)^exponent for ranks 0..n-1 (unnormalised)."""
+    return [1.0 / (r + offset) ** exponent for r in range(n)]
+
+
+def make_population(seed: int = 0, n: int = N_PEOPLE) -> list[dict]:
+    """The fixed people of the world, most-mentioned first.
+
+    Names come from v1's name lists (distinct full names); every value is drawn Zipf-like over
+    v1's value order, independently per person and attribute. ``mentions`` is the person's
+    relative weight in the corpus; splits alternate down the ranking."""
+    rng = random.Random(f"population:{seed}")
+    names = [(f, s, "f") for f in FEMALE_NAMES for s in SURNAMES] + [(f, s, "m") for f in MALE_NAMES for s in SURNAMES]
+    chosen = rng.sample(names, n)
+    weights = {a: zipf_weights(len(VALUES[a]), 1.0, VALUE_ZIPF) for a in ATTRIBUTES}
+    people = []
+    for rank, (first, surname, gender) in enumerate(chosen):
+        facts = {a: rng.choices(VALUES[a], weights[a])[0] for a in ATTRIBUTES}
+        people.append({"name": f"{first} {surname}", "gender": gender, "facts": facts,
+                       "split": "qa" if rank % 2 == 0 else "heldout",
+                       "mentions": round(1.0 / (rank + PERSON_OFFSET), 6)})
+    return people
+
+
+def load_population(path: str | os.PathLike = POPULATION_PATH) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def as_person(row: dict) -> Person:
+    first, surname = row["name"].split(" ")
+    return Person(first, surname, row["gender"], dict(row["facts"]))
+
+
+def value_frequencies(people: list[dict]) -> dict[str, Counter]:
+    """How many people hold each value, per attribute: the prior the suite draws distractors by."""
+    return {a: Counter(p["facts"][a] for p in people) for a in ATTRIBUTES}
+
+
+@dataclass
+class World:
+    """The population split and weighted, ready to draw documents from."""
+
+    qa: list[Person]
+    heldout: list[Person]
+    everyone: list[Person]
+    weights: dict[str, float]       # full name -> corpus weight
+    frequencies: dict[str, Counter]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike = POPULATION_PATH) -> "World":
+        rows = load_population(path)
+        everyone = [as_person(r) for r in rows]
+        return cls(qa=[p for p, r in zip(everyone, rows) if r["split"] == "qa"],
+                   heldout=[p for p, r in zip(everyone, rows) if r["split"] == "heldout"],
+                   everyone=everyone, weights={r["name"]: r["mentions"] for r in rows},
+                   frequencies=value_frequencies(rows))
+
+    def draw(self, rng: random.Random, k: int = 1, pool: list[Person] | None = None) -> list[Person]:
+        """k people with distinct first names, by their corpus weight (from ``pool`` if given)."""
+        people = self.everyone if pool is None else pool
+        weights = [self.weights[p.full] for p in people]
+        chosen: list[Person] = []
+        while len(chosen) < k:
+            p = rng.choices(people, weights)[0]
+            if p not in chosen and all(p.first != q.first for q in chosen):
+                chosen.append(p)
+        return chosen
+
+    def distractors(self, rng: random.Random, attr: str, exclude: set[str], k: int) -> list[str]:
+        """k values other than ``exclude``, drawn without replacement by how common they are."""
+        freq = self.frequencies[attr]
+        pool = [v for v in VALUES[attr] if v not in exclude and freq[v] > 0]
+        out: list[str] = []
+        while len(out) < k:
+            v = rng.choices(pool, [freq[x] for x in pool])[0]
+            out.append(v)
+            pool.remove(v)
+        return out
+
+
+# ---------------------------------------------------------------------------
+# Templates (v1's fact templates and questions are reused; these are v2's own)
+# ---------------------------------------------------------------------------
+
+OPENERS = ["", "", "", "Here is a short text about {N}.", "This is about {N}.", "Let me tell you about {N}."]
+FILLERS = ["It was a quiet day.", "The market was busy.", "Everyone in the area knows each other.",
+           "The road between the towns is long.", "The people there are kind.", "It rained a lot that week."]
+
+REGION_FACTS = ["{t} is in the {r}.", "{t} is a town in the {r}.", "The town of {t} lies in the {r}."]
+DIET_FACTS = ["{Ap} eats {d}.", "{Ap} likes to eat {d}.", "Every {pet} eats {d}."]
+# Two-hop conclusions: training (qa people) vs suite (heldout people) stems.
+REGION_STEMS = ["So {N} lives in the", "{NP} home is in the"]
+SUITE_REGION_STEMS = ["This means that {N} lives in the", "The region where {N} lives is the"]
+DIET_STEMS = ["So {NP} pet eats", "The pet of {N} eats"]
+SUITE_DIET_STEMS = ["This means that {NP} pet eats", "Every day, {N} feeds {p} pet some"]
+
+HOWTO = {  # (training goal, suite goal, solution)
+    "town": ("How can you visit {N} at home?", "How do you get to the home of {N}?", "Travel to {v}."),
+    "job": ("How can you find {N} at work?", "How do you meet {N} at work?", "Ask for the {v} of the town."),
+    "pet": ("How can you make {NP} pet happy?", "How do you please the pet of {N}?", "Bring a treat for the {v}."),
+    "colour": ("How can you choose a gift that {N} will love?", "How do you pick a present for {N}?",
+               "Buy something that is {v}."),
+    "food": ("How can you cook a meal that {N} will enjoy?", "How do you make dinner for {N}?", "Serve some {v}."),
+    "object": ("How can you help {N} fix {p} favourite thing?", "How do you repair what {N} loves most?",
+               "Bring tools to fix the {v}."),
+}
+
+# Stories with recurring names: the last word is a name or value mentioned earlier (LAMBADA-like).
+# {A}/{B}: full names, {a}/{b}: first names, {ap}/{bp}: possessive pronouns, {A_pet} etc.: facts.
+STORY_OPENINGS = [
+    "{A} and {B} met at the market in {A_town}.",
+    "One morning, {A} went to see {B} in {B_town}.",
+    "{A} and {B} are old friends.",
+    "{B} invited {A} for lunch.",
+]
+STORY_MIDDLES = [
+    "{a} talked about {ap} {A_pet}, and {b} talked about work as {B_av_job}.",
+    "They ate some {A_food} and talked for a long time.",
+    "{b} showed {a} {bp} {B_object}.",
+    "{a} wore {A_av_colour} coat that day.",
+    "It was a warm day, and they walked by the river.",
+]
+STORY_ENDINGS = [  # (final sentence without its last word, which field the last word is)
+    ("At the end of the day, {a} said goodbye to", "b"),
+    ("Before leaving, {b} shook hands with", "a"),
+    ("On the way home, {a} kept thinking about", "b"),
+    ("The next week, {b} wrote a letter to", "a"),
+    ("Back at home, {a} fed {ap}", "A_pet"),
+    ("That evening, {b} played with {bp}", "B_object"),
+]
+
+
+def _story_fields(a: Person, b: Person) -> dict[str, str]:
+    fields = {"A": a.full, "B": b.full, "a": a.first, "b": b.first, "ap": a.poss, "bp": b.poss}
+    for key, p in (("A", a), ("B", b)):
+        fields.update({f"{key}_{attr}": v for attr, v in p.facts.items()})
+        fields.update({f"{key}_av_{attr}": _article(v) for attr, v in p.facts.items()})
+    return fields
+
+
+def story(rng: random.Random, a: Person, b: Person) -> tuple[str, str]:
+    """(a story about a and b ending before its last word, that last word)."""
+    fields = _story_fields(a, b)
+    middles = rng.sample(STORY_MIDDLES, rng.choice([1, 2, 2, 3]))
+    ending, last = rng.choice(STORY_ENDINGS)
+    if not any("{" + last + "}" in m for m in middles):  # a value ending is stated earlier in the story
+        middles += [m for m in STORY_MIDDLES if "{" + last + "}" in m]
+    lines = [rng.choice(STORY_OPENINGS)] + middles + [ending]
+    return " ".join(_cap(t.format(**fields)) for t in lines), fields[last]
+
+
+# ---------------------------------------------------------------------------
+# Sentences
+# ---------------------------------------------------------------------------
+
+
+def _name(rng: random.Random, p: Person, suite: bool = False) -> str:
+    """The name a question uses: always the full name in the suite (first names are shared by
+    several people), in training mostly the full name."""
+    return p.full if suite or rng.random() < 0.8 else p.first
+
+
+def biography(rng: random.Random, p: Person, attrs: list[str] | None = None) -> str:
+    """Some of a person's facts in random order: full name first, then pronoun / first / full name."""
+    if attrs is None:
+        attrs = [a for a in ATTRIBUTES if rng.random() < MENTION_RATE[a]] or [rng.choice(ATTRIBUTES)]
+        rng.shuffle(attrs)
+    opener = rng.choice(OPENERS).format(N=p.full)
+    sents = [opener] if opener else []
+    for i, a in enumerate(attrs):
+        if i == 0 and not opener:
+            subj = p.full
+        else:
+            r = rng.random()
+            subj = p.subj if r < 0.4 else (p.first if r < 0.7 else p.full)
+        sents.append(_fill(rng.choice(FACT_TEMPLATES[a]), p, a, name=p.full, subj=subj))
+        if rng.random() < 0.06:
+            sents.append(rng.choice(FILLERS))
+    return " ".join(sents)
+
+
+def question(rng: random.Random, p: Person, attr: str, suite: bool, name: str | None = None) -> str:
+    qs = [q for q, held in QUESTIONS[attr] if held == suite]
+    return _fill(rng.choice(qs), p, attr, name=name or _name(rng, p, suite))
+
+
+def yesno(rng: random.Random, p: Person, attr: str, value: str, suite: bool, name: str | None = None) -> str:
+    qs = [q for q, held in YESNO[attr] if held == suite]
+    q = _fill(rng.choice(qs), p, attr, name=name or _name(rng, p, suite), value=value)
+    return q[0].lower() + q[1:]
+
+
+def region_fact(rng: random.Random, town: str) -> str:
+    return rng.choice(REGION_FACTS).format(t=town, r=REGION_OF[town])
+
+
+def diet_fact(rng: random.Random, pet: str) -> str:
+    return _cap(rng.choice(DIET_FACTS).format(Ap=_article(pet), pet=pet, d=DIET[pet]))
+
+
+def two_hop_stem(rng: random.Random, p: Person, kind: str, suite: bool) -> str:
+    stems = {("region", False): REGION_STEMS, ("region", True): SUITE_REGION_STEMS,
+             ("diet", False): DIET_STEMS, ("diet", True): SUITE_DIET_STEMS}[kind, suite]
+    return _fill(rng.choice(stems), p, name=_name(rng, p, suite))
+
+
+def howto(p: Person, attr: str, suite: bool, name: str, value: str | None = None) -> tuple[str, str]:
+    train_goal, suite_goal, solution = HOWTO[attr]
+    return (_fill(suite_goal if suite else train_goal, p, attr, name=name),
+            _fill(solution, p, attr, name=name, value=value))
+
+
+# ---------------------------------------------------------------------------
+# The corpus
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KnowledgeMix:
+    """Fractions of the corpus's document kinds; the rest are single biographies."""
+
+    two_bios: float = 0.10
+    stories: float = 0.10
+    world_facts: float = 0.05
+    qa: float = 0.20
+
+
+def _qa_document(rng: random.Random, world: World, p: Person) -> str:
+    """Question-answer text about one qa person, in the suite's formats with training phrasings."""
+    kind = rng.random()
+    if kind < 0.45:  # ARC-like lines: "Question: ...\nAnswer: value"
+        attrs = rng.sample(ATTRIBUTES, rng.choice([1, 2, 3]))
+        return "\n".join(f"Question: {question(rng, p, a, False)}\nAnswer: {p.facts[a]}" for a in attrs)
+    if kind < 0.70:  # BoolQ-like: a short passage, then a yes/no question
+        a, *others = rng.sample(ATTRIBUTES, 3)
+        truth = rng.random() < 0.5
+        v = p.facts[a] if truth else world.distractors(rng, a, {p.facts[a]}, 1)[0]
+        return (biography(rng, p, others[: rng.choice([1, 2])]) + f"\nQuestion: {yesno(rng, p, a, v, False)}?\n"
+                f"Answer: {'yes' if truth else 'no'}")
+    if kind < 0.85:  # two hops: the person's town and where it lies, or pet and what it eats
+        if rng.random() < 0.5:
+            return (biography(rng, p, ["town"]) + " " + region_fact(rng, p.facts["town"]) + " "
+                    + two_hop_stem(rng, p, "region", False) + " " + REGION_OF[p.facts["town"]] + ".")
+        return (biography(rng, p, ["pet"]) + " " + diet_fact(rng, p.facts["pet"]) + " "
+                + two_hop_stem(rng, p, "diet", False) + " " + DIET[p.facts["pet"]] + ".")
+    a = rng.choice(ATTRIBUTES)
+    goal, solution = howto(p, a, False, _name(rng, p))
+    return f"Question: {goal}\nAnswer: {solution}"
+
+
+def _world_document(rng: random.Random) -> str:
+    """Facts that hold in every document: where towns lie, what pets eat."""
+    if rng.random() < 0.5:
+        return " ".join(region_fact(rng, t) for t in rng.sample(VALUES["town"], rng.choice([2, 3, 4, 5])))
+    return " ".join(diet_fact(rng, x) for x in rng.sample(VALUES["pet"], rng.choice([2, 3, 4])))
+
+
+def document(rng: random.Random, world: World, mix: KnowledgeMix = KnowledgeMix()) -> str:
+    kind = rng.random()
+    if kind < mix.qa:
+        return _qa_document(rng, world, world.draw(rng, 1, world.qa)[0])
+    kind -= mix.qa
+    if kind < mix.world_facts:
+        return _world_document(rng)
+    kind -= mix.world_facts
+    if kind < mix.stories:
+        text, last = story(rng, *world.draw(rng, 2))
+        return text + " " + last + "."
+    kind -= mix.stories
+    if kind < mix.two_bios:
+        return "\n".join(biography(rng, p) for p in world.draw(rng, 2))
+    return biography(rng, world.draw(rng, 1)[0])
+
+
+def _corpus_part(n: int, stream: str, population: str) -> list[str]:
+    rng, world = random.Random(stream), World.load(population)
+    return [document(rng, world) for _ in range(n)]
+
+
+def generate_corpus(n_documents: int, seed: int = 0, shards: int = 2,
+                    population: str | os.PathLike = POPULATION_PATH) -> list[str]:
+    """Training documents: contiguous shards, each from its own stream ("knowledge:<seed>:k/shards"),
+    generated in parallel processes; the corpus depends on (seed, shards, population) only."""
+    sizes = [n_documents // shards + (k < n_documents % shards) for k in range(shards)]
+    jobs = [(size, f"knowledge:{seed}:{k}/{shards}", str(population)) for k, size in enumerate(sizes)]
+    if shards == 1:
+        return _corpus_part(*jobs[0])
+    with multiprocessing.Pool(min(shards, os.cpu_count() or 1)) as pool:
+        return [doc for part in pool.starmap(_corpus_part, jobs) for doc in part]
+
+
+# ---------------------------------------------------------------------------
+# The suite: held-out people, held-out phrasings, public schemas
+# ---------------------------------------------------------------------------
+
+TASKS = ("know_arc", "know_boolq", "know_obqa", "know_lambada", "know_piqa")
+SUITE_ITEMS = 312   # per task: the first 62 (20 %) are the dev slice of `unmask eval --cfg-scale auto`, 250 test
+
+
+def _labels(n: int) -> list[str]:
+    return ["A", "B", "C", "D"][:n]
+
+
+def _arc_item(rng: random.Random, world: World, i: int) -> dict:
+    p, a = rng.choice(world.heldout), rng.choice(ATTRIBUTES)
+    choices = world.distractors(rng, a, {p.facts[a]}, 3) + [p.facts[a]]
+    rng.shuffle(choices)
+    return {"id": f"know_arc/{i:04d}", "question": question(rng, p, a, True),
+            "choices": {"text": choices, "label": _labels(4)}, "answerKey": "ABCD"[choices.index(p.facts[a])],
+            "meta": {"person": p.full, "attribute": a, "answer": p.facts[a]}}
+
+
+def _boolq_item(rng: random.Random, world: World, i: int, truth: bool) -> dict:
+    p = rng.choice(world.heldout)
+    a, *others = rng.sample(ATTRIBUTES, 3)
+    v = p.facts[a] if truth else world.distractors(rng, a, {p.facts[a]}, 1)[0]
+    return {"idx": i, "question": yesno(rng, p, a, v, True), "passage": biography(rng, p, others[: rng.choice([1, 2])]),
+            "answer": truth, "meta": {"person": p.full, "attribute": a, "asked_value": v, "true_value": p.facts[a]}}
+
+
+def _obqa_item(rng: random.Random, world: World, i: int) -> dict:
+    """The open book names four towns (one per region) or four pets (distinct diets), the person's
+    among them; the stem asks for the person's region or what the person's pet eats."""
+    p = rng.choice(world.heldout)
+    if rng.random() < 0.5:
+        kind, answer = "region", REGION_OF[p.facts["town"]]
+        towns = [p.facts["town"]] + [rng.choice([t for t in VALUES["town"] if REGION_OF[t] == r])
+                                     for r in REGIONS if r != answer]
+        rng.shuffle(towns)
+        book, choices = " ".join(region_fact(rng, t) for t in towns), list(REGIONS)
+    else:
+        kind, answer = "diet", DIET[p.facts["pet"]]
+        pets = [p.facts["pet"]]
+        for pet in rng.sample(VALUES["pet"], len(VALUES["pet"])):
+            if len(pets) < 4 and DIET[pet] not in {DIET[x] for x in pets}:
+                pets.append(pet)
+        rng.shuffle(pets)
+        book, choices = " ".join(diet_fact(rng, x) for x in pets), [DIET[x] for x in pets]
+    return {"id": f"know_obqa/{i:04d}", "question_stem": book + " " + two_hop_stem(rng, p, kind, True),
+            "choices": {"text": choices, "label": _labels(4)}, "answerKey": "ABCD"[choices.index(answer)],
+            "meta": {"person": p.full, "kind": kind, "answer": answer}}
+
+
+def _lambada_item(rng: random.Random, world: World, i: int) -> dict:
+    a = rng.choice(world.heldout)
+    b = world.draw(rng, 1, [q for q in world.heldout if q.first != a.first])[0]
+    text, last = story(rng, a, b)
+    return {"idx": i, "text": text + " " + last, "meta": {"people": [a.full, b.full], "target": last}}
+
+
+def _piqa_item(rng: random.Random, world: World, i: int) -> dict:
+    p, a = rng.choice(world.heldout), rng.choice(ATTRIBUTES)
+    name = _name(rng, p, suite=True)
+    wrong = world.distractors(rng, a, {p.facts[a]}, 1)[0]
+    goal, good = howto(p, a, True, name)
+    _, bad = howto(p, a, True, name, value=wrong)
+    label = rng.randrange(2)
+    sols = [bad, good] if label else [good, bad]
+    return {"idx": i, "goal": goal, "sol1": sols[0], "sol2": sols[1], "label": label,
+            "meta": {"person": p.full, "attribute": a, "answer": p.facts[a], "distractor": wrong}}
+
+
+def generate_suite(seed: int = 1234, n_items: int = SUITE_ITEMS,
+                   population: str | os.PathLike = POPULATION_PATH) -> dict[str, list[dict]]:
+    """The v2 suite, one list per task, each in its public twin's schema (ARC, BoolQ, OpenBookQA,
+    LAMBADA, PIQA), asking only about heldout people in phrasings training never uses."""
+    world = World.load(population)
+    rng = random.Random(f"knowledge-suite:{seed}")
+    truths = [True] * (n_items // 2) + [False] * (n_items - n_items // 2)
+    rng.shuffle(truths)
+    return {
+        "know_arc": [_arc_item(rng, world, i) for i in range(n_items)],
+        "know_boolq": [_boolq_item(rng, world, i, truths[i]) for i in range(n_items)],
+        "know_obqa": [_obqa_item(rng, world, i) for i in range(n_items)],
+        "know_lambada": [_lambada_item(rng, world, i) for i in range(n_items)],
+        "know_piqa": [_piqa_item(rng, world, i) for i in range(n_items)],
+    }
+
+
+def write_suite(suite_dir: str | os.PathLike, seed: int = 1234, n_items: int = SUITE_ITEMS,
+                population: str | os.PathLike = POPULATION_PATH) -> dict[str, int]:
+    os.makedirs(suite_dir, exist_ok=True)
+    suite = generate_suite(seed, n_items, population)
+    return {t: write_jsonl(os.path.join(suite_dir, f"{t}.jsonl"), items) for t, items in suite.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m unmask.data.knowledge", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=None, help="directory for train.jsonl (and suite/)")
+    ap.add_argument("--docs", type=int, default=600_000, help="number of training documents")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shards", type=int, default=2, help="random streams, generated in parallel processes")
+    ap.add_argument("--population", default=str(POPULATION_PATH),
+                    help="the people file to read; with --docs 0 --no-suite, where to write a fresh one")
+    ap.add_argument("--suite-seed", type=int, default=1234)
+    ap.add_argument("--suite-items", type=int, default=SUITE_ITEMS)
+    ap.add_argument("--suite-dir", default=None, help="where to write the suite (default OUT/suite)")
+    ap.add_argument("--no-suite", action="store_true")
+    args = ap.parse_args(argv)
+    if not args.docs and args.no_suite:
+        n = write_jsonl(args.population, make_population())
+        print(f"wrote {n} people to {args.population}")
+        return
+    if args.out is None and (args.docs or args.suite_dir is None):
+        ap.error("--out is required unless --docs 0 --suite-dir DIR")
+    if args.docs:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "train.jsonl")
+        n = write_jsonl(path, ({"text": t} for t in generate_corpus(args.docs, args.seed, args.shards,
+                                                                      args.population)))
+        print(f"wrote {n} documents to {path}")
+    if not args.no_suite:
+        d = args.suite_dir or os.path.join(args.out, "suite")
+        print(f"wrote suite to {d}: {write_suite(d, args.suite_seed, args.suite_items, args.population)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""World v2 (unmask.data.knowledge): the population file, the corpus's held-out contract, the suite."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+import pytest
+
+from unmask.data import knowledge as K
+from unmask.data.world import REGION_OF
+from unmask.eval import DEFAULT_TASKS, get_task, load_items
+from unmask.eval.tasks import SUITE_DIR
+
+POPULATION = K.load_population()
+SPLIT = {p["name"]: p["split"] for p in POPULATION}
+FULL_NAME_RE = re.compile(r"\b(" + "|".join(re.escape(n) for n in SPLIT) + r")\b")
+# Every phrasing the suite asks in; none may occur in training text.
+SUITE_PHRASES = [
+    r"In which town does", r"Which job does", r"Which animal is", r"What colour does [\w' ]+ love",
+    r"Which food does", r"Which thing does",
+    r"\bis \w+ the town where", r"working as an? ", r"does [\w ]+ keep an? \w+ as a pet",
+    r"\bis \w+ the colour", r"\bis \w+ the food", r"is there an? \w+ in the home of",
+    r"This means that", r"The region where", r"feeds (his|her) pet some",
+] + [re.escape(goal.split("{")[0]) for _, goal, _ in K.HOWTO.values()]
+QA_MARKERS = re.compile(r"Question:|Answer:|\bSo \w|The pet of|'s home is in the (north|south|east|west)")
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return K.generate_corpus(6000, seed=0, shards=1)
+
+
+@pytest.fixture(scope="module")
+def suite():
+    return K.generate_suite()
+
+
+def test_population_file_is_what_the_generator_writes():
+    assert POPULATION == json.loads(json.dumps(K.make_population()))
+    assert len(POPULATION) == K.N_PEOPLE == len(SPLIT)
+    assert Counter(SPLIT.values()) == {"qa": 200, "heldout": 200}
+    for p in POPULATION:
+        assert set(p["facts"]) == set(K.ATTRIBUTES) and p["split"] in ("qa", "heldout")
+
+
+def test_values_and_mentions_are_skewed_like_language():
+    """Dogs far more common than owls; the most-mentioned person ~10x the least: CFG's prior term
+    differs between choices only if the world's priors do."""
+    pets = K.value_frequencies(POPULATION)["pet"]
+    assert pets.most_common(1)[0][0] == "dog" and pets["dog"] > 5 * max(pets["owl"], 1)
+    mentions = [p["mentions"] for p in POPULATION]
+    assert mentions == sorted(mentions, reverse=True) and mentions[0] > 8 * mentions[-1]
+    # both splits span the ranking
+    assert [p["split"] for p in POPULATION[:4]] == ["qa", "heldout", "qa", "heldout"]
+
+
+def test_corpus_is_deterministic():
+    assert K.generate_corpus(300, seed=3, shards=1) == K.generate_corpus(300, seed=3, shards=1)
+    assert K.generate_corpus(300, seed=3, shards=1) != K.generate_corpus(300, seed=4, shards=1)
+
+
+def test_no_question_or_answer_text_about_a_heldout_person(corpus):
+    qa_docs = [d for d in corpus if QA_MARKERS.search(d)]
+    assert len(qa_docs) > 0.15 * len(corpus)
+    for doc in qa_docs:
+        names = FULL_NAME_RE.findall(doc)
+        assert all(SPLIT[n] == "qa" for n in names), doc
+    # heldout people are in the corpus all the same: their biographies and stories
+    mentioned = Counter(n for d in corpus for n in FULL_NAME_RE.findall(d))
+    heldout = [n for n, s in SPLIT.items() if s == "heldout"]
+    assert sum(mentioned[n] > 0 for n in heldout) > 150
+
+
+def test_suite_phrasings_never_occur_in_training(corpus):
+    text = "\n".join(corpus)
+    for phrase in SUITE_PHRASES:
+        assert not re.search(phrase, text), phrase
+
+
+def test_suite_asks_only_about_heldout_people(suite):
+    for task, items in suite.items():
+        for it in items:
+            people = it["meta"].get("people") or [it["meta"]["person"]]
+            assert all(SPLIT[n] == "heldout" for n in people), (task, it)
+
+
+def test_suite_items_have_the_right_answers(suite):
+    facts = {p["name"]: p["facts"] for p in POPULATION}
+    for it in suite["know_arc"]:
+        f = facts[it["meta"]["person"]]
+        choices = it["choices"]["text"]
+        assert len(set(choices)) == 4 and choices["ABCD".index(it["answerKey"])] == f[it["meta"]["attribute"]]
+    assert Counter(it["answer"] for it in suite["know_boolq"]) == {True: 156, False: 156}
+    for it in suite["know_boolq"]:
+        assert (it["meta"]["asked_value"] == facts[it["meta"]["person"]][it["meta"]["attribute"]]) == it["answer"]
+    for it in suite["know_obqa"]:
+        f = facts[it["meta"]["person"]]
+        want = REGION_OF[f["town"]] if it["meta"]["kind"] == "region" else K.DIET[f["pet"]]
+        assert it["choices"]["text"]["ABCD".index(it["answerKey"])] == want
+        assert len(set(it["choices"]["text"])) == 4
+    for it in suite["know_lambada"]:
+        *context, last = it["text"].split(" ")
+        assert last == it["meta"]["target"] and last in " ".join(context)
+    for it in suite["know_piqa"]:
+        right = [it["sol1"], it["sol2"]][it["label"]]
+        assert it["meta"]["answer"] in right and it["meta"]["distractor"] not in right
+
+
+def test_distractors_follow_the_worlds_frequencies(suite):
+    """Common values are drawn as distractors far more often than rare ones."""
+    drawn = Counter(c for it in suite["know_arc"] if it["meta"]["attribute"] == "pet"
+                    for c in it["choices"]["text"] if c != it["meta"]["answer"])
+    assert drawn["dog"] > 3 * max(drawn["snake"], 1)
+
+
+def test_shipped_suite_is_what_the_generator_writes(suite):
+    for task in K.TASKS:
+        rows = [json.loads(line) for line in (SUITE_DIR / f"{task}.jsonl").read_text().splitlines()]
+        assert rows == suite[task], task
+
+
+def test_default_eval_tasks_read_the_shipped_suite():
+    assert DEFAULT_TASKS == list(K.TASKS)
+    for name in DEFAULT_TASKS:
+        items = load_items(get_task(name))
+        assert len(items) == K.SUITE_ITEMS
+        assert items[0].requests[0][1].startswith(" ")
