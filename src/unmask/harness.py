@@ -35,7 +35,8 @@ from lm_eval.api.model import LM  # noqa: E402
 from lm_eval.api.registry import register_model  # noqa: E402
 
 from .eval.encoding import encode, encode_pair  # noqa: E402
-from .eval.tasks import SUITE_DIR  # noqa: E402
+from .eval.tasks import (SUITE_DIR, TASKS, arc_item, boolq_item, lambada_item, openbookqa_item,  # noqa: E402
+                         piqa_item)
 from .likelihood import Request, check_mode, document_bound, greedy_checks, score_requests  # noqa: E402
 from .models import load_model, load_tokenizer  # noqa: E402
 from .models.placement import resolve_dtype  # noqa: E402
@@ -200,30 +201,25 @@ def _metrics(*names: str) -> list[dict]:
     return [{"metric": n, "aggregation": "mean", "higher_is_better": True} for n in names]
 
 
-# lm-eval's prompt format of each public schema the bundled tasks follow, and which one each uses.
-SCHEMA_FORMATS: dict[str, dict] = {
-    "arc": {"output_type": "multiple_choice", "doc_to_text": "Question: {{question}}\nAnswer:",
-            "doc_to_target": "{{choices.label.index(answerKey)}}", "doc_to_choice": "{{choices.text}}",
-            "metric_list": _metrics("acc", "acc_norm")},
-    "boolq": {"output_type": "multiple_choice", "doc_to_text": "{{passage}}\nQuestion: {{question}}?\nAnswer:",
-              "doc_to_target": "{{1 if answer else 0}}", "doc_to_choice": ["no", "yes"],
-              "metric_list": _metrics("acc")},
-    "lambada": {"output_type": "loglikelihood", "doc_to_text": "{{text.split(' ')[:-1]|join(' ')}}",
-                "doc_to_target": "{{' '+text.split(' ')[-1]}}",
-                "metric_list": [{"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
-                                *_metrics("acc")]},
-    "piqa": {"output_type": "multiple_choice", "doc_to_text": "Question: {{goal}}\nAnswer:",
-             "doc_to_target": "{{label}}", "doc_to_choice": "{{[sol1, sol2]}}",
-             "metric_list": _metrics("acc", "acc_norm")},
-    "openbookqa": {"output_type": "multiple_choice", "doc_to_text": "{{question_stem}}",
-                   "doc_to_target": "{{choices.label.index(answerKey.lstrip())}}",
-                   "doc_to_choice": "{{choices.text}}", "metric_list": _metrics("acc", "acc_norm")},
-}
-SUITE_SCHEMAS = {
-    "know_arc": "arc", "know_boolq": "boolq", "know_obqa": "openbookqa", "know_lambada": "lambada",
-    "know_piqa": "piqa",
-    "world_mc": "arc", "world_boolq": "boolq", "world_cloze": "lambada", "world_piqa": "piqa",
-    "world_obqa": "openbookqa",
+# lm-eval's prompt format of each public schema a bundled task follows, keyed by the function that
+# reads the schema's rows (the task registry already says which schema each task has).
+SCHEMA_FORMATS: dict = {
+    arc_item: {"output_type": "multiple_choice", "doc_to_text": "Question: {{question}}\nAnswer:",
+               "doc_to_target": "{{choices.label.index(answerKey)}}", "doc_to_choice": "{{choices.text}}",
+               "metric_list": _metrics("acc", "acc_norm")},
+    boolq_item: {"output_type": "multiple_choice", "doc_to_text": "{{passage}}\nQuestion: {{question}}?\nAnswer:",
+                 "doc_to_target": "{{1 if answer else 0}}", "doc_to_choice": ["no", "yes"],
+                 "metric_list": _metrics("acc")},
+    lambada_item: {"output_type": "loglikelihood", "doc_to_text": "{{text.split(' ')[:-1]|join(' ')}}",
+                   "doc_to_target": "{{' '+text.split(' ')[-1]}}",
+                   "metric_list": [{"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
+                                   *_metrics("acc")]},
+    piqa_item: {"output_type": "multiple_choice", "doc_to_text": "Question: {{goal}}\nAnswer:",
+                "doc_to_target": "{{label}}", "doc_to_choice": "{{[sol1, sol2]}}",
+                "metric_list": _metrics("acc", "acc_norm")},
+    openbookqa_item: {"output_type": "multiple_choice", "doc_to_text": "{{question_stem}}",
+                      "doc_to_target": "{{choices.label.index(answerKey.lstrip())}}",
+                      "doc_to_choice": "{{choices.text}}", "metric_list": _metrics("acc", "acc_norm")},
 }
 
 
@@ -233,7 +229,8 @@ def suite_task_configs(suite_dir: Path = SUITE_DIR) -> dict[str, dict]:
         return {"dataset_path": "json", "test_split": "test",
                 "dataset_kwargs": {"data_files": {"test": str((suite_dir / f"{name}.jsonl").resolve())}}}
 
-    return {name: {"task": name, **data(name), **SCHEMA_FORMATS[schema]} for name, schema in SUITE_SCHEMAS.items()}
+    return {name: {"task": name, **data(name), **SCHEMA_FORMATS[task.to_item]}
+            for name, task in TASKS.items() if task.bundled}
 
 
 def write_suite_tasks(directory: str | Path, suite_dir: Path = SUITE_DIR) -> Path:

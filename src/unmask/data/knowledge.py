@@ -46,12 +46,13 @@ import multiprocessing
 import os
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 
 from .world import (
     FACT_TEMPLATES, FEMALE_NAMES, MALE_NAMES, QUESTIONS, REGION_OF, REGIONS, SURNAMES, VALUES, YESNO, Person,
-    _article, _cap, _fill, write_jsonl,
+    _article, _cap, _fill, _region_fact, write_jsonl,
 )
 
 POPULATION_PATH = Path(__file__).resolve().parents[1] / "assets" / "world" / "people.jsonl"
@@ -121,6 +122,14 @@ class World:
     everyone: list[Person]
     weights: dict[str, float]       # full name -> corpus weight
     frequencies: dict[str, Counter]
+    # cumulative weights of the pools every document draws from, summed once (draw runs per document)
+    _cumulative: dict[int, list[float]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._cumulative = {id(pool): self._cumulative_weights(pool) for pool in (self.everyone, self.qa)}
+
+    def _cumulative_weights(self, people: list[Person]) -> list[float]:
+        return list(accumulate(self.weights[p.full] for p in people))
 
     @classmethod
     def load(cls, path: str | os.PathLike = POPULATION_PATH) -> "World":
@@ -134,10 +143,10 @@ class World:
     def draw(self, rng: random.Random, k: int = 1, pool: list[Person] | None = None) -> list[Person]:
         """k people with distinct first names, by their corpus weight (from ``pool`` if given)."""
         people = self.everyone if pool is None else pool
-        weights = [self.weights[p.full] for p in people]
+        cumulative = self._cumulative.get(id(people)) or self._cumulative_weights(people)
         chosen: list[Person] = []
         while len(chosen) < k:
-            p = rng.choices(people, weights)[0]
+            p = rng.choices(people, cum_weights=cumulative)[0]
             if p not in chosen and all(p.first != q.first for q in chosen):
                 chosen.append(p)
         return chosen
@@ -162,7 +171,6 @@ OPENERS = ["", "", "", "Here is a short text about {N}.", "This is about {N}.", 
 FILLERS = ["It was a quiet day.", "The market was busy.", "Everyone in the area knows each other.",
            "The road between the towns is long.", "The people there are kind.", "It rained a lot that week."]
 
-REGION_FACTS = ["{t} is in the {r}.", "{t} is a town in the {r}.", "The town of {t} lies in the {r}."]
 DIET_FACTS = ["{Ap} eats {d}.", "{Ap} likes to eat {d}.", "Every {pet} eats {d}."]
 # Two-hop conclusions: training (qa people) vs suite (heldout people) stems.
 REGION_STEMS = ["So {N} lives in the", "{NP} home is in the"]
@@ -266,10 +274,6 @@ def yesno(rng: random.Random, p: Person, attr: str, value: str, suite: bool, nam
     return q[0].lower() + q[1:]
 
 
-def region_fact(rng: random.Random, town: str) -> str:
-    return rng.choice(REGION_FACTS).format(t=town, r=REGION_OF[town])
-
-
 def diet_fact(rng: random.Random, pet: str) -> str:
     return _cap(rng.choice(DIET_FACTS).format(Ap=_article(pet), pet=pet, d=DIET[pet]))
 
@@ -315,7 +319,7 @@ def _qa_document(rng: random.Random, world: World, p: Person) -> str:
                 f"Answer: {'yes' if truth else 'no'}")
     if kind < 0.85:  # two hops: the person's town and where it lies, or pet and what it eats
         if rng.random() < 0.5:
-            return (biography(rng, p, ["town"]) + " " + region_fact(rng, p.facts["town"]) + " "
+            return (biography(rng, p, ["town"]) + " " + _region_fact(rng, p.facts["town"]) + " "
                     + two_hop_stem(rng, p, "region", False) + " " + REGION_OF[p.facts["town"]] + ".")
         return (biography(rng, p, ["pet"]) + " " + diet_fact(rng, p.facts["pet"]) + " "
                 + two_hop_stem(rng, p, "diet", False) + " " + DIET[p.facts["pet"]] + ".")
@@ -327,7 +331,7 @@ def _qa_document(rng: random.Random, world: World, p: Person) -> str:
 def _world_document(rng: random.Random) -> str:
     """Facts that hold in every document: where towns lie, what pets eat."""
     if rng.random() < 0.5:
-        return " ".join(region_fact(rng, t) for t in rng.sample(VALUES["town"], rng.choice([2, 3, 4, 5])))
+        return " ".join(_region_fact(rng, t) for t in rng.sample(VALUES["town"], rng.choice([2, 3, 4, 5])))
     return " ".join(diet_fact(rng, x) for x in rng.sample(VALUES["pet"], rng.choice([2, 3, 4])))
 
 
@@ -373,8 +377,7 @@ TASKS = ("know_arc", "know_boolq", "know_obqa", "know_lambada", "know_piqa")
 SUITE_ITEMS = 312   # per task: the first 62 (20 %) are the dev slice of `unmask eval --cfg-scale auto`, 250 test
 
 
-def _labels(n: int) -> list[str]:
-    return ["A", "B", "C", "D"][:n]
+LABELS = ["A", "B", "C", "D"]
 
 
 def _arc_item(rng: random.Random, world: World, i: int) -> dict:
@@ -382,7 +385,7 @@ def _arc_item(rng: random.Random, world: World, i: int) -> dict:
     choices = world.distractors(rng, a, {p.facts[a]}, 3) + [p.facts[a]]
     rng.shuffle(choices)
     return {"id": f"know_arc/{i:04d}", "question": question(rng, p, a, True),
-            "choices": {"text": choices, "label": _labels(4)}, "answerKey": "ABCD"[choices.index(p.facts[a])],
+            "choices": {"text": choices, "label": LABELS}, "answerKey": LABELS[choices.index(p.facts[a])],
             "meta": {"person": p.full, "attribute": a, "answer": p.facts[a]}}
 
 
@@ -403,7 +406,7 @@ def _obqa_item(rng: random.Random, world: World, i: int) -> dict:
         towns = [p.facts["town"]] + [rng.choice([t for t in VALUES["town"] if REGION_OF[t] == r])
                                      for r in REGIONS if r != answer]
         rng.shuffle(towns)
-        book, choices = " ".join(region_fact(rng, t) for t in towns), list(REGIONS)
+        book, choices = " ".join(_region_fact(rng, t) for t in towns), list(REGIONS)
     else:
         kind, answer = "diet", DIET[p.facts["pet"]]
         pets = [p.facts["pet"]]
@@ -413,7 +416,7 @@ def _obqa_item(rng: random.Random, world: World, i: int) -> dict:
         rng.shuffle(pets)
         book, choices = " ".join(diet_fact(rng, x) for x in pets), [DIET[x] for x in pets]
     return {"id": f"know_obqa/{i:04d}", "question_stem": book + " " + two_hop_stem(rng, p, kind, True),
-            "choices": {"text": choices, "label": _labels(4)}, "answerKey": "ABCD"[choices.index(answer)],
+            "choices": {"text": choices, "label": LABELS}, "answerKey": LABELS[choices.index(answer)],
             "meta": {"person": p.full, "kind": kind, "answer": answer}}
 
 

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..data.knowledge import TASKS as KNOWLEDGE_TASKS
+
 SUITE_DIR = Path(__file__).resolve().parents[1] / "assets" / "suite"
 DATA_EXTENSIONS = (".jsonl", ".json", ".parquet")
 
@@ -190,7 +192,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
 ]}
 ALIASES = {"social_iqa": "siqa", "lambada_openai": "lambada", "obqa": "openbookqa"}
 BUNDLED_TASKS = [name for name, t in TASKS.items() if t.bundled]
-DEFAULT_TASKS = ["know_arc", "know_boolq", "know_obqa", "know_lambada", "know_piqa"]  # the bundled model's suite
+DEFAULT_TASKS = list(KNOWLEDGE_TASKS)  # the bundled model's suite
 
 
 def get_task(name: str) -> Task:
