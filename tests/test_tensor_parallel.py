@@ -15,10 +15,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 
+from unmask.likelihood import Request, score_requests
 from unmask.models import MaskedDiffusionLM, load_config, load_model
 from unmask.models.parallel import check_divisible, parallelize, tensor_parallel_plan
 from unmask.cli import main
-from unmask.sampling import generate, left_pad
+from unmask.sampling import OptionError, block_generate, generate, left_pad
 
 DATA = Path(__file__).parent / "data"
 LAYOUTS = ["llada-dense-tiny", "lladamoe-tiny", "llada2-moe-tiny"]
@@ -75,11 +76,20 @@ def _check_logits(mesh, names):
                 assert gap <= 1e-5, (name, tp, kwargs.keys(), gap)
         assert sharded.embed.weight.to_local().shape[0] == cfg.vocab_size // tp
         assert sharded.blocks[0].attn.n_heads == cfg.n_heads // tp
+        requests = [Request([5, 17, 99, 42], [7, 260, 3]), Request([11], [12, 13, 14, 15])]
+        for mode in ("mc", "chain"):
+            scores = [score_requests(model, requests, cfg_scales=(0.0, 1.5), mode=mode, mc_num=8, batch_size=4,
+                                     mask_id=cfg.vocab_size - 1)
+                      for model in (reference, sharded)]
+            for one, other in zip(*scores):
+                for a, b in zip(one, other):
+                    assert abs(a.value - b.value) <= 1e-5, (name, mode, a, b)
 
 
 @pytest.mark.slow
-def test_sharded_logits_equal_one_process_for_every_layout(tmp_path):
-    """The three fixture layouts, and one KV head on two ranks (replicated: each rank keeps it)."""
+def test_sharded_logits_and_scores_equal_one_process_for_every_layout(tmp_path):
+    """The three fixture layouts, and one KV head on two ranks (replicated: each rank keeps it):
+    logits, and likelihood scores with and without CFG (block by block for LLaDA2)."""
     run_ranks(_check_logits, 2, tmp_path, LAYOUTS + ["one-kv-head"])
 
 
@@ -90,6 +100,7 @@ GENERATE_CASES = [
     dict(steps=8, gen_length=16, block_length=8, cfg_scale=1.0, cache="dual"),
     dict(steps=8, gen_length=16, block_length=8, cfg_scale=1.0, cache="prefix", reuse_uncond=True),
     dict(gen_length=16, block_length=8, threshold=0.02, cache="dual"),
+    dict(gen_length=16, block_length=8, threshold=0.02, cfg_scale=1.0, cache="dual", reuse_uncond=True),
     dict(steps=8, gen_length=16, block_length=16, temperature=0.8, remasking="margin"),
     dict(steps=8, gen_length=16, block_length=16, remasking="entropy", suppress_tokens=[3, 200], eos_last=True),
 ]
@@ -105,9 +116,35 @@ def _check_generate(mesh, name):
         assert torch.equal(*outputs), (case, outputs)
 
 
+# LLaDA2 block decoding (temperature 0, the public rule): the schedule, CFG both ways, no cache.
+BLOCK_CASES = [
+    dict(gen_length=48, block_length=16, steps=8),
+    dict(gen_length=48, block_length=16, steps=8, cfg_scale=1.0),
+    dict(gen_length=48, block_length=16, steps=8, cfg_scale=1.0, reuse_uncond=True),
+    dict(gen_length=32, block_length=16, steps=4, threshold=0.01, cache=False),
+]
+
+
+def _check_block_generate(mesh, name):
+    reference = load_model(DATA / name)
+    sharded = parallelize(load_model(DATA / name), mesh)
+    prompt, mask = left_pad([[5, 17, 99, 42, 7, 260, 3, 9, 11, 70], [11, 12]], pad_id=reference.config.pad_token_id)
+    for case in BLOCK_CASES:
+        outputs = [block_generate(model, prompt, attention_mask=mask, **case) for model in (reference, sharded)]
+        assert torch.equal(*outputs), (case, outputs)
+    with pytest.raises(OptionError, match="temperature 0"):
+        block_generate(sharded, prompt, attention_mask=mask, gen_length=16, block_length=16, temperature=0.5)
+
+
+def _check_both_samplers(mesh):
+    _check_generate(mesh, "llada-dense-tiny")
+    _check_block_generate(mesh, "llada2-moe-tiny")
+
+
 @pytest.mark.slow
 def test_sharded_generate_is_token_identical_to_one_process(tmp_path):
-    run_ranks(_check_generate, 2, tmp_path, "llada-dense-tiny")
+    """The LLaDA sampler's modes on the dense fixture, LLaDA2 block decoding on the LLaDA2 fixture."""
+    run_ranks(_check_both_samplers, 2, tmp_path)
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
                         "torchrun --nproc-per-node N -m unmask ... (default: %(default)s; docs/distributed.md)")
 
 
-def load_for_args(args, block_diffusion: bool = False):
+def load_for_args(args):
     """(model, tokenizer) as the model flags ask: placed, quantized, and with --tp N sharded over the
     torchrun processes (each rank then runs the same command on its shard)."""
     import unmask
@@ -39,10 +39,9 @@ def load_for_args(args, block_diffusion: bool = False):
     device, dtype = model_placement(args)
     tp = getattr(args, "tp", 1)
     if tp != 1:
-        for flag, given in (("--trust-remote-code", args.trust_remote_code), ("--quantize", args.quantize),
-                            ("a LLaDA2.x (block-diffusion) model", block_diffusion)):
+        for flag, given in (("--trust-remote-code", args.trust_remote_code), ("--quantize", args.quantize)):
             if given:
-                raise ValueError(f"--tp shards unmask's own full-precision LLaDA models and is not available with "
+                raise ValueError(f"--tp shards unmask's own full-precision models and is not available with "
                                  f"{flag} yet: drop one of them")
         check_divisible(load_config(args.model), tp)
     mesh, device = join_tensor_parallel(tp, device)
@@ -162,7 +161,7 @@ def run_generate(args) -> int:
     prompt = read_prompt(args)
     block = is_block_checkpoint(args.model)
     options = sampling_options(args, block)
-    model, tokenizer = load_for_args(args, block)
+    model, tokenizer = load_for_args(args)
     kwargs = sampling_kwargs(options, args, block)
     steps = None if block or options.parallel else options.steps   # parallel decoding: as many as it takes
     speaks = is_first_rank()   # under torchrun every rank generates the same text; rank 0 shows it
@@ -180,7 +179,7 @@ def run_chat(args) -> int:
 
     block = is_block_checkpoint(args.model)
     options = sampling_options(args, block)
-    model, tokenizer = load_for_args(args, block)
+    model, tokenizer = load_for_args(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("unmask chat — empty line or Ctrl-D to quit", file=sys.stderr)
     while True:

@@ -42,6 +42,7 @@ from .noise import forbid_tokens, propose_tokens
 from .options import SamplerOptions
 from .remasking import parallel_counts, select_top, token_confidence
 from .schedule import transfer_schedule
+from .vocab_parallel import take_rows
 
 
 @dataclass
@@ -137,7 +138,7 @@ class BlockCache:
             return
         index = torch.searchsorted(self.rows, rows)
         if self.uncond is not None:
-            self.uncond = self.uncond[index]
+            self.uncond = take_rows(self.uncond, index)
         if self.guided:
             index = torch.cat([index, index + self.rows.numel()])
         self.kv.select_rows(index)

@@ -64,6 +64,14 @@ def propose_tokens(logits: DTensor, temperature: float, generator: torch.Generat
     return _argmax_over_ranks(local.double() - temperature * torch.log(-torch.log(u)), offset, group)[1]
 
 
+def greedy_tokens(logits: DTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(argmax tokens, their probabilities): `softmax(logits).max(-1)` for sharded logits."""
+    local, offset, group = _shard(logits)
+    best, tokens = _argmax_over_ranks(local, offset, group)
+    total = _reduce((local - best.unsqueeze(-1)).exp().sum(-1), dist.ReduceOp.SUM, group)
+    return tokens, 1 / total
+
+
 def softmax_stats(logits: DTensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(m, Σ exp(logit − m)) over the whole vocabulary, (B, T) each: softmax = exp(logit − m) / Σ."""
     local, offset, group = _shard(logits)
@@ -77,6 +85,12 @@ def token_logit(logits: DTensor, tokens: torch.Tensor) -> torch.Tensor:
     mine = (tokens >= offset) & (tokens < offset + local.shape[-1])
     picked = local.gather(-1, (tokens - offset).clamp(0, local.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
     return _reduce(picked.masked_fill(~mine, float("-inf")), dist.ReduceOp.MAX, group)
+
+
+def token_log_probs(logits: DTensor, tokens: torch.Tensor) -> torch.Tensor:
+    """`logits.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)` for sharded logits."""
+    m, total = softmax_stats(logits)
+    return token_logit(logits, tokens) - m - total.log()
 
 
 def token_confidence(logits: DTensor, tokens: torch.Tensor, rule: str) -> torch.Tensor:
@@ -95,6 +109,14 @@ def token_confidence(logits: DTensor, tokens: torch.Tensor, rule: str) -> torch.
         partial = (probs * torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))).sum(-1)
         return _reduce(partial, dist.ReduceOp.SUM, group)
     raise ValueError(f"no sharded form of the remasking rule {rule!r}")
+
+
+def take_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t[index] along the first (batch) dim, for plain or vocabulary-sharded logits (DTensor does
+    not index with a plain tensor)."""
+    if not is_vocab_sharded(t):
+        return t[index]
+    return DTensor.from_local(t.to_local()[index], t.device_mesh, t.placements)
 
 
 def forbid_tokens(logits: DTensor, ids: torch.Tensor) -> DTensor:
