@@ -14,12 +14,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
 
 from unmask.likelihood import Request, score_requests
 from unmask.models import MaskedDiffusionLM, load_config, load_model
 from unmask.models.parallel import check_divisible, parallelize, tensor_parallel_plan
 from unmask.cli import main
 from unmask.sampling import OptionError, block_generate, generate, left_pad
+from unmask.sampling.noise import forbid_tokens, propose_tokens
 
 DATA = Path(__file__).parent / "data"
 LAYOUTS = ["llada-dense-tiny", "lladamoe-tiny", "llada2-moe-tiny"]
@@ -136,7 +138,18 @@ def _check_block_generate(mesh, name):
         block_generate(sharded, prompt, attention_mask=mask, gen_length=16, block_length=16, temperature=0.5)
 
 
+def _check_forbidden_tokens(mesh):
+    """Suppressing each row's best token on the shards moves the proposal as on the full logits."""
+    full = torch.randn(2, 3, 10, generator=torch.Generator().manual_seed(0))
+    sharded = distribute_tensor(full.clone(), mesh, [Shard(2)])
+    best = propose_tokens(full, 0).flatten()
+    expected = forbid_tokens(full.clone(), best)
+    assert torch.equal(forbid_tokens(sharded, best).full_tensor(), expected)
+    assert torch.equal(propose_tokens(sharded, 0), propose_tokens(expected, 0))
+
+
 def _check_both_samplers(mesh):
+    _check_forbidden_tokens(mesh)
     _check_generate(mesh, "llada-dense-tiny")
     _check_block_generate(mesh, "llada2-moe-tiny")
 

@@ -38,10 +38,10 @@ from typing import Sequence
 import torch
 
 from .sampling import block_generate, generate, is_block_diffusion, left_pad, mix_guidance, unconditional_canvas
+from .sampling import vocab_parallel
 from .sampling.blocks import padded_block_causal
 from .sampling.generate import resolve_mask_id
 from .sampling.options import BlockOptions, check_cfg_scale, context_length
-from .sampling import vocab_parallel
 from .sampling.guidance import forward_logits
 
 MODES = ("mc", "exact", "chain")

@@ -23,7 +23,8 @@ from torch.distributed.tensor import DTensor
 
 
 def is_vocab_sharded(logits: torch.Tensor) -> bool:
-    return isinstance(logits, DTensor)
+    """Whether `logits` is a DTensor split over its last (vocabulary) dim, as the sharded LM head returns."""
+    return isinstance(logits, DTensor) and logits.placements[0].is_shard(logits.ndim - 1)
 
 
 def _shard(logits: DTensor) -> tuple[torch.Tensor, int, dist.ProcessGroup]:
