@@ -28,10 +28,12 @@ def is_vocab_sharded(logits: torch.Tensor) -> bool:
 
 
 def _shard(logits: DTensor) -> tuple[torch.Tensor, int, dist.ProcessGroup]:
-    """(this rank's columns, the id of its first column, the mesh's process group)."""
+    """(this rank's columns, the id of its first column, the mesh's process group).
+
+    DTensor shards as `torch.chunk` does: every rank but the last holds ceil(V / N) columns."""
     mesh = logits.device_mesh
-    local = logits.to_local()
-    return local, mesh.get_local_rank() * local.shape[-1], mesh.get_group()
+    width = -(-logits.shape[-1] // mesh.size())
+    return logits.to_local(), mesh.get_local_rank() * width, mesh.get_group()
 
 
 def _gather(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
