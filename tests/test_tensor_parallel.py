@@ -16,10 +16,10 @@ import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
+from unmask.cli import main
 from unmask.likelihood import Request, score_requests
 from unmask.models import MaskedDiffusionLM, load_config, load_model
 from unmask.models.parallel import check_divisible, parallelize, tensor_parallel_plan
-from unmask.cli import main
 from unmask.sampling import OptionError, block_generate, generate, left_pad
 from unmask.sampling.noise import forbid_tokens, propose_tokens
 

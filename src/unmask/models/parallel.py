@@ -38,6 +38,7 @@ from .transformer import MoE, MaskedDiffusionLM, SwiGLU
 
 
 def check_tp(tp: int) -> int:
+    """The tensor-parallel degree, refused unless a positive integer."""
     if type(tp) is not int or tp < 1:
         raise ValueError(f"--tp must be a positive integer (got {tp!r})")
     return tp
@@ -175,7 +176,10 @@ def join_tensor_parallel(tp: int, device: torch.device) -> tuple[DeviceMesh | No
     if world != tp:
         raise ValueError(f"--tp {tp} needs {tp} processes and this run has {world}: launch it with "
                          f"torchrun --nproc-per-node {tp} -m unmask ...")
-    if device.type == "cuda" and device.index is None:
+    if device.type == "cuda":
+        if device.index is not None:
+            raise ValueError(f"--tp {tp} puts each rank on its own GPU (cuda:LOCAL_RANK): use --device cuda, "
+                             f"not {device}")
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
