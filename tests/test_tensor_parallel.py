@@ -179,6 +179,8 @@ def test_tp_errors_say_what_to_change(tiny_checkpoint, capsys):
                         ("0", "positive integer")):
         assert main(["generate", "hi", "--model", str(tiny_checkpoint), "--tp", tp]) == 2
         assert message in capsys.readouterr().err
+    assert main(["generate", "--model", str(tiny_checkpoint), "--tp", "2"]) == 2
+    assert "give the prompt as an argument" in capsys.readouterr().err
 
 
 def test_plan_shards_every_projection():

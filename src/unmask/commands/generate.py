@@ -146,6 +146,9 @@ def read_prompt(args) -> str:
     people write a QA prompt in a shell, where double quotes keep the backslash."""
     if args.prompt is not None:
         return args.prompt.replace("\\n", "\n")
+    if getattr(args, "tp", 1) != 1:
+        raise ValueError("torchrun does not pass standard input to its processes: with --tp give the prompt as an "
+                         "argument")
     if sys.stdin is None or sys.stdin.isatty():
         raise ValueError('no prompt: unmask generate "PROMPT", or pipe one in (echo PROMPT | unmask generate)')
     text = sys.stdin.read().rstrip("\n")
