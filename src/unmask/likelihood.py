@@ -38,6 +38,7 @@ from typing import Sequence
 import torch
 
 from .sampling import block_generate, generate, is_block_diffusion, left_pad, mix_guidance, unconditional_canvas
+from .sampling import vocab_parallel
 from .sampling.blocks import padded_block_causal
 from .sampling.generate import resolve_mask_id
 from .sampling.options import BlockOptions, check_cfg_scale, context_length
@@ -265,9 +266,16 @@ def _score_rows(model, rows, cfg_scales: Sequence[float], mask_id: int, block_le
     out = torch.empty(len(cfg_scales), B, dtype=torch.float64)
     for s, w in enumerate(cfg_scales):
         mixed = mix_guidance(cond, uncond, w) if guided and w > 0 else cond
-        logp = mixed.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+        logp = target_log_probs(mixed, targets)
         out[s] = (logp * scored).sum(1).double().cpu() * weight
     return out
+
+
+def target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[targets], (B, L); on vocabulary-sharded logits without gathering them."""
+    if vocab_parallel.is_vocab_sharded(logits):
+        return vocab_parallel.token_log_probs(logits, targets)
+    return logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
 
 
 def _estimate(samples: torch.Tensor) -> Estimate:
