@@ -4,6 +4,7 @@ Each check runs in N spawned processes that form a gloo group (`run_ranks`); eve
 unsharded model too and compares with it, so the reference is the single-process model itself.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -13,13 +14,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import save_file
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from unmask.cli import main
 from unmask.likelihood import Request, score_requests
-from unmask.models import MaskedDiffusionLM, load_config, load_model
+from unmask.models import MaskedDiffusionLM, ModelConfig, load_config, load_model, save_model
+from unmask.models.layouts import placements
 from unmask.models.parallel import check_divisible, parallelize, tensor_parallel_plan
+from unmask.models.slices import SliceReader
 from unmask.sampling import OptionError, block_generate, generate, left_pad
 from unmask.sampling.noise import forbid_tokens, propose_tokens
 
@@ -59,15 +63,22 @@ def _one_kv_head_model() -> MaskedDiffusionLM:
     return model.eval()
 
 
-def _fresh(name: str) -> MaskedDiffusionLM:
-    return _one_kv_head_model() if name == "one-kv-head" else load_model(DATA / name)
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _check_logits(mesh, names):
+def _check_logits(mesh, checkpoints):
+    """Each checkpoint loaded rank by rank (`load_model(mesh=...)`): the same shards as sharding the
+    full model, and logits and scores equal to the one-process model's."""
     tp = mesh.size()
-    for name in names:
-        reference = _fresh(name)
-        sharded = parallelize(_fresh(name), mesh)
+    for path in checkpoints:
+        name = Path(path).name
+        reference = load_model(path)
+        sharded = load_model(path, mesh=mesh)
+        whole_then_sharded = parallelize(load_model(path), mesh)
+        theirs = whole_then_sharded.state_dict()
+        for key, mine in sharded.state_dict().items():
+            assert torch.equal(_local(mine), _local(theirs[key])), (name, key)
         cfg = reference.config
         ids, mask = _inputs(cfg)
         with torch.no_grad():
@@ -92,7 +103,60 @@ def _check_logits(mesh, names):
 def test_sharded_logits_and_scores_equal_one_process_for_every_layout(tmp_path):
     """The three fixture layouts, and one KV head on two ranks (replicated: each rank keeps it):
     logits, and likelihood scores with and without CFG (block by block for LLaDA2)."""
-    run_ranks(_check_logits, 2, tmp_path, LAYOUTS + ["one-kv-head"])
+    save_model(_one_kv_head_model(), tmp_path / "one-kv-head")
+    run_ranks(_check_logits, 2, tmp_path, [DATA / name for name in LAYOUTS] + [tmp_path / "one-kv-head"])
+
+
+def _write_random_checkpoint(d: Path, cfg: ModelConfig, files: int) -> int:
+    """A checkpoint of random weights (std 0.02) split over `files` safetensors shards with an index,
+    written tensor by tensor without building the model; returns its weight bytes."""
+    with torch.device("meta"):
+        shapes = MaskedDiffusionLM(cfg)
+    table = placements(cfg)
+    generator, shards, weight_map = torch.Generator().manual_seed(0), [{} for _ in range(files)], {}
+    for i, p in enumerate(table):
+        shape = shapes.get_parameter(p.param_name)[p.index].shape
+        shards[i * files // len(table)][p.checkpoint_name] = torch.randn(shape, generator=generator) * 0.02
+    d.mkdir()
+    for n, tensors in enumerate(shards):
+        save_file(tensors, d / f"model-{n}.safetensors")
+        weight_map.update(dict.fromkeys(tensors, f"model-{n}.safetensors"))
+    (d / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return sum(t.nbytes for tensors in shards for t in tensors.values())
+
+
+def _memory_kib(field: str) -> int:
+    return int(Path("/proc/self/status").read_text().split(f"{field}:")[1].split()[0])
+
+
+def _check_load_memory(mesh, path, weight_bytes):
+    load_model(DATA / "llada-dense-tiny", mesh=mesh)   # imports and dispatch caches: not the checkpoint's cost
+    Path("/proc/self/clear_refs").write_text("5")     # the peak (VmHWM) starts again from the current RSS
+    before = _memory_kib("VmRSS")
+    sharded = load_model(path, mesh=mesh)
+    peak = (_memory_kib("VmHWM") - before) * 1024
+    share = weight_bytes / mesh.size()
+    print(f"rank {mesh.get_local_rank()}: load peak {peak / 2**20:.1f} MiB, 1/N of the weights "
+          f"{share / 2**20:.1f} MiB ({peak / share:.3f}x)")
+    assert peak <= 1.1 * share, (peak, share)
+    reference = load_model(path)
+    ids, mask = _inputs(reference.config)
+    with torch.no_grad():
+        gap = (sharded(ids, attention_mask=mask).logits.full_tensor()
+               - reference(ids, attention_mask=mask).logits).abs().max().item()
+    assert gap <= 1e-5, gap
+
+
+@pytest.mark.slow
+def test_a_rank_loading_a_sharded_checkpoint_peaks_at_its_share_of_the_weights(tmp_path):
+    """A 400 MB random-weight checkpoint in two files: each of 2 ranks' peak resident memory while
+    loading (VmHWM over the RSS before the load, so mapped file pages and every temporary count)
+    stays within 1/2 of the weights + 10 %, and the loaded shards give the one-process logits."""
+    cfg = ModelConfig(vocab_size=16384, d_model=1024, n_layers=4, n_heads=8, n_kv_heads=8, mlp_hidden_size=4096,
+                      mask_token_id=16383)
+    weight_bytes = _write_random_checkpoint(tmp_path / "ckpt", cfg, files=2)
+    run_ranks(_check_load_memory, 2, tmp_path, tmp_path / "ckpt", weight_bytes)
 
 
 # Sampler settings whose sharded decoding must give the one-process tokens exactly.
@@ -192,3 +256,23 @@ def test_plan_shards_every_projection():
     assert type(plan["blocks.1.mlp"]).__name__ == "ExpertWidthParallel"
     with pytest.raises(ValueError, match="KV heads"):
         check_divisible(model.config.with_(n_heads=24, n_kv_heads=6), 4)
+
+
+def test_slice_reader_reads_a_narrowed_slice_into_a_view(tmp_path):
+    """Along each dim, into a narrowed view of a larger tensor, in the stored dtype and converted."""
+    stored = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    save_file({"w": stored}, tmp_path / "w.safetensors")
+    with SliceReader(tmp_path / "w.safetensors") as reader:
+        for dtype in (torch.bfloat16, torch.float32):
+            for dim in range(3):
+                target = torch.zeros(3, 5, 4, dtype=dtype)
+                dest = target.narrow(dim, 1, 2)
+                reader.read_into("w", dest, dim, start=1)
+                assert torch.equal(target, stored.to(dtype) * (target != 0)), (dtype, dim)
+                assert torch.equal(dest, stored.narrow(dim, 1, 2).to(dtype)), (dtype, dim)
+        with pytest.raises(ValueError, match="cannot come from"):
+            reader.read_into("w", torch.zeros(2, 4, 4), 0, start=0)
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-20])
+    with SliceReader(tmp_path / "cut.safetensors") as reader, pytest.raises(ValueError, match="truncated"):
+        reader.read_into("w", torch.zeros(1, 5, 4), 0, start=2)

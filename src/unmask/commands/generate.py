@@ -33,8 +33,8 @@ def load_for_args(args):
     """(model, tokenizer) as the model flags ask: placed, quantized, and with --tp N sharded over the
     torchrun processes (each rank then runs the same command on its shard)."""
     import unmask
-    from ..models import load_config
-    from ..models.parallel import check_divisible, join_tensor_parallel, parallelize
+    from ..models import load_config, load_model, load_tokenizer
+    from ..models.parallel import check_divisible, join_tensor_parallel
 
     device, dtype = model_placement(args)
     tp = getattr(args, "tp", 1)
@@ -45,9 +45,10 @@ def load_for_args(args):
                                  f"{flag} yet: drop one of them")
         check_divisible(load_config(args.model), tp)
     mesh, device = join_tensor_parallel(tp, device)
-    model, tokenizer = unmask.load(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code,
-                                   quantize=args.quantize)
-    return (model if mesh is None else parallelize(model, mesh)), tokenizer
+    if mesh is not None:   # each rank reads only its slices of the weights
+        return load_model(args.model, dtype=dtype, device=device, mesh=mesh), load_tokenizer(args.model)
+    return unmask.load(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code,
+                       quantize=args.quantize)
 
 
 def model_placement(args):

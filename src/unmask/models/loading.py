@@ -23,8 +23,10 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .layouts import placements
+from .parallel import parallelize, shard_pieces
 from .placement import resolve_dtype
 from .quantize import check_quantize, quantize_model
+from .slices import SliceReader
 from .transformer import MaskedDiffusionLM
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "model"
@@ -211,12 +213,14 @@ def _tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
 
 def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None,
                device: torch.device | str | None = None, trust_remote_code: bool = False,
-               quantize: str | None = None) -> torch.nn.Module:
+               quantize: str | None = None, mesh=None) -> torch.nn.Module:
     """Load a checkpoint (see `resolve_checkpoint_dir` for what `path` may be) in eval mode.
 
     dtype defaults to float32 on the CPU and bfloat16 elsewhere. With trust_remote_code=True an
     architecture unmask does not know is loaded through transformers with the checkpoint's own code.
     quantize="int8" converts the linear weights to 8 bits after the load (`quantize.quantize_model`).
+    With a 1-D DeviceMesh the model is sharded for tensor parallelism (`parallel.parallelize`) before
+    any memory is allocated, and each rank reads only its own slices of the safetensors files.
     """
     check_quantize(quantize)   # before anything is read: a bad value or a missing torchao is one line
     if quantize is not None and trust_remote_code:
@@ -249,7 +253,12 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | str |
         if found != implied:
             raise CheckpointError(f"{file}: {p.checkpoint_name} has shape {found}, {d / 'config.json'} implies "
                                   f"{implied} (does config.json match the weights?)")
-    model = model.to(dtype).to_empty(device=device)
+    model = model.to(dtype)
+    if mesh is not None:
+        if quantize is not None:
+            raise ValueError(f"quantize={quantize!r} does not combine with tensor parallelism yet")
+        parallelize(model, mesh)
+    model = model.to_empty(device=device)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     by_file: dict[Path, list] = {}
@@ -258,22 +267,35 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | str |
     with torch.no_grad():
         for file, group in by_file.items():
             try:
-                with safe_open(file, framework="pt", device=str(device)) as f:
+                with safe_open(file, framework="pt", device=str(device)) as f, SliceReader(file) as slices:
                     for p in group:
-                        _tensor(model, p.param_name)[p.index].copy_(f.get_tensor(p.checkpoint_name))
+                        for dest, source in shard_pieces(model, p.param_name, p.index, mesh):
+                            if source is None:
+                                dest.copy_(f.get_tensor(p.checkpoint_name))
+                            else:   # a tensor-parallel rank's rows, read without mapping the rest
+                                slices.read_into(p.checkpoint_name, dest, *source)
             except Exception as e:
                 raise CheckpointError(f"{file} is unreadable (truncated or corrupt?): {e}") from None
-            _check_finite(model, group, file)
+            _check_finite(model, group, file, mesh)
     return quantize_model(model.eval(), quantize)
 
 
-def _check_finite(model: torch.nn.Module, group: list, file: Path) -> None:
+def _check_finite(model: torch.nn.Module, group: list, file: Path, mesh) -> None:
     """Refuse NaN or infinite weights (as loaded, in the load's dtype), which would make every
-    output NaN without an error."""
+    output NaN without an error. A tensor-parallel rank checks its own slices."""
     for p in group:
-        if not torch.isfinite(_tensor(model, p.param_name)[p.index]).all():
+        if not all(_all_finite(dest) for dest, _ in shard_pieces(model, p.param_name, p.index, mesh)):
             raise CheckpointError(f"{file}: {p.checkpoint_name} holds NaN or infinite values (a diverged or "
                                   "damaged checkpoint, or one too large for this dtype)")
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every value is finite, checked a million values at a time: `isfinite`'s temporaries
+    on a whole embedding table would cost a third of its size again at the load's peak."""
+    if t.dim() == 0:
+        return bool(torch.isfinite(t))
+    rows = max(1, 2**20 // max(1, t[0].numel()))
+    return all(bool(torch.isfinite(part).all()) for part in t.split(rows))
 
 
 def _load_remote_code(d: Path, dtype, device) -> torch.nn.Module:

@@ -84,7 +84,7 @@ def shard_attention_rows(attn: nn.Module, tp: int) -> None:
         first_kv = r * q_local // group
         parts.append([_heads_rows(r * q_local, q_local, 0, D), _heads_rows(first_kv, kv_local, H * D, D),
                       _heads_rows(first_kv, kv_local, (H + K) * D, D)])
-    attn.qkv.weight = nn.Parameter(attn.qkv.weight.detach()[_per_rank_rows(parts)], requires_grad=False)
+    _reorder_rows(attn.qkv, _per_rank_rows(parts))
     attn.n_heads, attn.n_kv_heads = q_local, kv_local
 
 
@@ -93,8 +93,15 @@ def shard_swiglu_rows(mlp: SwiGLU, tp: int) -> None:
     h, local = mlp.hidden, mlp.hidden // tp
     rows = torch.arange(local)
     parts = [[r * local + rows, h + r * local + rows] for r in range(tp)]
-    mlp.gate_up.weight = nn.Parameter(mlp.gate_up.weight.detach()[_per_rank_rows(parts)], requires_grad=False)
+    _reorder_rows(mlp.gate_up, _per_rank_rows(parts))
     mlp.hidden = local
+
+
+def _reorder_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
+    """Lay out `linear`'s weight rows in the order `rows`; `linear.row_order` keeps it, so a loader
+    reading a rank's shard from the checkpoint knows which of the stored rows each of its rows is."""
+    linear.weight = nn.Parameter(linear.weight.detach()[rows], requires_grad=False)
+    linear.row_order = rows
 
 
 class ExpertWidthParallel(ParallelStyle):
@@ -106,11 +113,13 @@ class ExpertWidthParallel(ParallelStyle):
     the grouped matmul is a local kernel that DTensor does not dispatch.
     """
 
+    SHARD_DIMS = {"w_gate": 1, "w_up": 1, "w_down": 2}   # (experts, hidden, dim) and (experts, dim, hidden)
+
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         if not isinstance(module, MoE):
             raise TypeError(f"ExpertWidthParallel applies to MoE layers, not {type(module).__name__}")
         rank, tp = device_mesh.get_local_rank(), device_mesh.size()
-        for name, dim in (("w_gate", 1), ("w_up", 1), ("w_down", 2)):
+        for name, dim in self.SHARD_DIMS.items():
             local = getattr(module, name).detach().chunk(tp, dim=dim)[rank].contiguous()
             setattr(module, name, nn.Parameter(local, requires_grad=False))
         module.register_forward_hook(lambda mod, args, out: _sum_partials(out, device_mesh))
@@ -162,6 +171,55 @@ def parallelize(model: MaskedDiffusionLM, mesh: DeviceMesh) -> MaskedDiffusionLM
     if tied:   # both modules shard the (V, D) table by rows: keep one copy
         model.lm_head.weight = model.embed.weight
     return model
+
+
+def shard_pieces(model: nn.Module, name: str, index: tuple,
+                 mesh: DeviceMesh | None) -> list[tuple[torch.Tensor, tuple[int, int] | None]]:
+    """Where this rank keeps `param[index]` of the full parameter `name`, as (destination, source)
+    pairs: the destination, a view of the rank's own tensor, takes `stored.narrow(dim, start, n)` of
+    the checkpoint tensor stored as param[index], source = (dim, start), n the destination's size
+    along dim; source None is the whole stored tensor.
+
+    A parameter the plan does not shard (or any, with no mesh) is one piece. A sharded one holds
+    along its sharded dim a run of rows of the full parameter (in `row_order` for the fused q|k|v and
+    gate|up); each maximal run of consecutive stored rows is one piece, so a loader reads only the
+    rank's rows, one slice per piece.
+    """
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    local, dim = _local_and_dim(module, attr)
+    if mesh is None or dim is None:
+        return [(local[index], None)]
+    n, rank = local.shape[dim], mesh.get_local_rank()
+    order = getattr(module, "row_order", None) if attr == "weight" else None
+    rows = (torch.arange(n * mesh.size()) if order is None else order)[rank * n:(rank + 1) * n]
+    lead = index[0] if index else slice(None)
+    if isinstance(lead, int):   # one expert of a stacked (experts, ...) parameter, sharded inside the expert
+        local, dim, lead = local[lead], dim - 1, slice(None)
+    elif dim != 0:   # a row range of the full parameter, sharded along another dim
+        local, lead = local[lead], slice(None)
+    start, stop = lead.start or 0, lead.stop if lead.stop is not None else rows.max().item() + 1
+    positions = ((rows >= start) & (rows < stop)).nonzero().flatten()
+    stored = rows[positions] - start
+    breaks = ((positions.diff() != 1) | (stored.diff() != 1)).nonzero().flatten() + 1
+    bounds = [0, *breaks.tolist(), len(positions)]
+    pieces = []
+    for a, b in zip(bounds, bounds[1:]):
+        if b > a:
+            j, row = positions[a].item(), stored[a].item()
+            pieces.append((local.narrow(dim, j, b - a), (dim, row)))
+    return pieces
+
+
+def _local_and_dim(module: nn.Module, attr: str) -> tuple[torch.Tensor, int | None]:
+    """A parameter's local tensor and the dim the plan shards it along (None: a full copy)."""
+    param = getattr(module, attr)
+    if isinstance(param, DTensor):
+        [placement] = param.placements
+        return param.to_local(), (placement.dim % param.ndim if isinstance(placement, Shard) else None)
+    if isinstance(module, MoE) and attr in ExpertWidthParallel.SHARD_DIMS:
+        return param, ExpertWidthParallel.SHARD_DIMS[attr]
+    return param, None
 
 
 def join_tensor_parallel(tp: int, device: torch.device) -> tuple[DeviceMesh | None, torch.device]:
