@@ -19,6 +19,9 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default=None, help="weights dtype (default: float32 on cpu, bfloat16 elsewhere)")
     p.add_argument("--quantize", default=None, metavar="int8",
                    help="int8: 8-bit linear weights via torchao (pip install \"unmask[quant]\"; docs/quantize.md)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel degree: shard the model over N processes started with torchrun "
+                        "--nproc-per-node N -m unmask serve ...; rank 0 serves HTTP (docs/distributed.md)")
     p.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--default-max-tokens", type=int, default=64, help="max_tokens when a request gives none")
     p.add_argument("--block-length", type=int, default=32,
@@ -83,7 +86,7 @@ def serve(args) -> int:
     from ..models.quantize import check_quantize
     from ..serve import ServeConfig, create_app
     from ..sampling.blocks import is_block_checkpoint
-    from ..serve.lifecycle import bind, run
+    from ..serve.lifecycle import bind
 
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = args.served_model_name or (Path(args.model).resolve().name if args.model else "unmask")
@@ -100,16 +103,64 @@ def serve(args) -> int:
                          shutdown_grace_s=args.shutdown_grace).check(is_block_checkpoint(args.model), device)
     dtype = resolve_dtype(args.dtype)
     quantize = check_quantize(args.quantize)
+    if args.tp != 1:
+        return _serve_tensor_parallel(args, config, device, dtype)
     sock = bind(args.host, args.port)
     model, tokenizer = load(args.model, dtype=dtype, device=device, quantize=quantize)
     app = create_app(model, tokenizer, config)
+    return _announce_and_run(app, args, device, sock, config)
+
+
+def _announce_and_run(app, args, device, sock, config) -> int:
+    """Say what is served where, then serve until a signal drains it: 0, or 1 when a second signal
+    cut requests off."""
+    from ..serve.lifecycle import run
+
+    name = config.model_name
     family = " (block diffusion)" if app.state.server.block_diffusion else ""
     print(f"unmask serve: model {name!r}{family} on {device}; open http://{args.host}:{args.port}/ for the live view",
           flush=True)
-    if api_key is None and not _is_loopback(args.host):
+    if config.api_key is None and not _is_loopback(args.host):
         print(f"unmask serve: warning: {args.host} is reachable from other machines and no --api-key is set",
               flush=True)
     return 0 if run(app, sock, config.shutdown_grace_s) else 1
+
+
+def _serve_tensor_parallel(args, config, device, dtype) -> int:
+    """Under torchrun: every rank loads its shard; rank 0 binds and serves, the others follow its
+    batches (`serve.tensor_parallel`). Exits 1 with a message when a rank was lost."""
+    import sys
+
+    from ..models import load_config, load_model, load_tokenizer
+    from ..models.parallel import check_divisible, is_first_rank, join_tensor_parallel
+    from ..serve import create_app
+    from ..serve.lifecycle import bind
+    from ..serve.tensor_parallel import BATCH_TIMEOUT, GroupLost, Leader, announcement_group, follow
+
+    for flag, given in (("--quantize", args.quantize), ("--cuda-graph", args.cuda_graph)):
+        if given:
+            raise ValueError(f"--tp does not combine with {flag} yet: drop one of them")
+    check_divisible(load_config(args.model), args.tp)
+    mesh, device = join_tensor_parallel(args.tp, device, timeout=BATCH_TIMEOUT)
+    group = announcement_group()
+    sock = bind(args.host, args.port) if is_first_rank() else None
+    model = load_model(args.model, dtype=dtype, device=device, mesh=mesh)
+    if not is_first_rank():
+        try:
+            follow(model, device, group)
+        except GroupLost as e:
+            print(f"unmask serve: rank {mesh.get_local_rank()} stops: {e}", file=sys.stderr, flush=True)
+            return 1
+        return 0
+    app = create_app(model, load_tokenizer(args.model), config)
+    runner = app.state.server.runner
+    runner.sampler = leader = Leader(runner.sampler, device, group)
+    status = _announce_and_run(app, args, device, sock, config)
+    leader.close()
+    if leader.lost:
+        print(f"unmask serve: stopped: {leader.lost}", file=sys.stderr, flush=True)
+        return 1
+    return status
 
 
 def _api_key(args) -> str | None:

@@ -25,6 +25,7 @@ the one KV head its query heads read, so KV heads are stored (and cached) N / n_
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -222,11 +223,12 @@ def _local_and_dim(module: nn.Module, attr: str) -> tuple[torch.Tensor, int | No
     return param, None
 
 
-def join_tensor_parallel(tp: int, device: torch.device) -> tuple[DeviceMesh | None, torch.device]:
+def join_tensor_parallel(tp: int, device: torch.device,
+                         timeout: timedelta | None = None) -> tuple[DeviceMesh | None, torch.device]:
     """(the 1-D mesh of the `tp` processes torchrun started, this rank's device); (None, device) for tp 1.
 
     torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; the group uses gloo on the CPU and NCCL on CUDA,
-    where rank r runs on cuda:LOCAL_RANK.
+    where rank r runs on cuda:LOCAL_RANK. `timeout` bounds each collective (default: torch's).
     """
     if check_tp(tp) == 1:
         return None, device
@@ -240,7 +242,7 @@ def join_tensor_parallel(tp: int, device: torch.device) -> tuple[DeviceMesh | No
                              f"not {device}")
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return init_device_mesh(device.type, (tp,)), device
