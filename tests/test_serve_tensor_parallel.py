@@ -12,6 +12,8 @@ import httpx
 import openai
 import pytest
 
+from unmask.cli import main as cli_main
+
 # Each exercises a path of the leader/follower protocol: a stop string (rank 0 ends the batch early,
 # the follower must stop at the same step), CFG, and a seeded draw (the generator's state is sent).
 REQUESTS = [
@@ -76,3 +78,11 @@ def test_serve_tp2_answers_as_one_process_and_every_rank_stops_on_sigterm(tiny_c
     log = (tmp_path / "tp.log").read_text()
     assert "Traceback" not in log, log
     assert "Application shutdown complete" in log
+
+
+def test_serve_tp_errors_say_what_to_change(tiny_checkpoint, capsys):
+    for tp, message in (("2", "torchrun --nproc-per-node 2 -m unmask"), ("3", "does not divide"),
+                        ("0", "positive integer")):
+        assert cli_main(["serve", "--model", str(tiny_checkpoint), "--device", "cpu", "--port", str(_free_port()),
+                         "--tp", tp]) == 2
+        assert message in capsys.readouterr().err

@@ -5,6 +5,7 @@ unsharded model too and compares with it, so the reference is the single-process
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -236,6 +237,33 @@ def test_torchrun_generate_with_tp_prints_the_one_process_text(tiny_checkpoint, 
                           *args, "--tp", "2"], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout == expected   # rank 0 alone prints, and prints the same text
+
+
+@pytest.mark.slow
+def test_torchrun_eval_with_tp_reports_the_one_process_scores(tiny_checkpoint, tmp_path, capsys):
+    """Every rank scores every item on its shard (no item split); rank 0 writes the one-process report."""
+    args = ["eval", "--model", str(tiny_checkpoint), "--tasks", "arc_easy,lambada", "--data-dir", str(DATA / "tasks"),
+            "--limit", "3", "--mc-num", "4", "--batch-size", "4", "--cfg-scale", "0", "1"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "unmask",
+                          *args, "--out", str(tmp_path / "tp"), "--tp", "2"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    one, tp = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "tp"))
+    assert _close(tp["results"], one["results"]) and tp["meta"]["tp"] == 2
+
+
+def _close(a, b) -> bool:
+    """Equal structure and text, numbers within 1e-5 relative: a perplexity exponentiates its
+    log-likelihood, whose sharded sums differ from one process's in the last float32 bits."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(_close, a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-9)
+    return a == b
 
 
 def test_tp_errors_say_what_to_change(tiny_checkpoint, capsys):

@@ -1,14 +1,15 @@
 """`unmask eval`: zero-shot tasks at several cfg scales -> results.json + results.md.
 
 With no --tasks it runs the bundled world suite on the bundled model. Under torchrun the items
-are sharded across processes (gloo on CPU, nccl on CUDA) and rank 0 writes the report.
+are sharded across processes (gloo on CPU, nccl on CUDA) and rank 0 writes the report; with
+--tp N (N processes) the model is sharded instead and every rank scores every item.
 """
 
 from __future__ import annotations
 
 import os
 
-from .generate import add_model_args, model_placement
+from .generate import add_model_args, add_parallel_args, load_for_args, model_placement
 
 DEFAULT_SCALES = (0.0, 1.0)
 
@@ -21,6 +22,7 @@ def register(sub) -> None:
                    help="cfg scales to report (default: 0 1.0), or 'auto [GRID...]' to pick one per task "
                         "on a dev slice")
     add_model_args(p)
+    add_parallel_args(p)
     p.add_argument("--data-dir", default=None, help="directory with <task>.jsonl/.parquet files")
     p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
     p.add_argument("--mode", choices=["mc", "chain"], default=None,
@@ -61,7 +63,6 @@ def _init_distributed(device: str) -> None:
 
 
 def run_eval(args) -> int:
-    import unmask
     from ..eval import DEFAULT_TASKS, EvalConfig, evaluate, get_task, markdown_table, write_report
     from ..eval.runner import rank_and_world
 
@@ -72,17 +73,17 @@ def run_eval(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be >= 1")
     device, dtype = model_placement(args)
-    _init_distributed(device.type)
-    model, tokenizer = unmask.load(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code,
-                                   quantize=args.quantize)
+    if args.tp == 1:   # under torchrun without --tp: the items are split across the processes
+        _init_distributed(device.type)
+    model, tokenizer = load_for_args(args)   # with --tp: joins the torchrun group and loads this rank's shard
     config = EvalConfig(cfg_scales=scales, auto=auto, mode=mode, mc_num=args.mc_num,
                         batch_size=args.batch_size, seed=args.seed, limit=args.limit,
-                        dev_fraction=args.dev_fraction)
+                        dev_fraction=args.dev_fraction, tensor_parallel=args.tp > 1)
     results = evaluate(model, tokenizer, tasks, args.data_dir, config)
     if rank_and_world()[0] == 0:
         meta = {"model": str(args.model or "bundled"), "cfg_scales": list(scales), "auto": auto,
                 "mode": mode, "mc_num": args.mc_num, "seed": args.seed, "limit": args.limit,
-                "world_size": rank_and_world()[1], "quantize": args.quantize}
+                "world_size": rank_and_world()[1], "tp": args.tp, "quantize": args.quantize}
         json_path, md_path = write_report(results, args.out, meta)
         print(markdown_table(results))
         print(f"\nwrote {json_path} and {md_path}")

@@ -39,6 +39,7 @@ class EvalConfig:
     limit: int | None = None
     dev_fraction: float = 0.2
     progress: bool = True
+    tensor_parallel: bool = False                # every rank holds a shard of one model: all score every item
 
 
 @dataclass
@@ -164,8 +165,13 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _gather(local: list[ItemScore]) -> list[ItemScore]:
-    rank, world = rank_and_world()
+def _data_parallel(config: EvalConfig) -> tuple[int, int]:
+    """(this process's share, how many shares) of the items: one share under tensor parallelism,
+    where the ranks run one model together."""
+    return (0, 1) if config.tensor_parallel else rank_and_world()
+
+
+def _gather(local: list[ItemScore], world: int) -> list[ItemScore]:
     if world == 1:
         return local
     import torch.distributed as dist
@@ -180,13 +186,13 @@ def evaluate_task(model, tokenizer, task: Task, data_dir: str | Path | None, con
     if not items:
         raise ValueError(f"task {task.name}: no items to score")
     scales = sorted(set(config.cfg_scales) | ({0.0} if config.auto else set()))
-    rank, world = rank_and_world()
+    rank, world = _data_parallel(config)
     local = range(rank, len(items), world)
-    if config.progress and rank == 0:
+    if config.progress and rank_and_world()[0] == 0:
         from tqdm.auto import tqdm
 
         local = tqdm(local, desc=task.name, unit="item")
-    scores = _gather([score_item(model, tokenizer, task, items[i], i, scales, config) for i in local])
+    scores = _gather([score_item(model, tokenizer, task, items[i], i, scales, config) for i in local], world)
     if not config.auto:
         return summarise(task, items, scores, list(range(len(scales))), scales, [f"w={w:g}" for w in scales])
     if len(items) < 2:
