@@ -26,6 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, help="sampling steps of the schedule modes (default: gen-length; "
                                              "for block-diffusion models steps per block, default block-length)")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance of the +cfg modes")
+    p.add_argument("--guidance", default="constant,prompt", metavar="FORM",
+                   help="the form of CFG of the +cfg modes, e.g. linear or span:0:-4 (docs/guidance.md)")
     p.add_argument("--modes", nargs="+", choices=list(MODES) + list(BLOCK_MODES),
                    help="default: every mode of the model's family; on a CPU, every mode but the CUDA-graph ones "
                         "(block-diffusion models: the 'block ...' modes)")
@@ -164,6 +166,7 @@ def run(args) -> int:
                                              args.prompt_len, args.gen_length)
     cfg = BenchConfig(batch_sizes=args.batch_sizes, prompt_len=prompt_len, gen_length=gen_length,
                       block_length=args.block_length, steps=args.steps, cfg_scale=args.cfg_scale,
+                      guidance=args.guidance,
                       repeats=args.repeats, modes=args.modes or default_modes(device, block), seed=args.seed,
                       agreement=args.agreement,
                       suite_items=args.suite_items if args.suite else 0).check(device, block)

@@ -40,6 +40,9 @@ def add_sampling_args(p: argparse.ArgumentParser, gen_length: int = 64) -> None:
                    help="default: gen-length (one block); for LLaDA2.x models 32")
     p.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: 0)")
     p.add_argument("--cfg-scale", type=float, default=None, help="unsupervised CFG weight w (default: 0, off)")
+    p.add_argument("--guidance", default=None, metavar="FORM",
+                   help="the form of CFG: a schedule (constant, linear, interval:LO:HI) and/or an unconditional "
+                        "canvas (prompt, span:START:STOP, acfg:RATIO), e.g. 'linear,span:0:-4' (docs/guidance.md)")
     p.add_argument("--remasking", default=None, choices=list(REMASKING_RULES),
                    help="which positions to commit each step (default: low_confidence)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
@@ -76,7 +79,7 @@ def sampling_options(args, block_diffusion: bool = False):
                  temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking, cache=args.cache,
                  cache_refresh=args.cache_refresh, threshold=args.threshold, factor=args.factor,
                  reuse_uncond=args.reuse_uncond or None, cuda_graph=args.cuda_graph or None,
-                 minimal_topk=args.minimal_topk, top_k=args.top_k, top_p=args.top_p)
+                 minimal_topk=args.minimal_topk, top_k=args.top_k, top_p=args.top_p, guidance=args.guidance)
     if not block_diffusion:   # the CLI's defaults: one step per token, one block
         given["steps"] = args.gen_length if args.steps is None else args.steps
         given["block_length"] = args.gen_length if args.block_length is None else args.block_length

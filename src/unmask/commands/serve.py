@@ -27,6 +27,8 @@ def register(subparsers) -> None:
                    help="default steps (default: one per generated token); for LLaDA2.x models steps per block "
                         "(default: 32)")
     p.add_argument("--cfg-scale", type=float, default=0.0, help="default guidance scale w (0 = off)")
+    p.add_argument("--guidance", default=None, metavar="FORM",
+                   help="default form of CFG, e.g. linear, span:0:-4, acfg:0.7 (docs/guidance.md)")
     p.add_argument("--temperature", type=float, default=0.0, help="default temperature")
     p.add_argument("--remasking", default=None,
                    help="default remasking rule (default: low_confidence; LLaDA models only)")
@@ -90,7 +92,8 @@ def serve(args) -> int:
     api_key = _api_key(args)
     config = ServeConfig(model_name=name, max_tokens_limit=args.max_tokens_limit,
                          default_max_tokens=args.default_max_tokens, block_length=args.block_length,
-                         steps=args.steps, cfg_scale=args.cfg_scale, temperature=args.temperature,
+                         steps=args.steps, cfg_scale=args.cfg_scale, guidance=args.guidance,
+                         temperature=args.temperature,
                          remasking=args.remasking, cache=args.cache, cuda_graph=args.cuda_graph,
                          max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                          batch_window_ms=args.batch_window_ms, timeout_s=args.timeout,
