@@ -361,3 +361,97 @@ def test_scoring_refuses_a_pmi_typo_and_acfg(dense):
         score_requests(dense, [Request([1, 2], [3])], cfg_scales=["pmj"], mask_id=MASK)
     with pytest.raises(OptionError, match="scoring has none"):
         score_requests(dense, [Request([1, 2], [3])], cfg_scales=[1.0], guidance="acfg:0.5", mask_id=MASK)
+
+
+# ---- entry points: the form travels through the shared options ----
+
+def test_cli_generate_guidance_flag(tiny_checkpoint, capsys):
+    from unmask.cli import main
+    from unmask.sampling.text import generate_text
+
+    args = ["--gen-length", "16", "--block-length", "8", "--cfg-scale", "1", "--guidance", "linear,span:0:-2"]
+    assert main(["generate", "hello there", "--model", str(tiny_checkpoint), *args]) == 0
+    model, tok = unmask.load(tiny_checkpoint)
+    expected = generate_text(model, tok, ["hello there"], steps=16, gen_length=16, block_length=8, cfg_scale=1.0,
+                             guidance="linear,span:0:-2")[0]
+    assert capsys.readouterr().out == "hello there" + expected + "\n"
+    assert main(["generate", "x", "--model", str(tiny_checkpoint), "--cfg-scale", "1", "--guidance", "cosine"]) == 2
+    assert "unknown guidance part 'cosine'" in capsys.readouterr().err
+    assert main(["generate", "x", "--model", str(tiny_checkpoint), "--cfg-scale", "1", "--guidance", "acfg:0.5",
+                 "--cache", "dual"]) == 2
+    assert "cache=None with acfg" in capsys.readouterr().err
+
+
+def test_server_guidance_field_and_default(tiny_checkpoint):
+    import httpx
+    from serve_fixtures import live_server
+    from unmask.sampling.text import generate_text
+    from unmask.serve import ServeConfig, create_app
+
+    model, tok = unmask.load(tiny_checkpoint)
+    config = ServeConfig(model_name="tiny", default_max_tokens=16, guidance="linear")
+    messages = [{"role": "user", "content": "hi"}]
+    with live_server(create_app(model, tok, config)) as url:
+        for field in ("span:0:-3", None):
+            body = {"model": "tiny", "messages": messages, "max_tokens": 16, "block_length": 16, "cfg_scale": 1.0}
+            body |= {} if field is None else {"guidance": field}
+            r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            [expected] = generate_text(model, tok, [messages], chat=True, steps=16, gen_length=16, block_length=16,
+                                       cfg_scale=1.0, guidance=field or "linear")
+            assert r.json()["choices"][0]["message"]["content"] == expected
+        r = httpx.post(url + "/v1/chat/completions", timeout=60,
+                       json={"model": "tiny", "messages": messages, "guidance": "span:x:1", "cfg_scale": 1.0})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "guidance"
+    with pytest.raises(ValueError, match="--guidance: unknown guidance part"):
+        ServeConfig(guidance="nope").check()
+
+
+def test_harness_guidance_argument(tmp_path_factory):
+    pytest.importorskip("lm_eval")
+    from types import SimpleNamespace
+
+    from test_eval import make_tiny_checkpoint
+    from unmask.eval.encoding import encode_pair
+    from unmask.harness import UnmaskLM
+
+    ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-harness"))
+    lm = UnmaskLM(model=str(ckpt), cfg_scale=1.0, guidance="span:-2:", mc_num=4, batch_size=8, check_greedy=False)
+    ctx, cont = "Question: Who is it?\nAnswer:", " Tom"
+    [(value, _)] = lm.loglikelihood([SimpleNamespace(args=(ctx, cont))], disable_tqdm=True)
+    c, r = encode_pair(lm.tokenizer, ctx, cont, lm.max_len)
+    [[est]] = score_requests(lm.model, [Request(c, r, 0)], cfg_scales=[1.0], mc_num=4, batch_size=8,
+                             guidance="span:-2:")
+    [[plain]] = score_requests(lm.model, [Request(c, r, 0)], cfg_scales=[1.0], mc_num=4, batch_size=8)
+    assert value == pytest.approx(est.value) and value != pytest.approx(plain.value)
+    with pytest.raises(OptionError, match="scoring has none"):
+        UnmaskLM(model=str(ckpt), cfg_scale=1.0, guidance="acfg:0.5")
+
+
+def test_bench_cfg_modes_take_the_form():
+    from unmask.bench import BenchConfig, mode_options
+
+    schedule = dict(steps=8, gen_length=8, block_length=8)
+    assert mode_options("dual+cfg", 1.0, schedule, guidance="linear").guidance == "linear,prompt"
+    assert mode_options("dual", 1.0, schedule, guidance="linear").cfg_scale == 0.0
+    with pytest.raises(ValueError, match="mode 'dual\\+cfg'.*cache=None with acfg"):
+        BenchConfig(modes=["dual+cfg"], guidance="acfg:0.5").check("cpu")
+
+
+def test_eval_pmi_column_and_guidance(tmp_path):
+    import json
+
+    from test_eval import TASK_DIR, make_tiny_checkpoint
+    from unmask.cli import main
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(ckpt), "--data-dir", str(TASK_DIR), "--tasks", "arc_easy,lambada",
+                 "--limit", "3", "--mc-num", "4", "--pmi", "--guidance", "span:-4:", "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    arc, lambada = data["results"]
+    assert arc["columns"] == ["w=0", "w=1", "pmi"] and len(arc["paired"]["acc"]) == 2
+    assert lambada["columns"] == ["w=0", "w=1"]          # a cloze task is judged by the sampler: no PMI column
+    assert data["meta"]["guidance"] == "span:-4:" and "Δ pmi" in (out / "results.md").read_text()
+    assert main(["eval", "--model", str(ckpt), "--pmi", "--cfg-scale", "auto"]) == 2
+    assert main(["eval", "--model", str(ckpt), "--guidance", "acfg:0.3"]) == 2
