@@ -455,3 +455,10 @@ def test_eval_pmi_column_and_guidance(tmp_path):
     assert data["meta"]["guidance"] == "span:-4:" and "Δ pmi" in (out / "results.md").read_text()
     assert main(["eval", "--model", str(ckpt), "--pmi", "--cfg-scale", "auto"]) == 2
     assert main(["eval", "--model", str(ckpt), "--guidance", "acfg:0.3"]) == 2
+
+
+def test_acfg_counts_its_two_sequential_passes(dense):
+    prompt = torch.randint(0, 380, (1, 6), generator=torch.Generator().manual_seed(11))
+    kw = dict(steps=8, gen_length=8, block_length=8, cfg_scale=1.0, mask_id=MASK, return_dict_in_generate=True)
+    assert unmask.generate(dense, prompt, guidance="acfg:0.5", **kw).forward_passes == 16
+    assert unmask.generate(dense, prompt, guidance="span:0:2", **kw).forward_passes == 8

@@ -374,7 +374,7 @@ def greedy_sample(model, ids: torch.Tensor, attention: torch.Tensor, L: int, cfg
         fits = limit is None or -(-(width + longer) // block_length) * block_length <= limit
         out = block_generate(model, ids, attention_mask=attention, gen_length=longer if fits else L,
                              block_length=block_length, steps=block_length, threshold=None, cfg_scale=cfg_scale,
-                             mask_id=mask_id, guidance=str(guidance))
+                             mask_id=mask_id, guidance=guidance)
         return out[:, :width + L]
     return generate(model, ids, attention_mask=attention, steps=L, gen_length=L, block_length=L, temperature=0.0,
                     cfg_scale=cfg_scale, mask_id=mask_id, guidance=guidance)

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from ..models.transformer import KVCache
 from .generate import GenerationOutput, StepState, resolve_mask_id, special_ids
-from .guidance import is_native, unmasked_fraction
+from .guidance import DEFAULT, Guidance, is_native, unmasked_fraction
 from .options import BlockOptions, OptionError
 from .schedule import transfer_schedule
 
@@ -259,7 +259,7 @@ def block_generate(
     top_p: float | None = None,
     cfg_scale: float = 0.0,
     reuse_uncond: bool = False,
-    guidance: str = "constant,prompt",
+    guidance: str | Guidance = DEFAULT,
     cache: bool | None = None,
     attention_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,

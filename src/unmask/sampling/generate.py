@@ -313,7 +313,7 @@ def generate(
                 logits, block_cache = cached_logits(runner, block_cache, refresh, new_cache, xa, rows,
                                                     prompt_index[rows], mask_id, cfg_scale, mask_a, window,
                                                     span, reuse_uncond, form, t)
-            out.forward_passes += 1
+            out.forward_passes += 2 if cfg_scale > 0 and form.canvas.adaptive else 1   # A-CFG: two calls in sequence
             if suppressed.numel():
                 logits[..., suppressed] = float("-inf")
             proposal = propose_tokens(logits, temperature, generator)
