@@ -452,7 +452,10 @@ def test_eval_pmi_column_and_guidance(tmp_path):
     arc, lambada = data["results"]
     assert arc["columns"] == ["w=0", "w=1", "pmi"] and len(arc["paired"]["acc"]) == 2
     assert lambada["columns"] == ["w=0", "w=1"]          # a cloze task is judged by the sampler: no PMI column
-    assert data["meta"]["guidance"] == "span:-4:" and "Δ pmi" in (out / "results.md").read_text()
+    table = (out / "results.md").read_text()
+    assert data["meta"]["guidance"] == "span:-4:" and "Δ pmi" in table
+    lambada_row = next(line for line in table.splitlines() if line.startswith("| lambada | acc |"))
+    assert lambada_row.count("|") == table.splitlines()[0].count("|") and lambada_row.count("| – |") == 2
     assert main(["eval", "--model", str(ckpt), "--pmi", "--cfg-scale", "auto"]) == 2
     assert main(["eval", "--model", str(ckpt), "--guidance", "acfg:0.3"]) == 2
 
