@@ -174,6 +174,8 @@ def test_combinations_refused_where_the_form_cannot_work():
         BlockOptions(cfg_scale=1.0, guidance="acfg:0.5").check()
     with pytest.raises(OptionError, match="scoring has none"):
         check_scoring_guidance("acfg:0.5")
+    SamplerOptions(cfg_scale=0.0, guidance="acfg:0.5", cache="dual").check()   # w = 0: no guidance, nothing to refuse
+    BlockOptions(cfg_scale=0.0, guidance="acfg:0.5").check()
 
 
 def test_prompt_span_counts_each_rows_own_prompt_tokens():
@@ -436,6 +438,7 @@ def test_bench_cfg_modes_take_the_form():
     assert mode_options("dual", 1.0, schedule, guidance="linear").cfg_scale == 0.0
     with pytest.raises(ValueError, match="mode 'dual\\+cfg'.*cache=None with acfg"):
         BenchConfig(modes=["dual+cfg"], guidance="acfg:0.5").check("cpu")
+    BenchConfig(modes=["dual", "exact+cfg"], guidance="acfg:0.5").check("cpu")
 
 
 def test_eval_pmi_column_and_guidance(tmp_path):

@@ -92,7 +92,7 @@ class SamplerOptions:
         _number(self.temperature, "temperature", minimum=0.0)
         check_cfg_scale(self.cfg_scale)
         form = check_guidance(self.guidance)
-        if form.canvas.adaptive and self.cache is not None:
+        if form.canvas.adaptive and self.cache is not None and self.cfg_scale > 0:
             raise OptionError("guidance", f"guidance {self.guidance!r} re-masks generated tokens anywhere in the text "
                                           "at every step, which a cache filled at the last refresh cannot see: use "
                                           "cache=None with acfg")
@@ -225,7 +225,7 @@ class BlockOptions:
         if self.top_p is not None:
             _number(self.top_p, "top_p", minimum=0.0, maximum=1.0, strict_minimum=True)
         check_cfg_scale(self.cfg_scale)
-        if check_guidance(self.guidance).canvas.adaptive:
+        if check_guidance(self.guidance).canvas.adaptive and self.cfg_scale > 0:
             raise OptionError("guidance", "acfg (A-CFG) runs in the LLaDA sampler only: block-diffusion decoding keeps "
                                           "finished blocks in an exact cache that re-masking would invalidate; use "
                                           "the prompt or a span as the unconditional canvas")
