@@ -4,7 +4,8 @@ The know_arc questions (held-out people, held-out phrasings) asked in the SFT fo
 chat template, "Answer in a full sentence.": the answer is a sentence, so tokens are committed
 before the answer word is, and a schedule's t and A-CFG's re-masking have something to work on.
 An answer is right when the gold value appears as a word in the generated text. Every (model,
-form) cell is paired against the first model at w = 0 on the same questions (exact McNemar).
+form) cell is paired against the first model at w = 0 on the same questions (exact McNemar); with
+--out, FILE.json keeps every cell's per-question outcomes for other pairings.
 
 Usage: python scripts/guidance_generation.py --models RUN_A [RUN_B ...] [--forms constant linear acfg:0.5]
                                              [--scale 1] [--items 312] [--out FILE.md]
@@ -13,6 +14,7 @@ Usage: python scripts/guidance_generation.py --models RUN_A [RUN_B ...] [--forms
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import statistics
 from pathlib import Path
@@ -50,7 +52,7 @@ def main() -> None:
     prompts = [[{"role": "user", "content": f"Answer in a full sentence.\nQuestion: {q}\nAnswer:"}] for q, _ in items]
     kw = dict(steps=args.gen_length, gen_length=args.gen_length, block_length=args.gen_length)
     lines = [f"| model | form | w | accuracy | Δ vs {Path(args.models[0]).name} w=0 |", "|---|---|---|---|---|"]
-    base = None
+    base, outcomes = None, {}
     for path in args.models:
         model, tok = unmask.load(path)
         for form, w in [("–", 0.0)] + [(f, args.scale) for f in args.forms]:
@@ -60,6 +62,7 @@ def main() -> None:
                                        guidance="constant" if form == "–" else form, **kw)
             right = [correct(t, a) for t, (_, a) in zip(texts, items)]
             base = right if base is None else base
+            outcomes[f"{Path(path).name} {form} w={w:g}"] = right
             delta = 100 * statistics.mean(b - a for a, b in zip(base, right))
             lines.append(f"| {Path(path).name} | {form} | {w:g} | {100 * statistics.mean(right):.2f} | "
                          f"{delta:+.2f} (p={mcnemar_p(base, right):.2g}) |")
@@ -68,6 +71,7 @@ def main() -> None:
     print(table)
     if args.out:
         Path(args.out).write_text(table + "\n")
+        Path(args.out).with_suffix(".json").write_text(json.dumps(outcomes))
 
 
 if __name__ == "__main__":
