@@ -337,7 +337,8 @@ def plain_exact_bound(model, context, continuation, w, schedule="constant", span
                                                 ("interval:0.4:1,span:-2:", "interval:0.4:1", (-2, None))])
 def test_scoring_forms_match_the_plain_exact_bound(dense, spec, schedule, span):
     g = torch.Generator().manual_seed(9)
-    context, continuation = torch.randint(0, 380, (6,), generator=g).tolist(), torch.randint(0, 380, (3,), generator=g).tolist()
+    context = torch.randint(0, 380, (6,), generator=g).tolist()
+    continuation = torch.randint(0, 380, (3,), generator=g).tolist()
     got = score_requests(dense, [Request(context, continuation)], cfg_scales=[0.0, 1.5, PMI], mode="exact",
                          guidance=spec, mask_id=MASK)[0]
     assert got[0].value == pytest.approx(plain_exact_bound(dense, context, continuation, 0.0), abs=1e-4)

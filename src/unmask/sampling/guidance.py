@@ -173,11 +173,6 @@ class Guidance:
     def __str__(self) -> str:
         return f"{self.schedule},{self.canvas}"
 
-    @property
-    def is_default(self) -> bool:
-        """The seed's form: constant weight, whole prompt masked."""
-        return self == Guidance()
-
     def weights(self, w: float, t: torch.Tensor) -> torch.Tensor:
         """(B,) per-row weights w · s(t)."""
         return w * self.schedule.factor(t)
