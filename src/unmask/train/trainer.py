@@ -81,6 +81,14 @@ class TrainConfig:
     dense_layers: int = _f(0, "MoE: the first layers keep a dense MLP (LLaDA2.0-mini: 1)")
     tie_embeddings: bool = _f(False, "share the input embedding and the output projection (helps small models "
                                      "learn to copy tokens from their context)")
+    # LoRA (docs/lora.md)
+    lora: bool = _f(False, "train a LoRA adapter (through peft) on the frozen --init-from model; checkpoints "
+                           "hold the adapter, which --adapter DIR loads and unmask merge folds in")
+    lora_rank: int = _f(16, "LoRA rank r")
+    lora_alpha: float = _f(32.0, "LoRA alpha (the update is scaled by alpha / r)")
+    lora_targets: list[str] = _f([], "matrices to adapt: qkv, out, gate_up, down, router, lm_head, and on MoE "
+                                     "layouts the experts w_gate, w_up, w_down (default: all of attention and "
+                                     "the MLPs, experts included, not router or lm_head)", nargs="+")
     # optimisation
     batch_size: int = _f(16, "rows per micro-batch per process")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
@@ -126,6 +134,8 @@ class TrainConfig:
             raise ValueError("doc_attention applies to packed pretraining rows; SFT rows hold one example each")
         if self.block_length is not None and self.block_length < 0:
             raise ValueError("block_length must be at least 1, or 0 for off")
+        if self.lora and not self.init_from:
+            raise ValueError("--lora adapts a trained model: pass it as --init-from DIR")
         if self.preset and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}: choose from {', '.join(PRESETS)}")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "experts_per_token"):
@@ -411,6 +421,7 @@ class Trainer:
             self.log("no held-out rows (raise heldout_frac or pass --eval-data): evaluation is off")
 
         self.core = build_model(cfg, self.tokenizer).to(self.dist.device)
+        self.lora = self._add_lora() if cfg.lora else None
         self.core.gradient_checkpointing = cfg.activation_checkpointing
         self.mask_id = self.core.config.mask_token_id
         self.block_length = block_length_for(cfg, self.core.config)
@@ -433,6 +444,22 @@ class Trainer:
             from tqdm import tqdm
 
             tqdm.write(f"unmask train: {msg}", file=sys.stderr)
+
+    def _add_lora(self):
+        """Insert LoRA layers into the frozen model (`models.adapters`); returns their peft config."""
+        from ..models import resolve_checkpoint_dir
+        from ..models.adapters import add_lora, lora_config
+
+        cfg = self.cfg
+        config = lora_config(self.core.config, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
+                             base=str(resolve_checkpoint_dir(cfg.init_from).resolve()))
+        torch.manual_seed(cfg.seed)  # the same initial A on every rank and in every run (B starts at zero)
+        add_lora(self.core, config)
+        trainable = sum(p.numel() for p in self.core.parameters() if p.requires_grad)
+        self.log(f"LoRA rank {config.r}, alpha {config.lora_alpha} on "
+                 f"{', '.join(sorted(config.target_modules) + list(config.target_parameters or []))}: "
+                 f"{trainable / 1e6:.3f}M trainable parameters")
+        return config
 
     def _barrier(self) -> None:
         if self.dist.world_size > 1:
@@ -477,15 +504,35 @@ class Trainer:
         if problem:
             raise CheckpointError(problem)
         state = ckpt_io.load_state(ckpt, verified=True)
-        weights = load_model(ckpt, dtype=torch.float32, device="cpu").state_dict()
+        if self.lora is not None:  # the frozen base came from init_from; only the adapter was trained
+            set_model_state_dict(self.core, self._adapter_weights(ckpt),
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
+        else:
+            weights = load_model(ckpt, dtype=torch.float32, device="cpu").state_dict()
+            set_model_state_dict(self.core, weights, options=StateDictOptions(full_state_dict=True))
         full = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.core, weights, options=full)
         set_optimizer_state_dict(self.core, self.optimizer, state["optimizer"], options=full)
         self.stream.load_state_dict(state["data"])
         rngs = state["rng"]
         set_rng_state(rngs[self.dist.rank] if len(rngs) == self.dist.world_size else rngs[0])
         self.step = state["step"]
         self.log(f"resumed from {ckpt} at step {self.step}")
+
+    def _adapter_weights(self, ckpt: Path) -> dict:
+        """The LoRA weights a checkpoint holds, under the model's names, checked to be exactly the model's."""
+        from safetensors.torch import load_file
+
+        from ..models.adapters import ADAPTER_WEIGHTS, model_tensors
+
+        if not (ckpt / ADAPTER_WEIGHTS).is_file():
+            raise CheckpointError(f"{ckpt} holds no LoRA adapter ({ADAPTER_WEIGHTS}): it is a full-model "
+                                  "checkpoint; resume it without --lora")
+        weights = model_tensors(load_file(ckpt / ADAPTER_WEIGHTS))
+        expected = {k for k in self.core.state_dict() if ".lora_" in k}
+        if weights.keys() != expected:
+            raise CheckpointError(f"{ckpt}: its adapter adapts other matrices than --lora-targets asks for; "
+                                  "resume with the run's own LoRA settings")
+        return weights
 
     def save(self) -> Path | None:
         """Checkpoint the current step (collective: every rank calls it; rank 0 writes)."""
@@ -506,7 +553,12 @@ class Trainer:
                      "config": asdict(self.cfg), "world_size": self.dist.world_size}
 
             def write(d: Path) -> None:
-                save_model(self.core if weights is None else _cpu_model(self.core.config, weights), d)
+                if self.lora is not None:
+                    from ..models.adapters import adapter_tensors, save_adapter
+
+                    save_adapter(self.lora, adapter_tensors(self.core.state_dict() if weights is None else weights), d)
+                else:
+                    save_model(self.core if weights is None else _cpu_model(self.core.config, weights), d)
                 self.tokenizer.save_pretrained(d)
                 torch.save(state, d / ckpt_io.STATE)
 

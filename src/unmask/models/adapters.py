@@ -1,0 +1,145 @@
+"""LoRA adapters on unmask's models, through `peft`: which matrices they adapt, and loading one.
+
+An adapter directory is peft's own format (adapter_config.json + adapter_model.safetensors), so
+peft reads what unmask writes and the other way round. Loading an adapter for inference merges it
+into the base weights (W + alpha/r · B·A): what comes back is a plain MaskedDiffusionLM, so every
+path that takes a model (samplers, KV caches, CUDA graphs, int8 weights, the server) works on it
+unchanged and runs at the base model's speed. `load_model(..., adapter=DIR)` is the one place
+that does it; every entry point goes through it.
+
+Module names are unmask's fused ones: `qkv` (q|k|v in one matrix), `out`, `gate_up`, `down`; the
+routed experts of the MoE layouts are stacked 3-D parameters `w_gate`, `w_up`, `w_down`, which
+peft adapts with one rank-r update per expert (its `target_parameters`).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .loading import CheckpointError, read_json, resolve_checkpoint_dir
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+MODULE_TARGETS = ("qkv", "out", "gate_up", "down", "router", "lm_head")   # nn.Linear modules
+EXPERT_TARGETS = ("w_gate", "w_up", "w_down")                             # stacked expert weights
+_FILE_PREFIX, _NAME = "base_model.model.", "default"                      # peft's names in the file
+INSTALL_HINT = 'pip install "unmask[lora]" (or pip install peft)'
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise ValueError(f"LoRA adapters need peft, which is not installed: {INSTALL_HINT}") from None
+    return peft
+
+
+def default_targets(cfg: ModelConfig) -> list[str]:
+    """Every matrix of attention and of the MLPs: q|k|v and the output projection, the dense SwiGLU
+    (and shared experts) `gate_up`/`down`, and on MoE layouts each routed expert.
+
+    Not the router (re-routing tokens would change which experts see what, which a small adapter
+    has not learned), the embeddings or the output head (vocabulary-sized, and SFT keeps the vocabulary).
+    Adapting the MLPs as well as attention is what lets SFT teach new facts and formats; the cost
+    is a few percent of the weights at rank 16.
+    """
+    return ["qkv", "out", "gate_up", "down", *(EXPERT_TARGETS if cfg.n_experts else ())]
+
+
+def lora_config(cfg: ModelConfig, rank: int, alpha: float, targets: list[str] | None = None,
+                base: str | None = None):
+    """peft's LoraConfig for a model of `cfg`: `targets` (default `default_targets`) checked against
+    what this layout has; `base` is the base checkpoint written into the adapter's config."""
+    if rank < 1:
+        raise ValueError(f"lora_rank must be at least 1, not {rank}")
+    if not alpha > 0:
+        raise ValueError(f"lora_alpha must be > 0, not {alpha}")
+    targets = list(targets) if targets else default_targets(cfg)
+    unknown = [t for t in targets if t not in MODULE_TARGETS + EXPERT_TARGETS]
+    if unknown:
+        raise ValueError(f"unknown LoRA target(s) {', '.join(unknown)}: choose from "
+                         f"{', '.join(MODULE_TARGETS + EXPERT_TARGETS)}")
+    absent = [t for t in targets if (t in EXPERT_TARGETS or t == "router") and not cfg.n_experts]
+    if absent:
+        raise ValueError(f"LoRA target(s) {', '.join(absent)} exist only in MoE models; "
+                         f"this {cfg.layout} model is dense")
+    if "lm_head" in targets and cfg.tie_embeddings:
+        raise ValueError("lm_head is tied to the embeddings in this model; leave it out of the LoRA targets")
+    return _peft().LoraConfig(r=rank, lora_alpha=alpha, base_model_name_or_path=base,
+                              target_modules=[t for t in targets if t in MODULE_TARGETS],
+                              target_parameters=[t for t in targets if t in EXPERT_TARGETS])
+
+
+def add_lora(model: torch.nn.Module, config) -> torch.nn.Module:
+    """Insert LoRA layers into `model` in place (it stays the same object, now with `lora_A`/`lora_B`
+    modules) and freeze everything else; returns peft's wrapper around it (for merging)."""
+    base = config.base_model_name_or_path
+    with warnings.catch_warnings():  # peft overwrites the base with the model's name_or_path, which it lacks,
+        warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")  # and warns; it is put back
+        wrapped = _peft().get_peft_model(model, config)
+    config.base_model_name_or_path = base
+    return wrapped
+
+
+def adapter_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of a model's state dict, under the names peft writes in adapter_model.safetensors."""
+    return {_FILE_PREFIX + k.replace(f".{_NAME}.", "."): v for k, v in state.items() if ".lora_" in k}
+
+
+def model_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """adapter_model.safetensors' tensors under the model's state-dict names (the inverse of `adapter_tensors`)."""
+    out = {}
+    for k, v in tensors.items():
+        head, _, tail = k.removeprefix(_FILE_PREFIX).rpartition(".")
+        out[f"{head}.{_NAME}.{tail}"] = v
+    return out
+
+
+def save_adapter(config, tensors: dict[str, torch.Tensor], directory: str | os.PathLike) -> None:
+    """Write an adapter directory: `config` (a LoraConfig) and `tensors` (named as `adapter_tensors` names them)."""
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(d)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, d / ADAPTER_WEIGHTS,
+              metadata={"format": "pt"})
+
+
+def resolve_adapter_dir(path: str | os.PathLike) -> Path:
+    """The adapter directory `path` stands for: an adapter directory, or a LoRA training run (its `latest`)."""
+    d = resolve_checkpoint_dir(path)
+    if not (d / ADAPTER_CONFIG).is_file():
+        hint = " (it is a full checkpoint: pass it as --model)" if (d / "config.json").is_file() else ""
+        raise CheckpointError(f"{d} has no {ADAPTER_CONFIG}, so it is not a LoRA adapter{hint}")
+    if not (d / ADAPTER_WEIGHTS).is_file():
+        raise CheckpointError(f"{d} has no {ADAPTER_WEIGHTS}; an adapter directory needs both "
+                              f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    return d
+
+
+def adapter_base(adapter: str | os.PathLike) -> str | None:
+    """The base checkpoint an adapter records (its config's base_model_name_or_path), or None."""
+    base = read_json(resolve_adapter_dir(adapter) / ADAPTER_CONFIG).get("base_model_name_or_path")
+    return base if isinstance(base, str) and base else None
+
+
+def attach_adapter(model: torch.nn.Module, adapter: str | os.PathLike) -> torch.nn.Module:
+    """peft's model with the adapter's LoRA layers beside the base weights (not merged)."""
+    d = resolve_adapter_dir(adapter)
+    try:
+        return _peft().PeftModel.from_pretrained(model, d)
+    except (RuntimeError, ValueError, KeyError) as e:  # shapes or targets that do not fit this base
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{d} does not fit this base model ({first}); pass the --model it was trained "
+                              "on") from None
+
+
+def merge_adapter(model: torch.nn.Module, adapter: str | os.PathLike) -> torch.nn.Module:
+    """`model` with the adapter merged into its weights: a plain model again, as fast as the base."""
+    with torch.no_grad():
+        return attach_adapter(model, adapter).merge_and_unload()

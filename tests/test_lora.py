@@ -1,0 +1,175 @@
+"""LoRA through peft: SFT on every layout, exact resume, merging, and adapters in every entry point."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+from conftest import _byte_tokenizer  # noqa: E402
+from unmask.models import CheckpointError, load_model, save_model  # noqa: E402
+from unmask.models.adapters import (adapter_base, adapter_tensors, attach_adapter, default_targets,  # noqa: E402
+                                    lora_config, merge_adapter, model_tensors)
+from unmask.train import TrainConfig  # noqa: E402
+from unmask.train.trainer import Trainer, train  # noqa: E402
+
+torch.set_num_threads(1)
+
+DATA = Path(__file__).parent / "data"
+LAYOUTS = ["llada-dense-tiny", "lladamoe-tiny", "llada2-moe-tiny"]
+ANIMALS = {"cat": "meow", "dog": "woof", "cow": "moo", "owl": "hoot", "fox": "yip"}
+
+
+@pytest.fixture(scope="module", params=LAYOUTS)
+def base(request, tmp_path_factory) -> Path:
+    """A fixture checkpoint of one layout, its special ids set to the byte tokenizer's, saved with it."""
+    d = tmp_path_factory.mktemp(request.param)
+    model = load_model(DATA / request.param)
+    model.config = model.config.with_(mask_token_id=383, eos_token_id=381, eot_token_id=380, pad_token_id=381)
+    save_model(model, d)
+    _byte_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("sft") / "sft.jsonl"
+    rows = [{"prompt": f"{i} the {a} says", "response": f"{s}."}
+            for i, (a, s) in enumerate(rng.choice(list(ANIMALS.items())) for _ in range(200))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def lora_run(out: Path, base: Path, data: Path, **overrides) -> TrainConfig:
+    settings = dict(data=[str(data)], tokenizer=str(base), init_from=str(base), out_dir=str(out), sft=True,
+                    lora=True, lora_rank=4, lora_alpha=8.0, seq_len=64, batch_size=8, lr=1e-2, min_lr=1e-3,
+                    warmup=2, max_steps=8, eval_every=4, eval_batches=1, eval_mc_samples=2, save_every=100,
+                    heldout_frac=0.1, progress=False)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def _ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 380, (2, 24), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, ids=None) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(_ids() if ids is None else ids).logits
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+def test_lora_sft_trains_only_the_adapter_and_the_loss_falls(tmp_path, base, sft_data):
+    trainer = Trainer(lora_run(tmp_path / "run", base, sft_data, max_steps=60, batch_size=16, lora_rank=16,
+                               lora_alpha=32.0, eval_every=0))
+    frozen = {k: v.clone() for k, v in trainer.core.state_dict().items() if ".lora_" not in k}
+    assert trainer.block_length == (32 if "llada2" in base.name else None)  # LLaDA2's block-causal objective
+    trainable = {n for n, p in trainer.core.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    result = trainer.run()
+    losses = list(result.losses.values())
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:5]) / 5  # the MDM loss is noisy: compare means
+    after = trainer.core.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in frozen.items())  # the base never moved
+    files = {p.name for p in result.checkpoint.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "trainer_state.pt"} <= files
+    assert "model.safetensors" not in files  # a checkpoint is the adapter, not another copy of the base
+    assert adapter_base(result.checkpoint) == str(base.resolve())
+
+
+def test_lora_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, base, sft_data):
+    def cfg(run: str, **kw) -> TrainConfig:
+        return lora_run(tmp_path / run, base, sft_data, grad_accum=2, **kw)
+
+    whole = train(cfg("a"))
+    first = train(cfg("b", stop_at=4))
+    rest = train(cfg("b", resume="auto"))
+    assert first.losses == {s: whole.losses[s] for s in range(1, 5)}
+    assert rest.losses == {s: whole.losses[s] for s in range(5, 9)}  # bit-exact, not approx
+    assert rest.evals[8] == whole.evals[8]
+    a = (tmp_path / "a" / "step-000008" / "adapter_model.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "step-000008" / "adapter_model.safetensors").read_bytes()
+
+
+def test_lora_with_activation_checkpointing_and_cond_drop_matches_without(tmp_path, sft_data):
+    base = _dense_base(tmp_path)
+    plain = train(lora_run(tmp_path / "a", base, sft_data, cond_drop=0.2, max_steps=3, eval_every=0))
+    recomputed = train(lora_run(tmp_path / "b", base, sft_data, cond_drop=0.2, max_steps=3, eval_every=0,
+                                activation_checkpointing=True))
+    assert recomputed.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
+def test_lora_settings_are_checked(tmp_path, sft_data):
+    base = _dense_base(tmp_path)
+    with pytest.raises(ValueError, match="--init-from"):
+        TrainConfig(data=[str(sft_data)], tokenizer=str(base), sft=True, lora=True)
+    cfg = load_model(base).config
+    with pytest.raises(ValueError, match="unknown LoRA target"):
+        lora_config(cfg, 4, 8.0, ["q_proj"])
+    with pytest.raises(ValueError, match="only in MoE"):
+        lora_config(cfg, 4, 8.0, ["qkv", "w_gate"])
+    with pytest.raises(ValueError, match="rank"):
+        lora_config(cfg, 0, 8.0)
+    full = train(TrainConfig(data=[str(sft_data)], tokenizer=str(base), init_from=str(base), sft=True, seq_len=48,
+                             out_dir=str(tmp_path / "full"), max_steps=1, eval_every=0, progress=False))
+    with pytest.raises(CheckpointError, match="without --lora"):
+        Trainer(lora_run(tmp_path / "full", base, sft_data, resume=str(full.checkpoint)))
+
+
+def test_default_targets_cover_attention_mlps_and_experts():
+    dense, moe = (load_model(DATA / name).config for name in ("llada-dense-tiny", "lladamoe-tiny"))
+    assert default_targets(dense) == ["qkv", "out", "gate_up", "down"]
+    assert default_targets(moe) == ["qkv", "out", "gate_up", "down", "w_gate", "w_up", "w_down"]
+
+
+def test_adapter_file_names_round_trip():
+    state = {"blocks.0.attn.qkv.lora_A.default.weight": torch.ones(1),
+             "blocks.1.mlp.base_layer.lora_B.default.weight": torch.zeros(1), "embed.weight": torch.ones(1)}
+    named = adapter_tensors(state)
+    assert set(named) == {"base_model.model.blocks.0.attn.qkv.lora_A.weight",
+                          "base_model.model.blocks.1.mlp.base_layer.lora_B.weight"}
+    assert model_tensors(named).keys() == state.keys() - {"embed.weight"}
+
+
+# ---- merging -----------------------------------------------------------------------------------
+
+def _dense_base(tmp_path: Path) -> Path:
+    d = tmp_path / "dense-base"
+    if not d.exists():
+        model = load_model(DATA / "llada-dense-tiny")
+        save_model(model, d)
+        _byte_tokenizer().save_pretrained(d)
+    return d
+
+
+def _random_adapter(base: Path, out: Path) -> Path:
+    """An adapter of random A and B (peft's init leaves B at zero, which would change nothing)."""
+    from unmask.models.adapters import add_lora, save_adapter
+
+    model = load_model(base)
+    config = lora_config(model.config, 4, 8.0, base=str(base))
+    add_lora(model, config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.normal_(0, 0.1)
+    save_adapter(config, adapter_tensors(model.state_dict()), out)
+    return out
+
+
+def test_merged_logits_equal_the_adapter_models(tmp_path, base):
+    adapter = _random_adapter(base, tmp_path / "adapter")
+    unmerged = _logits(attach_adapter(load_model(base), adapter))
+    merged = merge_adapter(load_model(base), adapter)
+    assert type(merged).__name__ == "MaskedDiffusionLM"
+    assert torch.allclose(_logits(merged), unmerged, atol=1e-5, rtol=0)
+    assert not torch.allclose(_logits(load_model(base)), unmerged, atol=1e-3)  # the adapter does something
