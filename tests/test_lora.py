@@ -170,6 +170,143 @@ def test_merged_logits_equal_the_adapter_models(tmp_path, base):
     adapter = _random_adapter(base, tmp_path / "adapter")
     unmerged = _logits(attach_adapter(load_model(base), adapter))
     merged = merge_adapter(load_model(base), adapter)
-    assert type(merged).__name__ == "MaskedDiffusionLM"
+    assert type(merged).__name__ == "MaskedDiffusionLM" and not any("lora" in k for k in merged.state_dict())
     assert torch.allclose(_logits(merged), unmerged, atol=1e-5, rtol=0)
     assert not torch.allclose(_logits(load_model(base)), unmerged, atol=1e-3)  # the adapter does something
+
+
+def test_merge_command_writes_a_plain_checkpoint(tmp_path, base):
+    from unmask.cli import main
+
+    adapter = _random_adapter(base, tmp_path / "adapter")
+    assert main(["merge", "--model", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+    files = {p.name for p in (tmp_path / "merged").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= files and "adapter_config.json" not in files
+    unmerged = _logits(attach_adapter(load_model(base), adapter))
+    assert torch.allclose(_logits(load_model(tmp_path / "merged")), unmerged, atol=1e-5, rtol=0)
+    assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 2  # never overwrites
+
+
+def test_adapter_errors_say_what_to_change(tmp_path, base, sft_data):
+    adapter = _random_adapter(base, tmp_path / "adapter")
+    with pytest.raises(CheckpointError, match="is a LoRA adapter, not a model"):
+        load_model(adapter)
+    with pytest.raises(CheckpointError, match="not a LoRA adapter .it is a full checkpoint"):
+        load_model(base, adapter=base)
+    other = _random_adapter(_dense_base(tmp_path) if "dense" not in base.name else DATA / "lladamoe-tiny",
+                            tmp_path / "other")
+    with pytest.raises(CheckpointError, match="adapts other matrices|does not fit this base model"):
+        load_model(base, adapter=other)
+
+
+# ---- adapters in every entry point ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory, tiny_checkpoint):
+    """(base, adapter, merged): the tiny dense checkpoint, a random adapter for it, and `unmask merge`'s output."""
+    from unmask.cli import main
+
+    d = tmp_path_factory.mktemp("adapted")
+    adapter = _random_adapter(tiny_checkpoint, d / "adapter")
+    assert main(["merge", "--model", str(tiny_checkpoint), "--adapter", str(adapter), "--out", str(d / "merged")]) == 0
+    return tiny_checkpoint, adapter, d / "merged"
+
+
+def _three(run) -> tuple:
+    """run(model_args) for the base, the base with the adapter, and the merged checkpoint."""
+    base, adapter, merged = run.adapted
+    return (run(["--model", str(base)]), run(["--model", str(base), "--adapter", str(adapter)]),
+            run(["--model", str(merged)]))
+
+
+def test_generate_and_chat_apply_the_adapter(adapted, capsys, monkeypatch):
+    from unmask.cli import main
+
+    def generate(model_args):
+        assert main(["generate", "hello", *model_args, "--gen-length", "12", "--steps", "12"]) == 0
+        return capsys.readouterr().out
+
+    generate.adapted = adapted
+    base, with_adapter, merged = _three(generate)
+    assert with_adapter == merged != base
+
+    def chat(model_args):
+        lines = iter(["hi", ""])
+        monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+        assert main(["chat", *model_args, "--gen-length", "12", "--steps", "12"]) == 0
+        return capsys.readouterr().out
+
+    chat.adapted = adapted
+    base, with_adapter, merged = _three(chat)
+    assert with_adapter == merged != base
+
+
+def test_the_adapter_alone_loads_the_base_it_records(adapted, capsys):
+    from unmask.cli import main
+
+    base, adapter, merged = adapted
+    for model_args in (["--adapter", str(adapter)], ["--model", str(merged)]):
+        assert main(["generate", "hello", *model_args, "--gen-length", "12", "--steps", "12"]) == 0
+    alone, reference = capsys.readouterr().out.splitlines()
+    assert alone == reference
+
+
+def test_eval_applies_the_adapter(adapted, tmp_path):
+    from unmask.cli import main
+
+    def evaluate(model_args):
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        assert main(["eval", *model_args, "--tasks", "know_arc", "--limit", "4", "--cfg-scale", "0",
+                     "--out", str(out)]) == 0
+        return json.loads((out / "results.json").read_text())["results"]
+
+    evaluate.adapted = adapted
+    base, with_adapter, merged = _three(evaluate)
+    assert with_adapter == merged != base
+
+
+def test_serve_applies_the_adapter(adapted, monkeypatch):
+    import socket
+
+    from fastapi.testclient import TestClient
+
+    from unmask.cli import main
+
+    answers = []
+
+    def serve_once(app, sock, grace):  # instead of serving forever: one request through the real app
+        sock.close()
+        with TestClient(app) as client:
+            r = client.post("/v1/completions", json={"model": app.state.server.config.model_name, "prompt": "hello",
+                                                     "max_tokens": 12, "temperature": 0})
+            answers.append((r.json()["model"], r.json()["choices"][0]["text"]))
+        return True
+
+    monkeypatch.setattr("unmask.serve.lifecycle.run", serve_once)
+
+    def serve(model_args):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        assert main(["serve", *model_args, "--device", "cpu", "--port", str(port)]) == 0
+        return answers[-1]
+
+    serve.adapted = adapted
+    base, with_adapter, merged = _three(serve)
+    assert with_adapter[1] == merged[1] != base[1]
+    assert with_adapter[0] == "adapter"  # the served name is the adapter's
+
+
+def test_bench_and_the_lm_eval_adapter_apply_the_adapter(adapted, tmp_path):
+    from unmask.commands.bench import load_bench_model
+    from unmask.harness import UnmaskLM
+
+    base, adapter, merged = adapted
+    reference = _logits(load_model(merged))
+    model, name = load_bench_model(str(base), None, "cpu", torch.float32, str(adapter))
+    assert torch.equal(_logits(model), reference) and "adapter" in name
+    lm = UnmaskLM(model=str(base), adapter=str(adapter), mc_num=2)
+    assert torch.equal(_logits(lm.model), reference)
+    assert not torch.allclose(_logits(UnmaskLM(model=str(base), mc_num=2).model), reference, atol=1e-3)
+    with pytest.raises(ValueError, match="--model DIR"):
+        load_bench_model(None, "tiny", "cpu", torch.float32, str(adapter))

@@ -21,6 +21,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="load an unknown architecture with the checkpoint's own modeling code")
     p.add_argument("--quantize", default=None, metavar="int8",
                    help="int8: 8-bit linear weights via torchao (pip install \"unmask[quant]\"; docs/quantize.md)")
+    add_adapter_arg(p)
+
+
+def add_adapter_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter (or LoRA training run) merged into the weights at load (docs/lora.md); "
+                        "without --model, the base model it records")
+
+
+def base_model(args):
+    """The base checkpoint: --model, or with --adapter alone the base that adapter records (None: bundled)."""
+    from ..models.loading import base_checkpoint
+
+    return base_checkpoint(args.model, args.adapter)
 
 
 def model_placement(args):
@@ -131,11 +145,12 @@ def run_generate(args) -> int:
     from unmask.sampling.text import generate_text
 
     prompt = read_prompt(args)
-    block = is_block_checkpoint(args.model)
+    path = base_model(args)
+    block = is_block_checkpoint(path)
     options = sampling_options(args, block)
     device, dtype = model_placement(args)
-    model, tokenizer = unmask.load(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code,
-                                   quantize=args.quantize)
+    model, tokenizer = unmask.load(path, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code,
+                                   quantize=args.quantize, adapter=args.adapter)
     kwargs = sampling_kwargs(options, args, block)
     steps = None if block or options.parallel else options.steps   # parallel decoding: as many as it takes
     kwargs["callback"] = (TerminalAnimation(tokenizer, model.config.mask_token_id) if args.show_steps
@@ -150,11 +165,12 @@ def run_chat(args) -> int:
     import unmask
     from unmask.sampling.text import generate_text
 
-    block = is_block_checkpoint(args.model)
+    path = base_model(args)
+    block = is_block_checkpoint(path)
     options = sampling_options(args, block)
     device, dtype = model_placement(args)
-    model, tokenizer = unmask.load(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code,
-                                   quantize=args.quantize)
+    model, tokenizer = unmask.load(path, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code,
+                                   quantize=args.quantize, adapter=args.adapter)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("unmask chat — empty line or Ctrl-D to quit", file=sys.stderr)
     while True:

@@ -128,18 +128,53 @@ def adapter_base(adapter: str | os.PathLike) -> str | None:
     return base if isinstance(base, str) and base else None
 
 
+def check_adapter_names(model: torch.nn.Module, names, source: Path, fix: str) -> None:
+    """Refuse an adapter whose tensors (model-state names) are not exactly the LoRA tensors of
+    `model`: peft only warns about either kind of difference, and the output would silently be a
+    different model."""
+    expected = {k for k in model.state_dict() if ".lora_" in k}
+    extra, missing = sorted(set(names) - expected), sorted(expected - set(names))
+    if extra or missing:
+        example = f"it has {extra[0]}" if extra else f"it lacks {missing[0]}"
+        raise CheckpointError(f"{source} adapts other matrices than this model has ({example}); {fix}")
+
+
 def attach_adapter(model: torch.nn.Module, adapter: str | os.PathLike) -> torch.nn.Module:
     """peft's model with the adapter's LoRA layers beside the base weights (not merged)."""
+    from safetensors import safe_open
+
     d = resolve_adapter_dir(adapter)
+    fix = "pass the --model it was trained on"
     try:
-        return _peft().PeftModel.from_pretrained(model, d)
-    except (RuntimeError, ValueError, KeyError) as e:  # shapes or targets that do not fit this base
+        with warnings.catch_warnings():  # what peft only warns about is checked below, and refused
+            warnings.simplefilter("ignore")
+            wrapped = _peft().PeftModel.from_pretrained(model, d)
+        with safe_open(d / ADAPTER_WEIGHTS, framework="pt") as f:
+            names = model_tensors(dict.fromkeys(f.keys()))
+    except (RuntimeError, ValueError, KeyError, OSError) as e:  # shapes that do not fit this base, bad files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{d} does not fit this base model ({first}); pass the --model it was trained "
-                              "on") from None
+        raise CheckpointError(f"{d} does not fit this base model ({first}); {fix}") from None
+    check_adapter_names(model, names, d / ADAPTER_WEIGHTS, fix)
+    return wrapped
 
 
 def merge_adapter(model: torch.nn.Module, adapter: str | os.PathLike) -> torch.nn.Module:
     """`model` with the adapter merged into its weights: a plain model again, as fast as the base."""
     with torch.no_grad():
-        return attach_adapter(model, adapter).merge_and_unload()
+        merged = attach_adapter(model, adapter).merge_and_unload()
+        _unload_nested(merged)
+    return merged
+
+
+def _unload_nested(model: torch.nn.Module) -> None:
+    """Merge and remove the LoRA layers peft's merge_and_unload leaves behind: those inside a module
+    whose own parameters are adapted too (the shared expert's linears inside an MoE whose stacked
+    experts are), which peft 0.21 skips, so the saved weights would lack their update."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in reversed(list(model.named_modules())):  # children before their parents
+        if isinstance(module, BaseTunerLayer):
+            if not module.merged:
+                module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())

@@ -522,16 +522,13 @@ class Trainer:
         """The LoRA weights a checkpoint holds, under the model's names, checked to be exactly the model's."""
         from safetensors.torch import load_file
 
-        from ..models.adapters import ADAPTER_WEIGHTS, model_tensors
+        from ..models.adapters import ADAPTER_WEIGHTS, check_adapter_names, model_tensors
 
         if not (ckpt / ADAPTER_WEIGHTS).is_file():
             raise CheckpointError(f"{ckpt} holds no LoRA adapter ({ADAPTER_WEIGHTS}): it is a full-model "
                                   "checkpoint; resume it without --lora")
         weights = model_tensors(load_file(ckpt / ADAPTER_WEIGHTS))
-        expected = {k for k in self.core.state_dict() if ".lora_" in k}
-        if weights.keys() != expected:
-            raise CheckpointError(f"{ckpt}: its adapter adapts other matrices than --lora-targets asks for; "
-                                  "resume with the run's own LoRA settings")
+        check_adapter_names(self.core, weights, ckpt / ADAPTER_WEIGHTS, "resume with the run's own --lora-targets")
         return weights
 
     def save(self) -> Path | None:
