@@ -47,8 +47,14 @@ def sft_data(tmp_path_factory) -> Path:
     return path
 
 
+def all_targets(base: Path) -> list[str]:
+    """Every target there is on `base`'s layout but the router and lm_head: MoE runs adapt their experts too."""
+    return ["qkv", "out", "gate_up", "down"] + (["w_gate", "w_up", "w_down"] if "moe" in base.name else [])
+
+
 def lora_run(out: Path, base: Path, data: Path, **overrides) -> TrainConfig:
     settings = dict(data=[str(data)], tokenizer=str(base), init_from=str(base), out_dir=str(out), sft=True,
+                    lora_targets=all_targets(base),
                     lora=True, lora_rank=4, lora_alpha=8.0, seq_len=64, batch_size=8, lr=1e-2, min_lr=1e-3,
                     warmup=2, max_steps=8, eval_every=4, eval_batches=1, eval_mc_samples=2, save_every=100,
                     heldout_frac=0.1, progress=False)
@@ -124,10 +130,12 @@ def test_lora_settings_are_checked(tmp_path, sft_data):
         Trainer(lora_run(tmp_path / "full", base, sft_data, resume=str(full.checkpoint)))
 
 
-def test_default_targets_cover_attention_mlps_and_experts():
-    dense, moe = (load_model(DATA / name).config for name in ("llada-dense-tiny", "lladamoe-tiny"))
-    assert default_targets(dense) == ["qkv", "out", "gate_up", "down"]
-    assert default_targets(moe) == ["qkv", "out", "gate_up", "down", "w_gate", "w_up", "w_down"]
+def test_default_targets_are_every_linear_of_attention_and_mlps_not_the_routed_experts():
+    for name in LAYOUTS:
+        assert default_targets(load_model(DATA / name).config) == ["qkv", "out", "gate_up", "down"]
+    moe = load_model(DATA / "lladamoe-tiny")
+    config = lora_config(moe.config, 4, 8.0, ["qkv", "w_gate", "w_up", "w_down"])
+    assert (config.target_modules, config.target_parameters) == ({"qkv"}, ["w_gate", "w_up", "w_down"])
 
 
 def test_adapter_file_names_round_trip():
@@ -155,7 +163,7 @@ def _random_adapter(base: Path, out: Path) -> Path:
     from unmask.models.adapters import add_lora, save_adapter
 
     model = load_model(base)
-    config = lora_config(model.config, 4, 8.0, base=str(base))
+    config = lora_config(model.config, 4, 8.0, all_targets(base), base=str(base))
     add_lora(model, config)
     torch.manual_seed(1)
     with torch.no_grad():

@@ -39,15 +39,17 @@ def _peft():
 
 
 def default_targets(cfg: ModelConfig) -> list[str]:
-    """Every matrix of attention and of the MLPs: q|k|v and the output projection, the dense SwiGLU
-    (and shared experts) `gate_up`/`down`, and on MoE layouts each routed expert.
+    """Every linear layer of attention and of the MLPs: q|k|v and the output projection, and the
+    dense SwiGLU's and shared experts' `gate_up`/`down` (on every layout the same names).
 
-    Not the router (re-routing tokens would change which experts see what, which a small adapter
-    has not learned), the embeddings or the output head (vocabulary-sized, and SFT keeps the vocabulary).
-    Adapting the MLPs as well as attention is what lets SFT teach new facts and formats; the cost
-    is a few percent of the weights at rank 16.
+    Not the routed experts: peft adapts a stacked 3-D parameter by materialising W + ΔW in every
+    forward pass, which autograd keeps, so it holds a second copy of every MoE layer's experts
+    (3·E·H·D values per layer; docs/lora.md) and LoRA would lose its memory advantage; ask for
+    them with targets w_gate, w_up, w_down (best with activation checkpointing, which keeps one
+    layer's copy at a time). Not the router (re-routing tokens changes which experts see what),
+    the embeddings or the output head (vocabulary-sized; SFT keeps the vocabulary).
     """
-    return ["qkv", "out", "gate_up", "down", *(EXPERT_TARGETS if cfg.n_experts else ())]
+    return ["qkv", "out", "gate_up", "down"]
 
 
 def lora_config(cfg: ModelConfig, rank: int, alpha: float, targets: list[str] | None = None,

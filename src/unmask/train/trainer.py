@@ -120,6 +120,8 @@ class TrainConfig:
     fsdp: bool = _f(False, "shard parameters with FSDP2 (needs torchrun)")
     compile: bool = _f(False, "torch.compile the model")
     progress: bool = _f(True, "show a progress bar")
+    dry_run: bool = _f(False, "print the estimated and measured memory of one step of this shape (weights, "
+                              "gradients, optimizer, activations; docs/lora.md) and exit; needs no data")
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "wsd"):
@@ -134,7 +136,7 @@ class TrainConfig:
             raise ValueError("doc_attention applies to packed pretraining rows; SFT rows hold one example each")
         if self.block_length is not None and self.block_length < 0:
             raise ValueError("block_length must be at least 1, or 0 for off")
-        if self.lora and not self.init_from:
+        if self.lora and not (self.init_from or self.dry_run):
             raise ValueError("--lora adapts a trained model: pass it as --init-from DIR")
         if self.preset and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}: choose from {', '.join(PRESETS)}")
@@ -239,6 +241,31 @@ def build_model(cfg: TrainConfig, tokenizer) -> MaskedDiffusionLM:
     model = MaskedDiffusionLM(model_config(cfg, tokenizer))
     init_weights(model)
     return model.train()
+
+
+def apply_lora(model: MaskedDiffusionLM, cfg: TrainConfig, bf16: bool = False):
+    """Insert LoRA layers into `model` (loaded from cfg.init_from) and freeze the rest (`models.adapters`);
+    returns their peft config, which records init_from as the base.
+
+    Under bfloat16 autocast (bf16) the frozen base is stored in bfloat16: autocast computes in it
+    anyway, and float32 would hold twice the bytes plus a bfloat16 copy per layer. peft keeps the
+    adapter itself in float32, so the optimizer updates it at full precision.
+    """
+    from ..models import resolve_checkpoint_dir
+    from ..models.adapters import add_lora, lora_config
+
+    if bf16:
+        model.to(torch.bfloat16)
+    config = lora_config(model.config, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
+                         base=str(resolve_checkpoint_dir(cfg.init_from).resolve()))
+    torch.manual_seed(cfg.seed)  # the same initial A on every rank and in every run (B starts at zero)
+    add_lora(model, config)
+    return config
+
+
+def lora_targets(config) -> list[str]:
+    """The names a LoRA config adapts, modules then expert parameters."""
+    return sorted(config.target_modules) + list(config.target_parameters or [])
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -421,7 +448,11 @@ class Trainer:
             self.log("no held-out rows (raise heldout_frac or pass --eval-data): evaluation is off")
 
         self.core = build_model(cfg, self.tokenizer).to(self.dist.device)
-        self.lora = self._add_lora() if cfg.lora else None
+        self.lora = apply_lora(self.core, cfg, bf16=self._bf16()) if cfg.lora else None
+        if self.lora is not None:
+            trainable = sum(p.numel() for p in self.core.parameters() if p.requires_grad)
+            self.log(f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha} on {', '.join(lora_targets(self.lora))}: "
+                     f"{trainable / 1e6:.3f}M trainable parameters")
         self.core.gradient_checkpointing = cfg.activation_checkpointing
         self.mask_id = self.core.config.mask_token_id
         self.block_length = block_length_for(cfg, self.core.config)
@@ -444,22 +475,6 @@ class Trainer:
             from tqdm import tqdm
 
             tqdm.write(f"unmask train: {msg}", file=sys.stderr)
-
-    def _add_lora(self):
-        """Insert LoRA layers into the frozen model (`models.adapters`); returns their peft config."""
-        from ..models import resolve_checkpoint_dir
-        from ..models.adapters import add_lora, lora_config
-
-        cfg = self.cfg
-        config = lora_config(self.core.config, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
-                             base=str(resolve_checkpoint_dir(cfg.init_from).resolve()))
-        torch.manual_seed(cfg.seed)  # the same initial A on every rank and in every run (B starts at zero)
-        add_lora(self.core, config)
-        trainable = sum(p.numel() for p in self.core.parameters() if p.requires_grad)
-        self.log(f"LoRA rank {config.r}, alpha {config.lora_alpha} on "
-                 f"{', '.join(sorted(config.target_modules) + list(config.target_parameters or []))}: "
-                 f"{trainable / 1e6:.3f}M trainable parameters")
-        return config
 
     def _barrier(self) -> None:
         if self.dist.world_size > 1:
@@ -573,10 +588,11 @@ class Trainer:
                               block_length=self.block_length)
         return bound.nats_per_token
 
+    def _bf16(self) -> bool:
+        return self.dist.device.type == "cuda" and self.cfg.bf16
+
     def _autocast(self):
-        if self.dist.device.type == "cuda" and self.cfg.bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self._bf16() else contextlib.nullcontext()
 
     def _sync_context(self, last: bool):
         if self.cfg.fsdp:
