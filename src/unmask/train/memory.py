@@ -5,7 +5,7 @@ The step measured is the worst case of the objective, every position masked (t =
 loss's vocabulary-wide tensors are as large as they ever get.
 
 The formula counts bytes in four parts:
-    weights      every parameter (a frozen LoRA base in its storage dtype, 4-bit for QLoRA)
+    weights      every parameter and buffer (a frozen LoRA base in its storage dtype, 4-bit for QLoRA)
     gradients    4 bytes per trainable parameter (float32)
     optimizer    AdamW's two float32 moments per trainable parameter
     activations  what autograd saves in the forward pass (`activation_values`) plus the
@@ -155,8 +155,9 @@ def _targets(cfg: ModelConfig, shape: StepShape) -> tuple[str, ...]:
 def estimate_step_memory(cfg: ModelConfig, shape: StepShape) -> StepMemory:
     """The formula of the module docstring for a model of `cfg` trained at `shape`."""
     params = _count_parameters(cfg)
+    buffers = 4 * _count_parameters(cfg, buffers=True)   # float32 router biases
     if shape.method == "full":
-        trainable, weights = params, 4 * params
+        trainable, weights = params, 4 * params + buffers
     else:
         trainable = lora_parameters(cfg, shape.lora_rank, _targets(cfg, shape))
         base = 2 if shape.bf16 else 4
@@ -165,19 +166,20 @@ def estimate_step_memory(cfg: ModelConfig, shape: StepShape) -> StepMemory:
             weights = int(QLORA_BYTES * linear) + base * (params - linear)
         else:
             weights = base * params
-        weights += 4 * trainable
+        weights += 4 * trainable + buffers
     gradients, optimizer = 4 * trainable, 4 * ADAMW_STATES * trainable
     saved, transient = activation_bytes(cfg, shape)
     return StepMemory(weights=weights, gradients=gradients, optimizer=optimizer, activations=saved,
                       peak=weights + optimizer + max(saved + transient, gradients))
 
 
-def _count_parameters(cfg: ModelConfig) -> int:
-    """Parameters of a model of `cfg`, counted on the meta device (no memory)."""
+def _count_parameters(cfg: ModelConfig, buffers: bool = False) -> int:
+    """Parameters (or buffer values) of a model of `cfg`, counted on the meta device (no memory)."""
     from ..models import MaskedDiffusionLM
 
     with torch.device("meta"):
-        return MaskedDiffusionLM(cfg).num_parameters()
+        model = MaskedDiffusionLM(cfg)
+    return sum(t.numel() for t in (model.buffers() if buffers else model.parameters()))
 
 
 def measure_step_memory(model: torch.nn.Module, optimizer: torch.optim.Optimizer, shape: StepShape,
