@@ -127,3 +127,32 @@ def test_default_eval_tasks_read_the_shipped_suite():
         items = load_items(get_task(name))
         assert len(items) == K.SUITE_ITEMS
         assert items[0].requests[0][1].startswith(" ")
+
+
+def test_sft_pairs_keep_the_held_out_contract():
+    """SFT pairs ask only about qa people, in training phrasings, and answer correctly."""
+    pairs = K.generate_sft_pairs(600, seed=0)
+    assert pairs == K.generate_sft_pairs(600, seed=0) != K.generate_sft_pairs(600, seed=1)
+    facts = {p["name"]: p["facts"] for p in POPULATION}
+    for pair in pairs:
+        text = pair["prompt"] + pair["response"]
+        assert not any(re.search(phrase, text) for phrase in SUITE_PHRASES), text
+        names = FULL_NAME_RE.findall(pair["prompt"])
+        assert len(set(names)) == 1 and SPLIT[names[0]] == "qa", pair
+        assert pair["prompt"].endswith("\nAnswer:") and pair["response"].startswith(" ")
+        answer = pair["response"].strip()
+        if answer in ("yes", "no"):  # a yes/no question names the asked value; it is the fact iff "yes"
+            asked = [v for v in facts[names[0]].values() if re.search(rf"\b{re.escape(v)}\b", pair["prompt"])]
+            assert (answer == "yes") == bool(asked), pair
+        elif "one word" in pair["prompt"]:
+            assert answer in facts[names[0]].values(), pair
+        else:
+            assert any(v in answer for v in facts[names[0]].values()), pair
+
+
+def test_sft_pairs_cli_writes_pairs_and_keeps_the_population(tmp_path):
+    before = K.POPULATION_PATH.read_bytes()
+    K.main(["--out", str(tmp_path), "--docs", "0", "--sft", "5", "--no-suite"])
+    rows = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    assert rows == K.generate_sft_pairs(5, seed=0)
+    assert K.POPULATION_PATH.read_bytes() == before

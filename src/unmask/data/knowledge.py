@@ -34,6 +34,7 @@ and ask for the two-hop answer about a person.
 CLI::
 
     python -m unmask.data.knowledge --out runs/knowledge --docs 600000   # corpus (+ suite/)
+    python -m unmask.data.knowledge --out runs/knowledge_sft --docs 0 --sft 20000 --no-suite
     python -m unmask.data.knowledge --suite-dir src/unmask/assets/suite --docs 0
     python -m unmask.data.knowledge --population src/unmask/assets/world/people.jsonl --docs 0 --no-suite
 """
@@ -52,7 +53,7 @@ from pathlib import Path
 
 from .world import (
     FACT_TEMPLATES, FEMALE_NAMES, MALE_NAMES, QUESTIONS, REGION_OF, REGIONS, SURNAMES, VALUES, YESNO, Person,
-    _article, _cap, _fill, _region_fact, write_jsonl,
+    _answer_sentence, _article, _cap, _fill, _region_fact, write_jsonl,
 )
 
 POPULATION_PATH = Path(__file__).resolve().parents[1] / "assets" / "world" / "people.jsonl"
@@ -370,6 +371,43 @@ def generate_corpus(n_documents: int, seed: int = 0, shards: int = 2,
 
 
 # ---------------------------------------------------------------------------
+# Instruction pairs for SFT (qa people only, training phrasings)
+# ---------------------------------------------------------------------------
+
+# (instruction line, answer style): "word" answers with the value as the suite's items do,
+# "sentence" with a full answer sentence.
+SFT_INSTRUCTIONS = [("", "word"), ("Answer with one word.\n", "word"), ("Answer in a full sentence.\n", "sentence")]
+
+
+def sft_pair(rng: random.Random, world: World) -> dict:
+    """One prompt/response pair about a qa person: a question (or yes/no question, or how-to goal)
+    as the prompt, the answer as the response. Only qa people and training phrasings, so SFT on
+    these pairs keeps the suite's held-out contract."""
+    p, a = world.draw(rng, 1, world.qa)[0], rng.choice(ATTRIBUTES)
+    name = p.full
+    instruction, style = rng.choice(SFT_INSTRUCTIONS)
+    kind = rng.random()
+    if kind < 0.6:
+        q = question(rng, p, a, False, name)
+        answer = p.facts[a] if style == "word" else _answer_sentence(rng, p, a, name)
+    elif kind < 0.85:
+        truth = rng.random() < 0.5
+        v = p.facts[a] if truth else world.distractors(rng, a, {p.facts[a]}, 1)[0]
+        q = _cap(yesno(rng, p, a, v, False, name)) + "?"
+        answer = ("yes" if truth else "no") if style == "word" else \
+            ("Yes. " if truth else "No. ") + _answer_sentence(rng, p, a, name)
+    else:  # a how-to answer is a sentence whatever the instruction asks
+        instruction, (q, answer) = "", howto(p, a, False, name)
+    return {"prompt": f"{instruction}Question: {q}\nAnswer:", "response": " " + answer}
+
+
+def generate_sft_pairs(n: int, seed: int = 0, population: str | os.PathLike = POPULATION_PATH) -> list[dict]:
+    """`n` SFT pairs from their own seeded stream ("knowledge-sft:<seed>")."""
+    rng, world = random.Random(f"knowledge-sft:{seed}"), World.load(population)
+    return [sft_pair(rng, world) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------
 # The suite: held-out people, held-out phrasings, public schemas
 # ---------------------------------------------------------------------------
 
@@ -467,6 +505,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m unmask.data.knowledge", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="directory for train.jsonl (and suite/)")
     ap.add_argument("--docs", type=int, default=600_000, help="number of training documents")
+    ap.add_argument("--sft", type=int, default=0, help="number of SFT pairs (OUT/sft.jsonl)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shards", type=int, default=2, help="random streams, generated in parallel processes")
     ap.add_argument("--population", default=str(POPULATION_PATH),
@@ -476,11 +515,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--suite-dir", default=None, help="where to write the suite (default OUT/suite)")
     ap.add_argument("--no-suite", action="store_true")
     args = ap.parse_args(argv)
-    if not args.docs and args.no_suite:
+    if not args.docs and not args.sft and args.no_suite:
         n = write_jsonl(args.population, make_population())
         print(f"wrote {n} people to {args.population}")
         return
-    if args.out is None and (args.docs or args.suite_dir is None):
+    if args.out is None and (args.docs or args.sft or args.suite_dir is None):
         ap.error("--out is required unless --docs 0 --suite-dir DIR")
     if args.docs:
         os.makedirs(args.out, exist_ok=True)
@@ -488,6 +527,10 @@ def main(argv: list[str] | None = None) -> None:
         n = write_jsonl(path, ({"text": t} for t in generate_corpus(args.docs, args.seed, args.shards,
                                                                       args.population)))
         print(f"wrote {n} documents to {path}")
+    if args.sft:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "sft.jsonl")
+        print(f"wrote {write_jsonl(path, generate_sft_pairs(args.sft, args.seed, args.population))} SFT pairs to {path}")
     if not args.no_suite:
         d = args.suite_dir or os.path.join(args.out, "suite")
         print(f"wrote suite to {d}: {write_suite(d, args.suite_seed, args.suite_items, args.population)}")
