@@ -113,6 +113,25 @@ def test_lora_with_activation_checkpointing_and_cond_drop_matches_without(tmp_pa
     assert recomputed.losses == pytest.approx(plain.losses, rel=1e-5)
 
 
+def test_qlora_trains_on_an_int8_base_resumes_exactly_and_loads_on_the_float_base(tmp_path, sft_data):
+    pytest.importorskip("torchao")
+    base = _dense_base(tmp_path)
+
+    def cfg(run: str, **kw) -> TrainConfig:
+        return lora_run(tmp_path / run, base, sft_data, lora_quantize="int8", grad_accum=2, **kw)
+
+    trainer = Trainer(cfg("probe"))
+    assert type(trainer.core.blocks[0].attn.qkv).__name__ == "TorchaoLoraLinear"  # LoRA over torchao's int8 linear
+    whole = train(cfg("a"))
+    first = train(cfg("b", stop_at=4))
+    rest = train(cfg("b", resume="auto"))
+    assert first.losses == {s: whole.losses[s] for s in range(1, 5)}
+    assert rest.losses == {s: whole.losses[s] for s in range(5, 9)}
+    assert not torch.allclose(_logits(load_model(base, adapter=tmp_path / "a")), _logits(load_model(base)), atol=1e-4)
+    with pytest.raises(ValueError, match="add --lora"):
+        TrainConfig(data=[str(sft_data)], tokenizer=str(base), init_from=str(base), sft=True, lora_quantize="int8")
+
+
 def test_lora_settings_are_checked(tmp_path, sft_data):
     base = _dense_base(tmp_path)
     with pytest.raises(ValueError, match="--init-from"):

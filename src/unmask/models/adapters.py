@@ -82,6 +82,8 @@ def add_lora(model: torch.nn.Module, config) -> torch.nn.Module:
     base = config.base_model_name_or_path
     with warnings.catch_warnings():  # peft overwrites the base with the model's name_or_path, which it lacks,
         warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")  # and warns; it is put back
+        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated")  # merging a quantized
+        # base in place is not needed: the adapter is merged into the float base at load
         wrapped = _peft().get_peft_model(model, config)
     config.base_model_name_or_path = base
     return wrapped

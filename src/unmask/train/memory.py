@@ -25,11 +25,10 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from ..models import ModelConfig
+from ..models import ModelConfig, weight_bytes
 from ..models.adapters import EXPERT_TARGETS, default_targets
 
 ADAMW_STATES = 2
-QLORA_BYTES = 0.5 + 2 * 2 / 128   # 4-bit weights with a bfloat16 scale and zero point per group of 128
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,7 @@ class StepShape:
 
     batch_size: int
     seq_len: int
-    method: str = "full"              # full, lora or qlora
+    method: str = "full"              # full, lora or qlora (LoRA on an int8 base, --lora-quantize int8)
     lora_rank: int = 16
     lora_targets: tuple[str, ...] = ()  # () : the layout's default targets
     activation_checkpointing: bool = False
@@ -65,19 +64,18 @@ class StepShape:
         return self.batch_size * self.seq_len * (2 if self.block_length else 1)
 
 
-def _linear_params(cfg: ModelConfig) -> dict[str, int]:
-    """Parameters of each linear kind per model: (in + out features) sums for LoRA, and weights."""
+def quantized_linears(cfg: ModelConfig) -> tuple[list[int], int, int]:
+    """What `quantize_model` turns to int8 (every nn.Linear but routers and a tied head; not the
+    stacked experts): (weight values per block, the head's weight values, output rows of them all)."""
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    D, moe = cfg.d_model, sum(cfg.moe_layers)
-    dense = cfg.n_layers - moe
-    shared = cfg.shared_expert_hidden_size or 0
-    return {
-        "qkv": cfg.n_layers * D * (q + 2 * kv), "out": cfg.n_layers * q * D,
-        "gate_up": dense * D * 2 * cfg.mlp_hidden_size + moe * D * 2 * shared,
-        "down": dense * cfg.mlp_hidden_size * D + moe * shared * D,
-        "experts": moe * 3 * cfg.n_experts * (cfg.expert_hidden_size or 0) * D,
-        "router": moe * D * cfg.n_experts, "lm_head": 0 if cfg.tie_embeddings else D * cfg.vocab_size,
-    }
+    D, F, S = cfg.d_model, cfg.mlp_hidden_size, cfg.shared_expert_hidden_size or 0
+    per_block, rows = [], 0
+    for moe in cfg.moe_layers:
+        hidden = S if moe else F
+        per_block.append(D * (q + 2 * kv) + q * D + 3 * D * hidden)
+        rows += q + 2 * kv + D + (2 * hidden + D if hidden else 0)
+    head = 0 if cfg.tie_embeddings else D * cfg.vocab_size
+    return per_block, head, rows + (0 if cfg.tie_embeddings else cfg.vocab_size)
 
 
 def lora_parameters(cfg: ModelConfig, rank: int, targets: tuple[str, ...]) -> int:
@@ -130,7 +128,8 @@ def activation_bytes(cfg: ModelConfig, shape: StepShape) -> tuple[int, int]:
     each block's input, one block's values being recomputed at a time in the backward pass; the
     head's log-softmax over the vocabulary (float32 whatever the autocast) and the float32
     gradient of the logits that the backward pass starts from. LoRA on stacked experts adds, per
-    MoE layer, the merged weights W + ΔW that peft materialises.
+    MoE layer, the merged weights W + ΔW that peft materialises; an int8 base (qlora), the float
+    copy of each quantized weight that torchao's matmul makes and autograd keeps.
     """
     targets = _targets(cfg, shape)
     width = 2 if shape.bf16 else 4
@@ -139,6 +138,13 @@ def activation_bytes(cfg: ModelConfig, shape: StepShape) -> tuple[int, int]:
     blocks = cfg.n_layers * cfg.d_model if shape.activation_checkpointing else sum(layers)
     saved = shape.tokens * (width * (blocks + head) + 4 * cfg.vocab_size)
     transient = shape.tokens * max(4 * cfg.vocab_size, width * max(layers) if shape.activation_checkpointing else 0)
+    if shape.method == "qlora":   # torchao's int8 linear keeps the float weight it converts for the backward pass
+        per_block, head_weight, _ = quantized_linears(cfg)
+        saved += width * head_weight
+        if shape.activation_checkpointing:
+            transient += width * max(per_block)
+        else:
+            saved += width * sum(per_block)
     if shape.method != "full" and set(EXPERT_TARGETS) & set(targets):
         copies = sum(t in targets for t in EXPERT_TARGETS) * cfg.n_experts * cfg.expert_hidden_size * cfg.d_model
         if shape.activation_checkpointing:
@@ -161,9 +167,10 @@ def estimate_step_memory(cfg: ModelConfig, shape: StepShape) -> StepMemory:
     else:
         trainable = lora_parameters(cfg, shape.lora_rank, _targets(cfg, shape))
         base = 2 if shape.bf16 else 4
-        if shape.method == "qlora":
-            linear = sum(_linear_params(cfg).values())
-            weights = int(QLORA_BYTES * linear) + base * (params - linear)
+        if shape.method == "qlora":   # one byte per weight and a scale per output row
+            per_block, head, rows = quantized_linears(cfg)
+            linear = sum(per_block) + head
+            weights = linear + base * rows + base * (params - linear)
         else:
             weights = base * params
         weights += 4 * trainable + buffers
@@ -213,7 +220,7 @@ def measure_step_memory(model: torch.nn.Module, optimizer: torch.optim.Optimizer
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         del loss
-    weights = _bytes([*model.parameters(), *model.buffers()])
+    weights = weight_bytes(model)
     states = _bytes(t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t) and t.dim())
     return StepMemory(weights=weights, gradients=gradients, optimizer=states, activations=step.net_at(forward_end),
                       peak=weights + states + step.peak)
@@ -306,7 +313,8 @@ def dry_run(cfg) -> str:
 
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_cfg, tokenizer = _model_config(cfg)
-    shape = StepShape(batch_size=cfg.batch_size, seq_len=cfg.seq_len, method="lora" if cfg.lora else "full",
+    method = ("qlora" if cfg.lora_quantize else "lora") if cfg.lora else "full"
+    shape = StepShape(batch_size=cfg.batch_size, seq_len=cfg.seq_len, method=method,
                       lora_rank=cfg.lora_rank, lora_targets=tuple(cfg.lora_targets),
                       activation_checkpointing=cfg.activation_checkpointing,
                       bf16=cfg.bf16 and device.type == "cuda", block_length=block_length_for(cfg, model_cfg))

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..models import PRESETS, CheckpointError, MaskedDiffusionLM, ModelConfig, load_model, save_model
+from ..models import (PRESETS, CheckpointError, MaskedDiffusionLM, ModelConfig, check_quantize, load_model,
+                      quantize_model, save_model)
 from ..sampling.blocks import BLOCK_DIFFUSION_LAYOUTS
 from . import checkpoint as ckpt_io
 from .data import BatchStream, build_rows, heldout_batches
@@ -86,6 +87,8 @@ class TrainConfig:
                            "hold the adapter, which --adapter DIR loads and unmask merge folds in")
     lora_rank: int = _f(16, "LoRA rank r")
     lora_alpha: float = _f(32.0, "LoRA alpha (the update is scaled by alpha / r)")
+    lora_quantize: str | None = _f(None, "QLoRA-style: int8 stores the frozen base's linear layers in 8 bits "
+                                         "(torchao, as --quantize int8 at inference) under the float adapter")
     lora_targets: list[str] = _f([], "matrices to adapt: qkv, out, gate_up, down, router, lm_head, and on MoE "
                                      "layouts the experts w_gate, w_up, w_down (default: all of attention and "
                                      "the MLPs, experts included, not router or lm_head)", nargs="+")
@@ -138,6 +141,10 @@ class TrainConfig:
             raise ValueError("block_length must be at least 1, or 0 for off")
         if self.lora and not (self.init_from or self.dry_run):
             raise ValueError("--lora adapts a trained model: pass it as --init-from DIR")
+        if self.lora_quantize is not None:
+            if not self.lora:
+                raise ValueError("--lora-quantize quantizes the frozen base under a LoRA adapter: add --lora")
+            check_quantize(self.lora_quantize)
         if self.preset and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}: choose from {', '.join(PRESETS)}")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "experts_per_token"):
@@ -248,14 +255,17 @@ def apply_lora(model: MaskedDiffusionLM, cfg: TrainConfig, bf16: bool = False):
     returns their peft config, which records init_from as the base.
 
     Under bfloat16 autocast (bf16) the frozen base is stored in bfloat16: autocast computes in it
-    anyway, and float32 would hold twice the bytes plus a bfloat16 copy per layer. peft keeps the
-    adapter itself in float32, so the optimizer updates it at full precision.
+    anyway, and float32 would hold twice the bytes plus a bfloat16 copy per layer. With
+    cfg.lora_quantize ("int8") its linear layers are then quantized as `quantize_model` does for
+    inference (QLoRA-style; peft puts its torchao LoRA layer on them). peft keeps the adapter
+    itself in float32, so the optimizer updates it at full precision.
     """
     from ..models import resolve_checkpoint_dir
     from ..models.adapters import add_lora, lora_config
 
     if bf16:
         model.to(torch.bfloat16)
+    quantize_model(model, cfg.lora_quantize)
     config = lora_config(model.config, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
                          base=str(resolve_checkpoint_dir(cfg.init_from).resolve()))
     torch.manual_seed(cfg.seed)  # the same initial A on every rank and in every run (B starts at zero)
