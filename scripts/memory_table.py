@@ -3,7 +3,8 @@
 Estimates from `unmask.train.memory` (the formula `unmask train --dry-run` prints, checked
 against measured CPU steps in tests/test_memory.py) for a GPU run: bfloat16 autocast, AdamW,
 batch 1, sequence 2048 (LLaDA2: block diffusion, [noisy | clean] = 4096 positions), LoRA rank 16
-on the default targets, with and without activation checkpointing.
+on the default targets, QLoRA with the base's linear layers in int8 (--lora-quantize int8), with
+and without activation checkpointing.
 
 Usage: python scripts/memory_table.py [--seq-len 2048] [--batch-size 1] [--rank 16]
 """
