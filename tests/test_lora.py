@@ -105,6 +105,59 @@ def test_lora_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, base, sf
     assert a == (tmp_path / "b" / "step-000008" / "adapter_model.safetensors").read_bytes()
 
 
+@pytest.mark.slow
+def test_lora_resumes_exactly_after_kill_9(tmp_path, sft_data):
+    """A run killed with SIGKILL at whatever moment (mid-step, mid-checkpoint) resumes from its last
+    complete checkpoint to the same adapter, byte for byte, as a run never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    base = _dense_base(tmp_path)
+    whole = train(lora_run(tmp_path / "whole", base, sft_data, max_steps=12, eval_every=0, save_every=2))
+    killed = lora_run(tmp_path / "killed", base, sft_data, max_steps=12, eval_every=0, save_every=2)
+    flags = [f"--{k.replace('_', '-')}" for k in ("sft", "lora")] + [
+        "--data", str(sft_data), "--tokenizer", str(base), "--init-from", str(base), "--out", killed.out_dir,
+        "--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", *killed.lora_targets, "--seq-len", "64",
+        "--batch-size", "8", "--lr", "1e-2", "--min-lr", "1e-3", "--warmup", "2", "--max-steps", "12",
+        "--eval-every", "0", "--save-every", "2", "--heldout-frac", "0.1", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "unmask.cli", "train", *flags], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = Path(killed.out_dir) / "latest"
+    while not latest.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rest = train(lora_run(tmp_path / "killed", base, sft_data, max_steps=12, eval_every=0, save_every=2,
+                          resume="auto"))
+    assert rest.losses and rest.step == 12  # the kill cut the run short: the resumed run trained
+    assert rest.losses == {s: whole.losses[s] for s in rest.losses}
+    final = "step-000012/adapter_model.safetensors"
+    assert (tmp_path / "killed" / final).read_bytes() == (tmp_path / "whole" / final).read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_lora_in_two_processes_agrees_and_resumes_exactly(tmp_path, sft_data, fsdp):
+    from test_train import _spawn
+
+    base = _dense_base(tmp_path)
+
+    def cfg(run: str, **kw) -> TrainConfig:
+        return lora_run(tmp_path / run, base, sft_data, batch_size=4, eval_every=0, fsdp=fsdp, **kw)
+
+    whole = _spawn(cfg("a"), tmp_path)   # asserts that the ranks hold the same weights and losses
+    _spawn(cfg("b", stop_at=4), tmp_path)
+    rest = _spawn(cfg("b", resume="auto"), tmp_path)
+    assert rest["losses"] == {s: whole["losses"][s] for s in range(5, 9)}
+    assert all(torch.equal(rest["weights"][k], whole["weights"][k]) for k in whole["weights"])
+    final = "step-000008/adapter_model.safetensors"
+    assert (tmp_path / "a" / final).read_bytes() == (tmp_path / "b" / final).read_bytes()
+
+
 def test_lora_with_activation_checkpointing_and_cond_drop_matches_without(tmp_path, sft_data):
     base = _dense_base(tmp_path)
     plain = train(lora_run(tmp_path / "a", base, sft_data, cond_drop=0.2, max_steps=3, eval_every=0))

@@ -90,8 +90,8 @@ class TrainConfig:
     lora_quantize: str | None = _f(None, "QLoRA-style: int8 stores the frozen base's linear layers in 8 bits "
                                          "(torchao, as --quantize int8 at inference) under the float adapter")
     lora_targets: list[str] = _f([], "matrices to adapt: qkv, out, gate_up, down, router, lm_head, and on MoE "
-                                     "layouts the experts w_gate, w_up, w_down (default: all of attention and "
-                                     "the MLPs, experts included, not router or lm_head)", nargs="+")
+                                     "layouts the routed experts w_gate, w_up, w_down (default: qkv out gate_up "
+                                     "down, every linear of attention and the dense and shared MLPs)", nargs="+")
     # optimisation
     batch_size: int = _f(16, "rows per micro-batch per process")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
