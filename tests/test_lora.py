@@ -390,3 +390,9 @@ def test_bench_and_the_lm_eval_adapter_apply_the_adapter(adapted, tmp_path):
     assert not torch.allclose(_logits(UnmaskLM(model=str(base), mc_num=2).model), reference, atol=1e-3)
     with pytest.raises(ValueError, match="--model DIR"):
         load_bench_model(None, "tiny", "cpu", torch.float32, str(adapter))
+    from unmask.cli import main
+
+    assert main(["bench", "--adapter", str(adapter), "--modes", "exact", "--batch-sizes", "1", "--prompt-len", "6",
+                 "--gen-length", "8", "--block-length", "8", "--repeats", "1", "--device", "cpu", "--no-agreement",
+                 "--json", str(tmp_path / "bench.json")]) == 0   # the base comes from the adapter's record
+    assert json.loads((tmp_path / "bench.json").read_text())["meta"]["model"] == f"{base} + adapter {adapter}"
