@@ -273,11 +273,6 @@ def apply_lora(model: MaskedDiffusionLM, cfg: TrainConfig, bf16: bool = False):
     return config
 
 
-def lora_targets(config) -> list[str]:
-    """The names a LoRA config adapts, modules then expert parameters."""
-    return sorted(config.target_modules) + list(config.target_parameters or [])
-
-
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (norm gains are not decayed)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -461,7 +456,8 @@ class Trainer:
         self.lora = apply_lora(self.core, cfg, bf16=self._bf16()) if cfg.lora else None
         if self.lora is not None:
             trainable = sum(p.numel() for p in self.core.parameters() if p.requires_grad)
-            self.log(f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha} on {', '.join(lora_targets(self.lora))}: "
+            targets = sorted(self.lora.target_modules) + list(self.lora.target_parameters or [])
+            self.log(f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha} on {', '.join(targets)}: "
                      f"{trainable / 1e6:.3f}M trainable parameters")
         self.core.gradient_checkpointing = cfg.activation_checkpointing
         self.mask_id = self.core.config.mask_token_id
