@@ -21,6 +21,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="load an unknown architecture with the checkpoint's own modeling code")
     p.add_argument("--quantize", default=None, metavar="int8",
                    help="int8: 8-bit linear weights via torchao (pip install \"unmask[quant]\"; docs/quantize.md)")
+    add_adapter_arg(p)
+
+
+def add_adapter_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter (or LoRA training run) merged into the weights at load (docs/lora.md); "
+                        "without --model, the base model it records")
+
+
+def base_model(args):
+    """The base checkpoint: --model, or with --adapter alone the base that adapter records (None: bundled)."""
+    from ..models.loading import base_checkpoint
+
+    return base_checkpoint(args.model, args.adapter)
 
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
@@ -30,23 +44,24 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_for_args(args):
-    """(model, tokenizer) as the model flags ask: placed, quantized, and with --tp N sharded over the
-    torchrun processes (each rank then runs the same command on its shard)."""
+    """(model, tokenizer) as the model flags ask: placed, quantized, an adapter merged, and with --tp N
+    sharded over the torchrun processes (each rank then runs the same command on its shard)."""
     import unmask
     from ..models import load_config
     from ..models.parallel import check_divisible, join_tensor_parallel, parallelize
 
     device, dtype = model_placement(args)
+    path = base_model(args)
     tp = getattr(args, "tp", 1)
     if tp != 1:
         for flag, given in (("--trust-remote-code", args.trust_remote_code), ("--quantize", args.quantize)):
             if given:
                 raise ValueError(f"--tp shards unmask's own full-precision models and is not available with "
                                  f"{flag} yet: drop one of them")
-        check_divisible(load_config(args.model), tp)
+        check_divisible(load_config(path), tp)
     mesh, device = join_tensor_parallel(tp, device)
-    model, tokenizer = unmask.load(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code,
-                                   quantize=args.quantize)
+    model, tokenizer = unmask.load(path, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code,
+                                   quantize=args.quantize, adapter=args.adapter)
     return (model if mesh is None else parallelize(model, mesh)), tokenizer
 
 
@@ -162,7 +177,8 @@ def run_generate(args) -> int:
     from unmask.sampling.text import generate_text
 
     prompt = read_prompt(args)
-    block = is_block_checkpoint(args.model)
+    path = base_model(args)
+    block = is_block_checkpoint(path)
     options = sampling_options(args, block)
     model, tokenizer = load_for_args(args)
     kwargs = sampling_kwargs(options, args, block)
@@ -180,7 +196,8 @@ def run_generate(args) -> int:
 def run_chat(args) -> int:
     from unmask.sampling.text import generate_text
 
-    block = is_block_checkpoint(args.model)
+    path = base_model(args)
+    block = is_block_checkpoint(path)
     options = sampling_options(args, block)
     model, tokenizer = load_for_args(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
