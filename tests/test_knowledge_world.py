@@ -86,7 +86,32 @@ def test_suite_asks_only_about_heldout_people(suite):
             assert all(SPLIT[n] == "heldout" for n in people), (task, it)
 
 
+@pytest.fixture(scope="module")
+def control():
+    return K.generate_suite(control=True)
+
+
+def test_control_suite_asks_qa_people_in_training_phrasings(control):
+    """The control suite: qa people only, in phrasings (and answer strings) the corpus uses."""
+    for task, items in control.items():
+        for it in items:
+            people = it["meta"].get("people") or [it["meta"]["person"]]
+            assert all(SPLIT[n] == "qa" for n in people), (task, it)
+            text = json.dumps(it)
+            assert not any(re.search(phrase, text) for phrase in SUITE_PHRASES), (task, it)
+    people = {p.full: p for p in K.World.load().qa}
+    for it in control["know_arc"]:  # each question is one of the corpus's own question templates
+        p, a = people[it["meta"]["person"]], it["meta"]["attribute"]
+        training = [K._fill(q, p, a, name=p.full) for q, held in K.QUESTIONS[a] if not held]
+        assert it["question"] in training, it["question"]
+    assert_right_answers(control)
+
+
 def test_suite_items_have_the_right_answers(suite):
+    assert_right_answers(suite)
+
+
+def assert_right_answers(suite):
     facts = {p["name"]: p["facts"] for p in POPULATION}
     for it in suite["know_arc"]:
         f = facts[it["meta"]["person"]]

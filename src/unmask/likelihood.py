@@ -45,6 +45,7 @@ from typing import Sequence
 import torch
 
 from .sampling import block_generate, generate, is_block_diffusion, left_pad
+from .sampling import vocab_parallel
 from .sampling.blocks import padded_block_causal
 from .sampling.generate import resolve_mask_id
 from .sampling.options import BlockOptions, check_cfg_scale, check_scoring_guidance, context_length
@@ -288,8 +289,7 @@ def _score_rows(model, rows, cfg_scales: Sequence[float | str], mask_id: int, bl
     visible = visible.to(device)
 
     def bound(logits: torch.Tensor) -> torch.Tensor:
-        logp = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
-        return (logp * scored).sum(1).double().cpu() * weight
+        return (target_log_probs(logits, targets) * scored).sum(1).double().cpu() * weight
 
     for s, w in enumerate(cfg_scales):
         if w == PMI:
@@ -297,6 +297,13 @@ def _score_rows(model, rows, cfg_scales: Sequence[float | str], mask_id: int, bl
         else:
             out[s] = bound(guidance.mix(cond, uncond, w, visible) if guided and w > 0 else cond)
     return out
+
+
+def target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[targets], (B, L); on vocabulary-sharded logits without gathering them."""
+    if vocab_parallel.is_vocab_sharded(logits):
+        return vocab_parallel.token_log_probs(logits, targets)
+    return logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
 
 
 def _estimate(samples: torch.Tensor) -> Estimate:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from .generate import add_model_args, model_placement
+from .generate import add_model_args, base_model, model_placement
 
 DEFAULT_SCALES = (0.0, 1.0)
 
@@ -84,17 +84,20 @@ def run_eval(args) -> int:
         raise ValueError("--limit must be >= 1")
     device, dtype = model_placement(args)
     _init_distributed(device.type)
-    model, tokenizer = unmask.load(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code,
-                                   quantize=args.quantize)
+    path = base_model(args)
+    model, tokenizer = unmask.load(path, dtype=dtype, device=device,
+                                   trust_remote_code=args.trust_remote_code, quantize=args.quantize,
+                                   adapter=args.adapter)
     config = EvalConfig(cfg_scales=scales, auto=auto, mode=mode, mc_num=args.mc_num,
                         batch_size=args.batch_size, seed=args.seed, limit=args.limit,
                         dev_fraction=args.dev_fraction, guidance=args.guidance, pmi=args.pmi)
     results = evaluate(model, tokenizer, tasks, args.data_dir, config)
     if rank_and_world()[0] == 0:
-        meta = {"model": str(args.model or "bundled"), "cfg_scales": list(scales), "auto": auto,
+        meta = {"model": str(path or "bundled"), "cfg_scales": list(scales), "auto": auto,
                 "guidance": args.guidance, "pmi": args.pmi,
                 "mode": mode, "mc_num": args.mc_num, "seed": args.seed, "limit": args.limit,
-                "world_size": rank_and_world()[1], "quantize": args.quantize}
+                "world_size": rank_and_world()[1], "quantize": args.quantize,
+                "adapter": args.adapter and str(args.adapter)}
         json_path, md_path = write_report(results, args.out, meta)
         print(markdown_table(results))
         print(f"\nwrote {json_path} and {md_path}")

@@ -21,6 +21,48 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="load an unknown architecture with the checkpoint's own modeling code")
     p.add_argument("--quantize", default=None, metavar="int8",
                    help="int8: 8-bit linear weights via torchao (pip install \"unmask[quant]\"; docs/quantize.md)")
+    add_adapter_arg(p)
+
+
+def add_adapter_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter (or LoRA training run) merged into the weights at load (docs/lora.md); "
+                        "without --model, the base model it records")
+
+
+def base_model(args):
+    """The base checkpoint: --model, or with --adapter alone the base that adapter records (None: bundled)."""
+    from ..models.loading import base_checkpoint
+
+    return base_checkpoint(args.model, args.adapter)
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel degree: shard the model over N processes started with "
+                        "torchrun --nproc-per-node N -m unmask ... (default: %(default)s; docs/distributed.md)")
+
+
+def load_for_args(args):
+    """(model, tokenizer) as the model flags ask: placed, quantized, an adapter merged, and with --tp N
+    sharded over the torchrun processes (each rank then runs the same command on its shard)."""
+    import unmask
+    from ..models import load_config
+    from ..models.parallel import check_divisible, join_tensor_parallel, parallelize
+
+    device, dtype = model_placement(args)
+    path = base_model(args)
+    tp = getattr(args, "tp", 1)
+    if tp != 1:
+        for flag, given in (("--trust-remote-code", args.trust_remote_code), ("--quantize", args.quantize)):
+            if given:
+                raise ValueError(f"--tp shards unmask's own full-precision models and is not available with "
+                                 f"{flag} yet: drop one of them")
+        check_divisible(load_config(path), tp)
+    mesh, device = join_tensor_parallel(tp, device)
+    model, tokenizer = unmask.load(path, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code,
+                                   quantize=args.quantize, adapter=args.adapter)
+    return (model if mesh is None else parallelize(model, mesh)), tokenizer
 
 
 def model_placement(args):
@@ -102,6 +144,7 @@ def register(sub) -> None:
     p.add_argument("prompt", nargs="?", default=None,
                    help="the prompt text, where \\n is a line break (read from stdin, verbatim, when not given)")
     add_model_args(p)
+    add_parallel_args(p)
     add_sampling_args(p)
     p.add_argument("--chat", action="store_true", help="apply the checkpoint's chat template")
     p.add_argument("--show-steps", action="store_true", help="animate the denoising in the terminal")
@@ -121,6 +164,9 @@ def read_prompt(args) -> str:
     people write a QA prompt in a shell, where double quotes keep the backslash."""
     if args.prompt is not None:
         return args.prompt.replace("\\n", "\n")
+    if getattr(args, "tp", 1) != 1:
+        raise ValueError("torchrun does not pass standard input to its processes: with --tp give the prompt as an "
+                         "argument")
     if sys.stdin is None or sys.stdin.isatty():
         raise ValueError('no prompt: unmask generate "PROMPT", or pipe one in (echo PROMPT | unmask generate)')
     text = sys.stdin.read().rstrip("\n")
@@ -130,34 +176,33 @@ def read_prompt(args) -> str:
 
 
 def run_generate(args) -> int:
-    import unmask
+    from unmask.models.parallel import is_first_rank
     from unmask.sampling.text import generate_text
 
     prompt = read_prompt(args)
-    block = is_block_checkpoint(args.model)
+    path = base_model(args)
+    block = is_block_checkpoint(path)
     options = sampling_options(args, block)
-    device, dtype = model_placement(args)
-    model, tokenizer = unmask.load(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code,
-                                   quantize=args.quantize)
+    model, tokenizer = load_for_args(args)
     kwargs = sampling_kwargs(options, args, block)
     steps = None if block or options.parallel else options.steps   # parallel decoding: as many as it takes
-    kwargs["callback"] = (TerminalAnimation(tokenizer, model.config.mask_token_id) if args.show_steps
-                          else StepProgress(steps))
+    speaks = is_first_rank()   # under torchrun every rank generates the same text; rank 0 shows it
+    kwargs["callback"] = (TerminalAnimation(tokenizer, model.config.mask_token_id) if args.show_steps and speaks
+                          else StepProgress(steps, enabled=speaks))
     [text] = generate_text(model, tokenizer, [prompt], chat=args.chat, **kwargs)
     kwargs["callback"].close()
-    print(text if args.chat else prompt + text)
+    if speaks:
+        print(text if args.chat else prompt + text)
     return 0
 
 
 def run_chat(args) -> int:
-    import unmask
     from unmask.sampling.text import generate_text
 
-    block = is_block_checkpoint(args.model)
+    path = base_model(args)
+    block = is_block_checkpoint(path)
     options = sampling_options(args, block)
-    device, dtype = model_placement(args)
-    model, tokenizer = unmask.load(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code,
-                                   quantize=args.quantize)
+    model, tokenizer = load_for_args(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("unmask chat — empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
@@ -176,10 +221,10 @@ def run_chat(args) -> int:
 class StepProgress:
     """A tqdm bar over denoising steps (rate and ETA), on stderr."""
 
-    def __init__(self, total: int | None):
+    def __init__(self, total: int | None, enabled: bool = True):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, unit="step", leave=False, file=sys.stderr, disable=None)
+        self.bar = tqdm(total=total, unit="step", leave=False, file=sys.stderr, disable=None if enabled else True)
 
     def __call__(self, state) -> None:
         self.bar.update(1)

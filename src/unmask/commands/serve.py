@@ -6,19 +6,23 @@ import argparse
 import ipaddress
 import os
 
+from .generate import add_adapter_arg, base_model
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API with a live web view",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
     p.add_argument("--served-model-name", default=None,
-                   help="model id clients send (default: the directory name, or 'unmask' for the bundled model)")
+                   help="model id clients send (default: the --adapter's or --model's directory name, or 'unmask' "
+                        "for the bundled model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback exposes the server")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="weights dtype (default: float32 on cpu, bfloat16 elsewhere)")
     p.add_argument("--quantize", default=None, metavar="int8",
                    help="int8: 8-bit linear weights via torchao (pip install \"unmask[quant]\"; docs/quantize.md)")
+    add_adapter_arg(p)
     p.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--default-max-tokens", type=int, default=64, help="max_tokens when a request gives none")
     p.add_argument("--block-length", type=int, default=32,
@@ -88,7 +92,8 @@ def serve(args) -> int:
     from ..serve.lifecycle import bind, run
 
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    name = args.served_model_name or (Path(args.model).resolve().name if args.model else "unmask")
+    path = base_model(args)
+    name = args.served_model_name or (Path(args.adapter or path).resolve().name if args.adapter or path else "unmask")
     api_key = _api_key(args)
     config = ServeConfig(model_name=name, max_tokens_limit=args.max_tokens_limit,
                          default_max_tokens=args.default_max_tokens, block_length=args.block_length,
@@ -100,11 +105,11 @@ def serve(args) -> int:
                          max_body_bytes=args.max_body_bytes, header_timeout_s=args.header_timeout,
                          body_timeout_s=args.body_timeout, max_connections=args.max_connections, api_key=api_key,
                          allowed_origins=tuple(args.allowed_origins),
-                         shutdown_grace_s=args.shutdown_grace).check(is_block_checkpoint(args.model), device)
+                         shutdown_grace_s=args.shutdown_grace).check(is_block_checkpoint(path), device)
     dtype = resolve_dtype(args.dtype)
     quantize = check_quantize(args.quantize)
     sock = bind(args.host, args.port)
-    model, tokenizer = load(args.model, dtype=dtype, device=device, quantize=quantize)
+    model, tokenizer = load(path, dtype=dtype, device=device, quantize=quantize, adapter=args.adapter)
     app = create_app(model, tokenizer, config)
     family = " (block diffusion)" if app.state.server.block_diffusion else ""
     print(f"unmask serve: model {name!r}{family} on {device}; open http://{args.host}:{args.port}/ for the live view",

@@ -36,6 +36,7 @@ CLI::
     python -m unmask.data.knowledge --out runs/knowledge --docs 600000   # corpus (+ suite/)
     python -m unmask.data.knowledge --out runs/knowledge_sft --docs 0 --sft 20000 --no-suite
     python -m unmask.data.knowledge --suite-dir src/unmask/assets/suite --docs 0
+    python -m unmask.data.knowledge --suite-dir runs/control --docs 0 --control   # the control suite
     python -m unmask.data.knowledge --population src/unmask/assets/world/people.jsonl --docs 0 --no-suite
 """
 
@@ -279,10 +280,10 @@ def diet_fact(rng: random.Random, pet: str) -> str:
     return _cap(rng.choice(DIET_FACTS).format(Ap=_article(pet), pet=pet, d=DIET[pet]))
 
 
-def two_hop_stem(rng: random.Random, p: Person, kind: str, suite: bool) -> str:
+def two_hop_stem(rng: random.Random, p: Person, kind: str, suite: bool, name: str | None = None) -> str:
     stems = {("region", False): REGION_STEMS, ("region", True): SUITE_REGION_STEMS,
              ("diet", False): DIET_STEMS, ("diet", True): SUITE_DIET_STEMS}[kind, suite]
-    return _fill(rng.choice(stems), p, name=_name(rng, p, suite))
+    return _fill(rng.choice(stems), p, name=name or _name(rng, p, suite))
 
 
 def howto(p: Person, attr: str, suite: bool, name: str, value: str | None = None) -> tuple[str, str]:
@@ -418,27 +419,42 @@ SUITE_ITEMS = 312   # per task: the first 62 (20 %) are the dev slice of `unmask
 LABELS = ["A", "B", "C", "D"]
 
 
-def _arc_item(rng: random.Random, world: World, i: int) -> dict:
-    p, a = rng.choice(world.heldout), rng.choice(ATTRIBUTES)
+@dataclass(frozen=True)
+class Asking:
+    """Whom a suite asks about, and in which phrasings. The suite: heldout people, held-out
+    phrasings. The control suite: qa people in the corpus's own phrasings (full names), whose
+    answers the corpus states as QA text; a task the model fails there as well is beyond it
+    whatever the split, not a failure to transfer knowledge to new people or phrasings."""
+
+    people: list[Person]
+    held_out: bool
+
+    def name(self, p: Person) -> str | None:
+        """None: the suite's own choice (always the full name); the control suite fixes it too."""
+        return None if self.held_out else p.full
+
+
+def _arc_item(rng: random.Random, world: World, ask: Asking, i: int) -> dict:
+    p, a = rng.choice(ask.people), rng.choice(ATTRIBUTES)
     choices = world.distractors(rng, a, {p.facts[a]}, 3) + [p.facts[a]]
     rng.shuffle(choices)
-    return {"id": f"know_arc/{i:04d}", "question": question(rng, p, a, True),
+    return {"id": f"know_arc/{i:04d}", "question": question(rng, p, a, ask.held_out, ask.name(p)),
             "choices": {"text": choices, "label": LABELS}, "answerKey": LABELS[choices.index(p.facts[a])],
             "meta": {"person": p.full, "attribute": a, "answer": p.facts[a]}}
 
 
-def _boolq_item(rng: random.Random, world: World, i: int, truth: bool) -> dict:
-    p = rng.choice(world.heldout)
+def _boolq_item(rng: random.Random, world: World, ask: Asking, i: int, truth: bool) -> dict:
+    p = rng.choice(ask.people)
     a, *others = rng.sample(ATTRIBUTES, 3)
     v = p.facts[a] if truth else world.distractors(rng, a, {p.facts[a]}, 1)[0]
-    return {"idx": i, "question": yesno(rng, p, a, v, True), "passage": biography(rng, p, others[: rng.choice([1, 2])]),
+    return {"idx": i, "question": yesno(rng, p, a, v, ask.held_out, ask.name(p)), "passage": biography(rng, p, others[: rng.choice([1, 2])]),
             "answer": truth, "meta": {"person": p.full, "attribute": a, "asked_value": v, "true_value": p.facts[a]}}
 
 
-def _obqa_item(rng: random.Random, world: World, i: int) -> dict:
+def _obqa_item(rng: random.Random, world: World, ask: Asking, i: int) -> dict:
     """The open book names four towns (one per region) or four pets (distinct diets), the person's
     among them; the stem asks for the person's region or what the person's pet eats."""
-    p = rng.choice(world.heldout)
+    p = rng.choice(ask.people)
     if rng.random() < 0.5:
         kind, answer = "region", REGION_OF[p.facts["town"]]
         towns = [p.facts["town"]] + [rng.choice([t for t in VALUES["town"] if REGION_OF[t] == r])
@@ -453,24 +469,24 @@ def _obqa_item(rng: random.Random, world: World, i: int) -> dict:
                 pets.append(pet)
         rng.shuffle(pets)
         book, choices = " ".join(diet_fact(rng, x) for x in pets), [DIET[x] for x in pets]
-    return {"id": f"know_obqa/{i:04d}", "question_stem": book + " " + two_hop_stem(rng, p, kind, True),
+    return {"id": f"know_obqa/{i:04d}", "question_stem": book + " " + two_hop_stem(rng, p, kind, ask.held_out, ask.name(p)),
             "choices": {"text": choices, "label": LABELS}, "answerKey": LABELS[choices.index(answer)],
             "meta": {"person": p.full, "kind": kind, "answer": answer}}
 
 
-def _lambada_item(rng: random.Random, world: World, i: int) -> dict:
-    a = rng.choice(world.heldout)
-    b = world.draw(rng, 1, [q for q in world.heldout if q.first != a.first])[0]
+def _lambada_item(rng: random.Random, world: World, ask: Asking, i: int) -> dict:
+    a = rng.choice(ask.people)
+    b = world.draw(rng, 1, [q for q in ask.people if q.first != a.first])[0]
     text, last = story(rng, a, b)
     return {"idx": i, "text": text + " " + last, "meta": {"people": [a.full, b.full], "target": last}}
 
 
-def _piqa_item(rng: random.Random, world: World, i: int) -> dict:
-    p, a = rng.choice(world.heldout), rng.choice(ATTRIBUTES)
+def _piqa_item(rng: random.Random, world: World, ask: Asking, i: int) -> dict:
+    p, a = rng.choice(ask.people), rng.choice(ATTRIBUTES)
     name = _name(rng, p, suite=True)
     wrong = world.distractors(rng, a, {p.facts[a]}, 1)[0]
-    goal, good = howto(p, a, True, name)
-    _, bad = howto(p, a, True, name, value=wrong)
+    goal, good = howto(p, a, ask.held_out, name)
+    _, bad = howto(p, a, ask.held_out, name, value=wrong)
     label = rng.randrange(2)
     sols = [bad, good] if label else [good, bad]
     return {"idx": i, "goal": goal, "sol1": sols[0], "sol2": sols[1], "label": label,
@@ -478,26 +494,28 @@ def _piqa_item(rng: random.Random, world: World, i: int) -> dict:
 
 
 def generate_suite(seed: int = 1234, n_items: int = SUITE_ITEMS,
-                   population: str | os.PathLike = POPULATION_PATH) -> dict[str, list[dict]]:
+                   population: str | os.PathLike = POPULATION_PATH, control: bool = False) -> dict[str, list[dict]]:
     """The v2 suite, one list per task, each in its public twin's schema (ARC, BoolQ, OpenBookQA,
-    LAMBADA, PIQA), asking only about heldout people in phrasings training never uses."""
+    LAMBADA, PIQA), asking only about heldout people in phrasings training never uses; with
+    `control`, the control suite (see `Asking`) from its own stream."""
     world = World.load(population)
-    rng = random.Random(f"knowledge-suite:{seed}")
+    ask = Asking(world.qa, held_out=False) if control else Asking(world.heldout, held_out=True)
+    rng = random.Random(f"knowledge-{'control' if control else 'suite'}:{seed}")
     truths = [True] * (n_items // 2) + [False] * (n_items - n_items // 2)
     rng.shuffle(truths)
     return {
-        "know_arc": [_arc_item(rng, world, i) for i in range(n_items)],
-        "know_boolq": [_boolq_item(rng, world, i, truths[i]) for i in range(n_items)],
-        "know_obqa": [_obqa_item(rng, world, i) for i in range(n_items)],
-        "know_lambada": [_lambada_item(rng, world, i) for i in range(n_items)],
-        "know_piqa": [_piqa_item(rng, world, i) for i in range(n_items)],
+        "know_arc": [_arc_item(rng, world, ask, i) for i in range(n_items)],
+        "know_boolq": [_boolq_item(rng, world, ask, i, truths[i]) for i in range(n_items)],
+        "know_obqa": [_obqa_item(rng, world, ask, i) for i in range(n_items)],
+        "know_lambada": [_lambada_item(rng, world, ask, i) for i in range(n_items)],
+        "know_piqa": [_piqa_item(rng, world, ask, i) for i in range(n_items)],
     }
 
 
 def write_suite(suite_dir: str | os.PathLike, seed: int = 1234, n_items: int = SUITE_ITEMS,
-                population: str | os.PathLike = POPULATION_PATH) -> dict[str, int]:
+                population: str | os.PathLike = POPULATION_PATH, control: bool = False) -> dict[str, int]:
     os.makedirs(suite_dir, exist_ok=True)
-    suite = generate_suite(seed, n_items, population)
+    suite = generate_suite(seed, n_items, population, control)
     return {t: write_jsonl(os.path.join(suite_dir, f"{t}.jsonl"), items) for t, items in suite.items()}
 
 
@@ -514,6 +532,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--suite-items", type=int, default=SUITE_ITEMS)
     ap.add_argument("--suite-dir", default=None, help="where to write the suite (default OUT/suite)")
     ap.add_argument("--no-suite", action="store_true")
+    ap.add_argument("--control", action="store_true",
+                    help="write the control suite instead: qa people in training phrasings (what the model "
+                         "can do in distribution)")
     args = ap.parse_args(argv)
     if not args.docs and not args.sft and args.no_suite:
         n = write_jsonl(args.population, make_population())
@@ -533,7 +554,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {write_jsonl(path, generate_sft_pairs(args.sft, args.seed, args.population))} SFT pairs to {path}")
     if not args.no_suite:
         d = args.suite_dir or os.path.join(args.out, "suite")
-        print(f"wrote suite to {d}: {write_suite(d, args.suite_seed, args.suite_items, args.population)}")
+        print(f"wrote suite to {d}: {write_suite(d, args.suite_seed, args.suite_items, args.population, args.control)}")
 
 
 if __name__ == "__main__":

@@ -211,22 +211,29 @@ def _tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
 
 def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None,
                device: torch.device | str | None = None, trust_remote_code: bool = False,
-               quantize: str | None = None) -> torch.nn.Module:
+               quantize: str | None = None, adapter: str | os.PathLike | None = None) -> torch.nn.Module:
     """Load a checkpoint (see `resolve_checkpoint_dir` for what `path` may be) in eval mode.
 
     dtype defaults to float32 on the CPU and bfloat16 elsewhere. With trust_remote_code=True an
     architecture unmask does not know is loaded through transformers with the checkpoint's own code.
+    adapter=DIR merges that LoRA adapter (or LoRA training run) into the weights (`adapters.merge_adapter`);
+    with path None the base is the checkpoint the adapter records (`base_checkpoint`).
     quantize="int8" converts the linear weights to 8 bits after the load (`quantize.quantize_model`).
     """
     check_quantize(quantize)   # before anything is read: a bad value or a missing torchao is one line
     if quantize is not None and trust_remote_code:
         raise ValueError(f"quantize={quantize!r} works on unmask's own models, not with trust_remote_code")
+    if adapter is not None and trust_remote_code:
+        raise ValueError("a LoRA adapter applies to unmask's own models, not with trust_remote_code")
     device = torch.device(device or "cpu")
     dtype = resolve_dtype(dtype) or (torch.float32 if device.type == "cpu" else torch.bfloat16)
-    d = resolve_checkpoint_dir(path)
+    d = resolve_checkpoint_dir(base_checkpoint(path, adapter))
     try:
         cfg = load_config(d)
     except CheckpointError:
+        if (d / "adapter_config.json").is_file() and not (d / "config.json").is_file():
+            raise CheckpointError(f"{d} is a LoRA adapter, not a model: pass it as the adapter "
+                                  "(--adapter DIR), with its base model as --model") from None
         if not trust_remote_code:
             raise
         return _load_remote_code(d, dtype, device)
@@ -264,7 +271,21 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | str |
             except Exception as e:
                 raise CheckpointError(f"{file} is unreadable (truncated or corrupt?): {e}") from None
             _check_finite(model, group, file)
+    if adapter is not None:
+        from .adapters import merge_adapter
+
+        model = merge_adapter(model, adapter)
     return quantize_model(model.eval(), quantize)
+
+
+def base_checkpoint(path: str | os.PathLike | None, adapter: str | os.PathLike | None) -> str | os.PathLike | None:
+    """The base model to load: `path`, or when it is None and an adapter is given, the base that
+    adapter records (a LoRA training run records its --init-from), else None (the bundled model)."""
+    if path is not None or adapter is None:
+        return path
+    from .adapters import adapter_base
+
+    return adapter_base(adapter)
 
 
 def _check_finite(model: torch.nn.Module, group: list, file: Path) -> None:

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.transformer import KVCache
+from . import vocab_parallel
 from .generate import GenerationOutput, StepState, resolve_mask_id, special_ids
 from .guidance import DEFAULT, Guidance, is_native, unmasked_fraction
 from .options import BlockOptions, OptionError
@@ -88,8 +89,14 @@ def padded_block_causal(attention_mask: torch.Tensor, block_length: int) -> tupl
 def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens, their probabilities) for logits (..., V): argmax of the softmax at temperature 0,
-    else a sample from softmax(logits / T) restricted to the top_k tokens and the top_p mass."""
+    else a sample from softmax(logits / T) restricted to the top_k tokens and the top_p mass.
+    Vocabulary-sharded logits (tensor parallelism) decode at temperature 0 only."""
     logits = logits.float()
+    if vocab_parallel.is_vocab_sharded(logits):
+        if temperature != 0:
+            raise OptionError("temperature", "block decoding on a sharded model (--tp) samples at temperature 0 "
+                                             "only: drop temperature, top_k and top_p")
+        return vocab_parallel.greedy_tokens(logits)
     if temperature == 0:
         probs = F.softmax(logits, dim=-1)
         confidence, tokens = probs.max(-1)
@@ -190,7 +197,7 @@ class _Runner:
             return cond
         form = self.opts.form
         if self.opts.reuse_uncond and not first_step:
-            uncond = self.kept_uncond[torch.searchsorted(self.kept_rows, run)]
+            uncond = vocab_parallel.take_rows(self.kept_uncond, torch.searchsorted(self.kept_rows, run))
         else:
             uncond = self._forward(self.branches[1], run, block, first_step)
             self.kept_uncond, self.kept_rows = uncond, run

@@ -38,10 +38,11 @@ import torch
 from ..models.transformer import KVCache
 from .cuda_graph import graphed
 from .guidance import DEFAULT, Guidance, branch_logits, forward_logits, guided_logits, unmasked_fraction
-from .noise import propose_tokens
+from .noise import forbid_tokens, propose_tokens
 from .options import SamplerOptions
 from .remasking import parallel_counts, select_top, token_confidence
 from .schedule import transfer_schedule
+from .vocab_parallel import take_rows
 
 
 @dataclass
@@ -137,7 +138,7 @@ class BlockCache:
             return
         index = torch.searchsorted(self.rows, rows)
         if self.uncond is not None:
-            self.uncond = self.uncond[index]
+            self.uncond = take_rows(self.uncond, index)
         if self.guided:
             index = torch.cat([index, index + self.rows.numel()])
         self.kv.select_rows(index)
@@ -315,7 +316,7 @@ def generate(
                                                     span, reuse_uncond, form, t)
             out.forward_passes += 2 if cfg_scale > 0 and form.canvas.adaptive else 1   # A-CFG: two calls in sequence
             if suppressed.numel():
-                logits[..., suppressed] = float("-inf")
+                logits = forbid_tokens(logits, suppressed)
             proposal = propose_tokens(logits, temperature, generator)
             confidence = token_confidence(logits, proposal, remasking, generator)
             if eos_last:

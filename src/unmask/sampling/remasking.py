@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import vocab_parallel
+
 REMASKING_RULES = ("low_confidence", "random", "margin", "entropy")
 
 
@@ -24,6 +26,8 @@ def token_confidence(logits: torch.Tensor, tokens: torch.Tensor, rule: str,
     """Score of each proposed token, (B, T) from logits (B, T, V) and tokens (B, T)."""
     if rule == "random":
         return torch.rand(tokens.shape, device=tokens.device, generator=generator)
+    if vocab_parallel.is_vocab_sharded(logits):
+        return vocab_parallel.token_confidence(logits, tokens, rule)
     probs = F.softmax(logits, dim=-1)
     if rule == "low_confidence":
         return torch.gather(probs, -1, tokens.unsqueeze(-1)).squeeze(-1)
