@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 from .models import CheckpointError, load_model, load_tokenizer
+from .models.loading import base_checkpoint
 from .sampling import block_generate, is_block_diffusion, left_pad
 from .sampling import generate as masked_generate
 
@@ -18,12 +19,15 @@ __version__ = "0.1.0"
 
 
 def load(path: str | os.PathLike | None = None, dtype=None, device=None, trust_remote_code: bool = False,
-         quantize: str | None = None):
+         quantize: str | None = None, adapter: str | os.PathLike | None = None):
     """(model, tokenizer) from a local checkpoint directory, a training run directory (the checkpoint
     its `latest` names) or a hub id already in the local Hugging Face cache; None loads the bundled
     default model. Nothing is downloaded. quantize="int8": 8-bit weights (needs torchao,
-    docs/quantize.md)."""
-    return (load_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code, quantize=quantize),
+    docs/quantize.md). adapter=DIR: a LoRA adapter or LoRA training run merged into the weights
+    (docs/lora.md); with path None its recorded base model is loaded."""
+    path = base_checkpoint(path, adapter)
+    return (load_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code, quantize=quantize,
+                       adapter=adapter),
             load_tokenizer(path, trust_remote_code=trust_remote_code))
 
 

@@ -113,6 +113,7 @@ class BenchConfig:
     block_length: int = 32
     steps: int | None = None        # None: one token per step (gen_length; per block: block_length)
     cfg_scale: float = 1.0
+    guidance: str = "constant,prompt"   # the form of CFG of the +cfg modes (docs/guidance.md)
     repeats: int = 3
     modes: list[str] = field(default_factory=lambda: default_modes("cpu"))
     seed: int = 0
@@ -144,7 +145,8 @@ class BenchConfig:
                 kind = "block-diffusion (LLaDA2.x)" if block_diffusion else "LLaDA"
                 raise ValueError(f"mode {name!r} is not a mode of {kind} models: choose from {', '.join(family)}")
             try:
-                mode_options(name, self.cfg_scale, self.schedule(block_diffusion), block_diffusion).check(device=device)
+                mode_options(name, self.cfg_scale, self.schedule(block_diffusion), block_diffusion,
+                             self.guidance).check(device=device)
             except ValueError as e:
                 raise ValueError(f"mode {name!r}: {e}") from None
         return self
@@ -243,13 +245,14 @@ def timed(fn, repeats: int, device: torch.device):
     return result, statistics.median(times)
 
 
-def mode_options(name: str, cfg_scale: float, schedule: dict,
-                 block_diffusion: bool = False) -> SamplerOptions | BlockOptions:
-    """The sampler options of mode `name` on top of `schedule` (steps, gen_length, block_length)."""
+def mode_options(name: str, cfg_scale: float, schedule: dict, block_diffusion: bool = False,
+                 guidance: str = "constant,prompt") -> SamplerOptions | BlockOptions:
+    """The sampler options of mode `name` on top of `schedule` (steps, gen_length, block_length);
+    the +cfg modes guide with `cfg_scale` in the form `guidance`."""
     options = dict((BLOCK_MODES if block_diffusion else MODES)[name])
     steps = schedule["steps"] // options.pop("tokens_per_step", 1)
     guided = options.pop("cfg", False)
-    values = schedule | {"steps": steps} | options | {"cfg_scale": cfg_scale if guided else 0.0}
+    values = schedule | {"steps": steps} | options | {"cfg_scale": cfg_scale if guided else 0.0, "guidance": guidance}
     return (BlockOptions if block_diffusion else SamplerOptions)(**values)
 
 
@@ -295,7 +298,7 @@ def suite_scores(model, tokenizer, cfg: BenchConfig, mode: str) -> dict:
     Batched at the bench's largest batch size. Passes per token are per generated token of one row,
     a batch's pass counting once, as in the main column.
     """
-    options = mode_options(mode, cfg.cfg_scale, SUITE_SCHEDULE, is_block_diffusion(model))
+    options = mode_options(mode, cfg.cfg_scale, SUITE_SCHEDULE, is_block_diffusion(model), cfg.guidance)
     limit = context_length(model)
     max_prompt = None if limit is None else limit - options.gen_length
     batch_size = max(cfg.batch_sizes)
@@ -329,14 +332,15 @@ def run_bench(model, cfg: BenchConfig, progress=print, tokenizer=None) -> list[d
         exact = {}  # cfg_scale -> the exact output, the agreement reference
         if cfg.agreement:
             for w in sorted({0.0} | {mode_options(m, cfg.cfg_scale, common, block).cfg_scale for m in cfg.modes}):
-                exact[w] = (baseline(model, prompt, common | {"cfg_scale": w}, block)[0] if block
-                            else generate(model, prompt, cfg_scale=w, **common))[:, cfg.prompt_len:]
+                exact[w] = (baseline(model, prompt, common | {"cfg_scale": w, "guidance": cfg.guidance}, block)[0]
+                            if block else generate(model, prompt, cfg_scale=w, guidance=cfg.guidance,
+                                                   **common))[:, cfg.prompt_len:]
         name = "public algorithm, no cache (baseline)" if block else "reference (baseline)"
         rows.append(_row(batch, name, tokens, base_s, base_s, base_passes, cfg.gen_length, ref[:, cfg.prompt_len:],
                          exact.get(0.0)))
         progress(_format_row(rows[-1], bool(suite)))
         for name in cfg.modes:
-            options = mode_options(name, cfg.cfg_scale, common, block)
+            options = mode_options(name, cfg.cfg_scale, common, block, cfg.guidance)
             out, seconds = timed(lambda: sample(model, prompt, return_dict_in_generate=True, **options.kwargs()),
                                  cfg.repeats, device)
             rows.append(_row(batch, name, tokens, seconds, base_s, out.forward_passes, cfg.gen_length,

@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "unmask.commands.train",
     "unmask.commands.eval",
     "unmask.commands.serve",
+    "unmask.commands.merge",
 ]
 
 

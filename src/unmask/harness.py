@@ -9,7 +9,9 @@ for the bundled world suite (with absolute paths to the shipped JSONL files) and
 directory as --include_path unless you give one: then call `write_suite_tasks(DIR)` yourself.
 Everything stays offline: the hub is switched off before lm-eval (and so `datasets`) is imported.
 
-Model args: model (checkpoint dir; default the bundled model), cfg_scale, mc_num, mode ("mc" |
+Model args: model (checkpoint dir; default the bundled model), adapter (a LoRA adapter dir merged
+into it, docs/lora.md), cfg_scale, guidance (the form of CFG for scoring and generation,
+docs/guidance.md; not acfg, which cannot score), mc_num, mode ("mc" |
 "chain"), check_greedy, steps, gen_length, block_length, remasking, device, dtype, seed; LLaDA's
 adapter names work too (model_path, cfg, is_check_greedy), so its scripts run unchanged. lm-eval's
 --batch_size is the number of rows per forward pass (doubled under CFG); `python -m
@@ -38,11 +40,12 @@ from .eval.encoding import encode, encode_pair  # noqa: E402
 from .eval.tasks import (SUITE_DIR, TASKS, arc_item, boolq_item, lambada_item, openbookqa_item,  # noqa: E402
                          piqa_item)
 from .likelihood import Request, check_mode, document_bound, greedy_checks, score_requests  # noqa: E402
-from .models import load_model, load_tokenizer  # noqa: E402
+from . import load  # noqa: E402
+from .models.loading import base_checkpoint  # noqa: E402
 from .models.placement import resolve_dtype  # noqa: E402
 from .sampling import block_generate, block_length_for, check_seed, generate  # noqa: E402
 from .sampling.blocks import is_block_checkpoint  # noqa: E402
-from .sampling.options import context_length, options_for  # noqa: E402
+from .sampling.options import check_scoring_guidance, context_length, options_for  # noqa: E402
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -62,10 +65,10 @@ class UnmaskLM(LM):
     Every option is checked before the model is loaded.
     """
 
-    def __init__(self, model: str | None = None, cfg_scale: float = 0.0, mc_num: int = 128, mode: str = "mc",
+    def __init__(self, model: str | None = None, adapter: str | None = None, cfg_scale: float = 0.0, mc_num: int = 128, mode: str = "mc",
                  check_greedy: bool = True, steps: int | None = None, gen_length: int = 128,
                  block_length: int | None = None, remasking: str | None = None, threshold: float | None = None,
-                 device: str | None = None,
+                 guidance: str | None = None, device: str | None = None,
                  dtype: str | None = None, seed: int = 0, batch_size: int | str | None = None,
                  max_batch_size: int | None = None,  # max_batch_size: part of lm-eval's call, unused
                  **aliased):
@@ -75,19 +78,21 @@ class UnmaskLM(LM):
             if alias not in ALIASES:
                 raise ValueError(f"unknown model argument {alias!r} for --model unmask")
             given[ALIASES[alias]] = value
-        self.block = is_block_checkpoint(given["model"])
+        path = base_checkpoint(given["model"], adapter)
+        self.block = is_block_checkpoint(path)
         if not self.block:   # LLaDA's defaults: one step per token, one block
             steps = gen_length if steps is None else steps
             block_length = gen_length if block_length is None else block_length
         self.options = options_for(self.block, steps=steps, gen_length=gen_length, block_length=block_length,
-                                   cfg_scale=given["cfg_scale"], remasking=remasking, threshold=threshold)
+                                   cfg_scale=given["cfg_scale"], remasking=remasking, threshold=threshold,
+                                   guidance=guidance)
+        check_scoring_guidance(self.options.guidance)   # the same form scores loglikelihood requests
         if type(mc_num) is not int or mc_num < 1:
             raise ValueError(f"mc_num must be a positive integer (got {mc_num!r})")
         self.mc_num, self.mode = mc_num, check_mode(mode)
         self.check_greedy, self.seed = bool(given["check_greedy"]), check_seed(seed)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else DEFAULT_BATCH_SIZE
-        self.model = load_model(given["model"], dtype=resolve_dtype(dtype), device=_available(device))
-        self.tokenizer = load_tokenizer(given["model"])
+        self.model, self.tokenizer = load(path, dtype=resolve_dtype(dtype), device=_available(device), adapter=adapter)
         self.max_len = context_length(self.model)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             self._rank, self._world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -100,7 +105,8 @@ class UnmaskLM(LM):
     def scoring(self) -> dict:
         """Likelihood settings shared by every request type; block-diffusion models are scored with
         their block length."""
-        return dict(batch_size=self.batch_size, block_length=self.options.block_length if self.block else None)
+        return dict(batch_size=self.batch_size, block_length=self.options.block_length if self.block else None,
+                    guidance=self.options.guidance)
 
     @property
     def device(self):

@@ -22,11 +22,18 @@ block k given c and r's earlier blocks. Each block gets the plan of the chosen m
 mode is then exactly the sequential chain rule the model decodes with.
 
 Guidance (unsupervised CFG, Nie et al. 2025) scores with `uncond + (w + 1)(cond − uncond)`, the unconditional row being
-the same canvas with the context masked; the mixed logits are renormalised (log_softmax) before
-the log-probability is read. Conditional and unconditional rows go through the model as one
-doubled batch, and every requested cfg scale is mixed from that one forward pass, so a sweep over
-scales costs one scoring run and the scales share their mask draws (common random numbers, which
-makes the differences between scales much less noisy than separate runs would).
+the same canvas with the context masked (or the span of it that the `guidance` form names; its
+schedule reads t as the fraction of the continuation visible in that row); the mixed logits are
+renormalised (log_softmax) before the log-probability is read. Conditional and unconditional rows
+go through the model as one doubled batch, and every requested cfg scale is mixed from that one
+forward pass, so a sweep over scales costs one scoring run and the scales share their mask draws
+(common random numbers, which makes the differences between scales much less noisy than separate
+runs would).
+
+The column PMI ("pmi" among the scales) is the baseline CFG scoring should beat: the pointwise
+mutual information bound(r | c) − bound(r | c masked), each term the same bound on the same mask
+draws (contextual calibration / PMI_DC scoring for multiple choice, Zhao et al. 2021, Holtzman et
+al. 2021, with the masked context as the content-free input).
 """
 
 from __future__ import annotations
@@ -37,14 +44,20 @@ from typing import Sequence
 
 import torch
 
-from .sampling import block_generate, generate, is_block_diffusion, left_pad, mix_guidance, unconditional_canvas
+from .sampling import block_generate, generate, is_block_diffusion, left_pad
 from .sampling import vocab_parallel
 from .sampling.blocks import padded_block_causal
 from .sampling.generate import resolve_mask_id
-from .sampling.options import BlockOptions, check_cfg_scale, context_length
-from .sampling.guidance import forward_logits
+from .sampling.options import BlockOptions, check_cfg_scale, check_scoring_guidance, context_length
+from .sampling.guidance import DEFAULT, Guidance, forward_logits
 
 MODES = ("mc", "exact", "chain")
+PMI = "pmi"   # a scoring column: bound(r | c) − bound(r | unconditional canvas), not a cfg scale
+
+
+def check_scoring_scale(w: float | str) -> float | str:
+    """A scoring column: a cfg scale (check_cfg_scale) or PMI."""
+    return w if w == PMI else check_cfg_scale(w)
 
 
 @dataclass
@@ -164,10 +177,13 @@ def blockwise_plan(mode: str, spans: list[tuple[int, int]], mc_num: int, batch_s
     return Plan(torch.cat(masked), torch.cat(scored), torch.cat(weight), torch.cat(sample), n_samples)
 
 
-def score_requests(model, requests: Sequence[Request], *, cfg_scales: Sequence[float] = (0.0,),
+def score_requests(model, requests: Sequence[Request], *, cfg_scales: Sequence[float | str] = (0.0,),
                    mode: str = "mc", mc_num: int = 128, batch_size: int = 32,
-                   mask_id: int | None = None, block_length: int | None = None) -> list[list[Estimate]]:
+                   mask_id: int | None = None, block_length: int | None = None,
+                   guidance: str | Guidance = DEFAULT) -> list[list[Estimate]]:
     """Score many requests at several cfg scales: result[request][scale] is an Estimate.
+    A scale may be PMI ("pmi"): that column is the PMI score (module docstring). `guidance` is the
+    form (unconditional canvas and schedule; A-CFG does not apply to scoring).
 
     Rows of different requests share forward batches (left-padded, with an attention mask, so
     padding changes nothing). Each request's mask draws depend only on its own seed.
@@ -177,14 +193,15 @@ def score_requests(model, requests: Sequence[Request], *, cfg_scales: Sequence[f
     if mc_num < 1 or batch_size < 1:
         raise ValueError(f"mc_num ({mc_num}) and batch_size ({batch_size}) must be positive")
     for w in cfg_scales:
-        check_cfg_scale(w)
+        check_scoring_scale(w)
+    form = check_scoring_guidance(guidance)
     block_length = scoring_block_length(model, block_length)
     if block_length is None:
         plans = [make_plan(mode, len(r.continuation), mc_num, batch_size, r.seed) for r in requests]
     else:
         plans = [blockwise_plan(mode, block_spans(len(r.context), len(r.continuation), block_length), mc_num,
                                 batch_size, r.seed) for r in requests]
-    return score_plans(model, requests, plans, cfg_scales, batch_size, mask_id, block_length)
+    return score_plans(model, requests, plans, cfg_scales, batch_size, mask_id, block_length, form)
 
 
 def scoring_block_length(model, given: int | None) -> int | None:
@@ -200,8 +217,9 @@ def scoring_block_length(model, given: int | None) -> int | None:
 
 
 @torch.no_grad()
-def score_plans(model, requests: Sequence[Request], plans: Sequence[Plan], cfg_scales: Sequence[float],
-                batch_size: int, mask_id: int | None = None, block_length: int | None = None) -> list[list[Estimate]]:
+def score_plans(model, requests: Sequence[Request], plans: Sequence[Plan], cfg_scales: Sequence[float | str],
+                batch_size: int, mask_id: int | None = None, block_length: int | None = None,
+                guidance: Guidance = DEFAULT) -> list[list[Estimate]]:
     """Run every plan's rows through the model, `batch_size` rows per forward (doubled under CFG);
     with `block_length`, under the block-causal mask of that block length."""
     mask_id = resolve_mask_id(model, mask_id)
@@ -214,7 +232,8 @@ def score_plans(model, requests: Sequence[Request], plans: Sequence[Plan], cfg_s
     rows = [(i, j) for i, p in enumerate(plans) for j in range(len(p.weight))]
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        values = _score_rows(model, [(requests[i], plans[i], j) for i, j in chunk], cfg_scales, mask_id, block_length)
+        values = _score_rows(model, [(requests[i], plans[i], j) for i, j in chunk], cfg_scales, mask_id, block_length,
+                             guidance)
         for (i, j), v in zip(chunk, values.T):
             sample = int(plans[i].sample[j])
             if sample == EVERY_SAMPLE:
@@ -224,7 +243,8 @@ def score_plans(model, requests: Sequence[Request], plans: Sequence[Plan], cfg_s
     return [[_estimate(s) for s in per_scale] for per_scale in sums]
 
 
-def _score_rows(model, rows, cfg_scales: Sequence[float], mask_id: int, block_length: int | None) -> torch.Tensor:
+def _score_rows(model, rows, cfg_scales: Sequence[float | str], mask_id: int, block_length: int | None,
+                guidance: Guidance = DEFAULT) -> torch.Tensor:
     """(S, B) weighted sums of log p over each row's scored positions, at every cfg scale.
 
     Rows are right-aligned so every continuation ends at the last column and the vocabulary
@@ -240,6 +260,7 @@ def _score_rows(model, rows, cfg_scales: Sequence[float], mask_id: int, block_le
     targets = torch.zeros((B, span), dtype=torch.long)
     scored = torch.zeros((B, span), dtype=torch.bool)
     weight = torch.zeros(B, dtype=torch.float64)
+    visible = torch.zeros(B, dtype=torch.float64)   # the schedule's t: fraction of the continuation unmasked
     for b, (req, plan, j) in enumerate(rows):
         P, L = len(req.context), len(req.continuation)
         cont = torch.tensor(list(req.continuation), dtype=torch.long)
@@ -250,24 +271,31 @@ def _score_rows(model, rows, cfg_scales: Sequence[float], mask_id: int, block_le
         targets[b, span - L:] = cont
         scored[b, span - L:] = plan.scored[j]
         weight[b] = plan.weight[j]
+        visible[b] = 1 - float(plan.masked[j].sum()) / L
     attention_mask = None if bool(attn.all()) else attn.to(device)
     position_ids = None
     if block_length is not None:   # block-causal over each row's own positions (padding never attended)
         attention_mask, position_ids = padded_block_causal(attn.to(device), block_length)
     ids, prompt_index = ids.to(device), prompt_index.to(device)
-    guided = any(w > 0 for w in cfg_scales) and bool(prompt_index.any())
+    guided = any(w == PMI or w > 0 for w in cfg_scales) and bool(prompt_index.any())
     if guided:
-        ids = torch.cat([ids, unconditional_canvas(ids, prompt_index, mask_id)])
+        ids = torch.cat([ids, guidance.unconditional(ids, prompt_index, mask_id)])
         attention_mask = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
         position_ids = None if position_ids is None else torch.cat([position_ids, position_ids])
     logits = forward_logits(model, ids, attention_mask, slice(width - span, width), position_ids=position_ids).float()
     cond, uncond = logits.chunk(2) if guided else (logits, logits)
     targets, scored = targets.to(device), scored.to(device)
     out = torch.empty(len(cfg_scales), B, dtype=torch.float64)
+    visible = visible.to(device)
+
+    def bound(logits: torch.Tensor) -> torch.Tensor:
+        return (target_log_probs(logits, targets) * scored).sum(1).double().cpu() * weight
+
     for s, w in enumerate(cfg_scales):
-        mixed = mix_guidance(cond, uncond, w) if guided and w > 0 else cond
-        logp = target_log_probs(mixed, targets)
-        out[s] = (logp * scored).sum(1).double().cpu() * weight
+        if w == PMI:
+            out[s] = bound(cond) - bound(uncond)
+        else:
+            out[s] = bound(guidance.mix(cond, uncond, w, visible) if guided and w > 0 else cond)
     return out
 
 
@@ -317,7 +345,8 @@ def chain_rule_loglikelihood(model, context_ids, continuation_ids, *, cfg_scale:
 
 
 def greedy_checks(model, requests: Sequence[Request], *, cfg_scale: float = 0.0, batch_size: int = 32,
-                  mask_id: int | None = None, block_length: int | None = None) -> list[bool]:
+                  mask_id: int | None = None, block_length: int | None = None,
+                  guidance: str | Guidance = DEFAULT) -> list[bool]:
     """For each request: would the sampler produce exactly its continuation? Temperature 0, one
     token per step. Requests with the same continuation length share a batch (left-padded, which
     leaves each row equal to its context run alone)."""
@@ -333,14 +362,15 @@ def greedy_checks(model, requests: Sequence[Request], *, cfg_scale: float = 0.0,
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
             ids, attention = left_pad([list(requests[i].context) for i in chunk], pad_id=0)
-            out = greedy_sample(model, ids.to(device), attention.to(device), L, cfg_scale, mask_id, block_length)
+            out = greedy_sample(model, ids.to(device), attention.to(device), L, cfg_scale, mask_id, block_length,
+                                guidance)
             for row, i in enumerate(chunk):
                 result[i] = out[row, ids.shape[1]:].tolist() == list(requests[i].continuation)
     return result
 
 
 def greedy_sample(model, ids: torch.Tensor, attention: torch.Tensor, L: int, cfg_scale: float, mask_id: int,
-                  block_length: int | None) -> torch.Tensor:
+                  block_length: int | None, guidance: str | Guidance = DEFAULT) -> torch.Tensor:
     """The sampler at temperature 0, one token per step, L tokens: one block of L (LLaDA), or
     blocks of `block_length` decoded one token per step (block diffusion)."""
     if block_length is not None:
@@ -351,10 +381,10 @@ def greedy_sample(model, ids: torch.Tensor, attention: torch.Tensor, L: int, cfg
         fits = limit is None or -(-(width + longer) // block_length) * block_length <= limit
         out = block_generate(model, ids, attention_mask=attention, gen_length=longer if fits else L,
                              block_length=block_length, steps=block_length, threshold=None, cfg_scale=cfg_scale,
-                             mask_id=mask_id)
+                             mask_id=mask_id, guidance=guidance)
         return out[:, :width + L]
     return generate(model, ids, attention_mask=attention, steps=L, gen_length=L, block_length=L, temperature=0.0,
-                    cfg_scale=cfg_scale, mask_id=mask_id)
+                    cfg_scale=cfg_scale, mask_id=mask_id, guidance=guidance)
 
 
 def rolling_windows(n: int, max_len: int) -> list[tuple[int, int, int]]:
@@ -378,7 +408,8 @@ def rolling_windows(n: int, max_len: int) -> list[tuple[int, int, int]]:
 
 def document_bound(model, ids: Sequence[int], *, cfg_scale: float = 0.0, mode: str = "mc", mc_num: int = 128,
                    batch_size: int = 32, mask_id: int | None = None, seed: int = 0,
-                   max_len: int | None = None, block_length: int | None = None) -> Estimate:
+                   max_len: int | None = None, block_length: int | None = None,
+                   guidance: str | Guidance = DEFAULT) -> Estimate:
     """Whole-document bound (perplexity, lm-eval's loglikelihood_rolling): the sum of the window
     bounds of `rolling_windows`, like an AR model's rolling windows with truncated context.
     Guidance only acts on windows that have preceding text as context."""
@@ -387,7 +418,7 @@ def document_bound(model, ids: Sequence[int], *, cfg_scale: float = 0.0, mode: s
     requests = [Request(ids[c:s], ids[s:e], seed * 1_000_003 + k)
                 for k, (c, s, e) in enumerate(rolling_windows(len(ids), max_len))]
     scored = score_requests(model, requests, cfg_scales=[cfg_scale], mode=mode, mc_num=mc_num,
-                            batch_size=batch_size, mask_id=mask_id, block_length=block_length)
+                            batch_size=batch_size, mask_id=mask_id, block_length=block_length, guidance=guidance)
     parts = [per_scale[0] for per_scale in scored]
     return Estimate(sum(p.value for p in parts), math.sqrt(sum(p.stderr ** 2 for p in parts)),
                     sum(p.n for p in parts))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .generate import add_adapter_arg, base_model
+
 
 def register(subparsers) -> None:
     from ..bench import BLOCK_MODES, MODES, SHAPES  # light: no model is built at import
@@ -26,6 +28,8 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, help="sampling steps of the schedule modes (default: gen-length; "
                                              "for block-diffusion models steps per block, default block-length)")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance of the +cfg modes")
+    p.add_argument("--guidance", default="constant,prompt", metavar="FORM",
+                   help="the form of CFG of the +cfg modes, e.g. linear or span:0:-4 (docs/guidance.md)")
     p.add_argument("--modes", nargs="+", choices=list(MODES) + list(BLOCK_MODES),
                    help="default: every mode of the model's family; on a CPU, every mode but the CUDA-graph ones "
                         "(block-diffusion models: the 'block ...' modes)")
@@ -38,6 +42,7 @@ def register(subparsers) -> None:
     p.add_argument("--quantize", metavar="int8",
                    help="int8: time the modes with 8-bit linear weights (torchao), after measuring their logit "
                         "error and token agreement against the unquantized weights (docs/quantize.md)")
+    add_adapter_arg(p)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median), after one warm-up")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--suite", action="store_true",
@@ -113,14 +118,18 @@ def bench_is_block_diffusion(model_dir: str | None, shape: str | None, device) -
     return SHAPES[shape or default_shape(device)].layout in BLOCK_DIFFUSION_LAYOUTS
 
 
-def load_bench_model(model_dir: str | None, shape: str | None, device: str, dtype):
-    """(model, name): the checkpoint, else the bundled model (CPU), else random weights of a shape."""
+def load_bench_model(model_dir: str | None, shape: str | None, device: str, dtype, adapter: str | None = None):
+    """(model, name): the checkpoint (with `adapter` merged), else the bundled model (CPU), else random
+    weights of a shape."""
     from ..bench import SHAPES, random_model
     from ..models import load_model
 
     checkpoint = bench_model_dir(model_dir, shape, device)
     if checkpoint is not None:
-        return load_model(checkpoint, dtype=dtype, device=device), str(checkpoint)
+        name = f"{checkpoint} + adapter {adapter}" if adapter else str(checkpoint)
+        return load_model(checkpoint, dtype=dtype, device=device, adapter=adapter), name
+    if adapter:
+        raise ValueError("--adapter needs the model it was trained on (--model DIR), not random --shape weights")
     shape = shape or default_shape(device)
     return random_model(SHAPES[shape], device, dtype), f"random {shape}"
 
@@ -143,7 +152,7 @@ def load_suite_tokenizer(args):
 
     if args.suite_items < 1:
         raise ValueError("--suite-items must be >= 1")
-    checkpoint = bench_model_dir(args.model, args.shape, args.device)
+    checkpoint = bench_model_dir(base_model(args), args.shape, args.device)
     if checkpoint is None:
         raise ValueError("--suite needs a tokenizer: pass --model DIR (a checkpoint with its tokenizer, e.g. "
                          f"{DEFAULT_MODEL_DIR}); random --shape weights, the default on a GPU, have none")
@@ -159,17 +168,19 @@ def run(args) -> int:
 
     check_quantize(args.quantize)
     device = resolve_device(args.device)
-    block = bench_is_block_diffusion(args.model, args.shape, device)
-    prompt_len, gen_length = default_lengths(bench_context(args.model, args.shape, device), args.block_length,
+    path = base_model(args)
+    block = bench_is_block_diffusion(path, args.shape, device)
+    prompt_len, gen_length = default_lengths(bench_context(path, args.shape, device), args.block_length,
                                              args.prompt_len, args.gen_length)
     cfg = BenchConfig(batch_sizes=args.batch_sizes, prompt_len=prompt_len, gen_length=gen_length,
                       block_length=args.block_length, steps=args.steps, cfg_scale=args.cfg_scale,
+                      guidance=args.guidance,
                       repeats=args.repeats, modes=args.modes or default_modes(device, block), seed=args.seed,
                       agreement=args.agreement,
                       suite_items=args.suite_items if args.suite else 0).check(device, block)
     tokenizer = load_suite_tokenizer(args) if args.suite else None
     dtype = resolve_dtype(args.dtype) or (torch.float32 if device.type == "cpu" else torch.bfloat16)
-    model, name = load_bench_model(args.model, args.shape, device, dtype)
+    model, name = load_bench_model(path, args.shape, device, dtype, args.adapter)
     error = None
     if args.quantize:
         model, error = quantize_for_bench(model, cfg, args.quantize)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from .generate import add_model_args, add_parallel_args, load_for_args, model_placement
+from .generate import add_model_args, add_parallel_args, base_model, load_for_args, model_placement
 
 DEFAULT_SCALES = (0.0, 1.0)
 
@@ -21,6 +21,12 @@ def register(sub) -> None:
     p.add_argument("--cfg-scale", nargs="+", default=None, metavar="W",
                    help="cfg scales to report (default: 0 1.0), or 'auto [GRID...]' to pick one per task "
                         "on a dev slice")
+    p.add_argument("--guidance", default="constant,prompt", metavar="FORM",
+                   help="the form of CFG: schedule and unconditional canvas, e.g. linear or span:0:-4 "
+                        "(docs/guidance.md; acfg does not score)")
+    p.add_argument("--pmi", action="store_true",
+                   help="add a PMI column (bound with the context minus bound with it masked): the "
+                        "calibration baseline for CFG scoring, multiple-choice tasks only")
     add_model_args(p)
     add_parallel_args(p)
     p.add_argument("--data-dir", default=None, help="directory with <task>.jsonl/.parquet files")
@@ -66,7 +72,12 @@ def run_eval(args) -> int:
     from ..eval import DEFAULT_TASKS, EvalConfig, evaluate, get_task, markdown_table, write_report
     from ..eval.runner import rank_and_world
 
+    from ..sampling.options import check_scoring_guidance
+
     scales, auto = parse_scales(args.cfg_scale)
+    check_scoring_guidance(args.guidance)
+    if args.pmi and auto:
+        raise ValueError("--pmi adds a fixed column; --cfg-scale auto picks one scale per task: use one of them")
     names = args.tasks.split(",") if args.tasks else DEFAULT_TASKS
     tasks = [get_task(n.strip()) for n in names if n.strip()]
     mode = args.mode or ("chain" if all(t.bundled for t in tasks) else "mc")
@@ -75,15 +86,19 @@ def run_eval(args) -> int:
     device, dtype = model_placement(args)
     if args.tp == 1:   # under torchrun without --tp: the items are split across the processes
         _init_distributed(device.type)
+    path = base_model(args)
     model, tokenizer = load_for_args(args)   # with --tp: joins the torchrun group and loads this rank's shard
     config = EvalConfig(cfg_scales=scales, auto=auto, mode=mode, mc_num=args.mc_num,
                         batch_size=args.batch_size, seed=args.seed, limit=args.limit,
-                        dev_fraction=args.dev_fraction, tensor_parallel=args.tp > 1)
+                        dev_fraction=args.dev_fraction, guidance=args.guidance, pmi=args.pmi,
+                        tensor_parallel=args.tp > 1)
     results = evaluate(model, tokenizer, tasks, args.data_dir, config)
     if rank_and_world()[0] == 0:
-        meta = {"model": str(args.model or "bundled"), "cfg_scales": list(scales), "auto": auto,
+        meta = {"model": str(path or "bundled"), "cfg_scales": list(scales), "auto": auto,
+                "guidance": args.guidance, "pmi": args.pmi,
                 "mode": mode, "mc_num": args.mc_num, "seed": args.seed, "limit": args.limit,
-                "world_size": rank_and_world()[1], "tp": args.tp, "quantize": args.quantize}
+                "world_size": rank_and_world()[1], "tp": args.tp, "quantize": args.quantize,
+                "adapter": args.adapter and str(args.adapter)}
         json_path, md_path = write_report(results, args.out, meta)
         print(markdown_table(results))
         print(f"\nwrote {json_path} and {md_path}")

@@ -21,6 +21,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="load an unknown architecture with the checkpoint's own modeling code")
     p.add_argument("--quantize", default=None, metavar="int8",
                    help="int8: 8-bit linear weights via torchao (pip install \"unmask[quant]\"; docs/quantize.md)")
+    add_adapter_arg(p)
+
+
+def add_adapter_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter (or LoRA training run) merged into the weights at load (docs/lora.md); "
+                        "without --model, the base model it records")
+
+
+def base_model(args):
+    """The base checkpoint: --model, or with --adapter alone the base that adapter records (None: bundled)."""
+    from ..models.loading import base_checkpoint
+
+    return base_checkpoint(args.model, args.adapter)
 
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
@@ -30,25 +44,24 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_for_args(args):
-    """(model, tokenizer) as the model flags ask: placed, quantized, and with --tp N sharded over the
-    torchrun processes (each rank then runs the same command on its shard)."""
-    import unmask
+    """(model, tokenizer) as the model flags ask: placed, quantized, an adapter merged, and with --tp N
+    sharded over the torchrun processes (each rank then runs the same command on its shard)."""
     from ..models import load_config, load_model, load_tokenizer
     from ..models.parallel import check_divisible, join_tensor_parallel
 
     device, dtype = model_placement(args)
+    path = base_model(args)
     tp = getattr(args, "tp", 1)
     if tp != 1:
         for flag, given in (("--trust-remote-code", args.trust_remote_code), ("--quantize", args.quantize)):
             if given:
                 raise ValueError(f"--tp shards unmask's own full-precision models and is not available with "
                                  f"{flag} yet: drop one of them")
-        check_divisible(load_config(args.model), tp)
+        check_divisible(load_config(path), tp)
     mesh, device = join_tensor_parallel(tp, device)
-    if mesh is not None:   # each rank reads only its slices of the weights
-        return load_model(args.model, dtype=dtype, device=device, mesh=mesh), load_tokenizer(args.model)
-    return unmask.load(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code,
-                       quantize=args.quantize)
+    model = load_model(path, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code,
+                       quantize=args.quantize, adapter=args.adapter, mesh=mesh)   # a mesh: each rank reads its slices
+    return model, load_tokenizer(path, trust_remote_code=args.trust_remote_code)
 
 
 def model_placement(args):
@@ -68,6 +81,9 @@ def add_sampling_args(p: argparse.ArgumentParser, gen_length: int = 64) -> None:
                    help="default: gen-length (one block); for LLaDA2.x models 32")
     p.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: 0)")
     p.add_argument("--cfg-scale", type=float, default=None, help="unsupervised CFG weight w (default: 0, off)")
+    p.add_argument("--guidance", default=None, metavar="FORM",
+                   help="the form of CFG: a schedule (constant, linear, interval:LO:HI) and/or an unconditional "
+                        "canvas (prompt, span:START:STOP, acfg:RATIO), e.g. 'linear,span:0:-4' (docs/guidance.md)")
     p.add_argument("--remasking", default=None, choices=list(REMASKING_RULES),
                    help="which positions to commit each step (default: low_confidence)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
@@ -104,7 +120,7 @@ def sampling_options(args, block_diffusion: bool = False):
                  temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking, cache=args.cache,
                  cache_refresh=args.cache_refresh, threshold=args.threshold, factor=args.factor,
                  reuse_uncond=args.reuse_uncond or None, cuda_graph=args.cuda_graph or None,
-                 minimal_topk=args.minimal_topk, top_k=args.top_k, top_p=args.top_p)
+                 minimal_topk=args.minimal_topk, top_k=args.top_k, top_p=args.top_p, guidance=args.guidance)
     if not block_diffusion:   # the CLI's defaults: one step per token, one block
         given["steps"] = args.gen_length if args.steps is None else args.steps
         given["block_length"] = args.gen_length if args.block_length is None else args.block_length
@@ -163,7 +179,8 @@ def run_generate(args) -> int:
     from unmask.sampling.text import generate_text
 
     prompt = read_prompt(args)
-    block = is_block_checkpoint(args.model)
+    path = base_model(args)
+    block = is_block_checkpoint(path)
     options = sampling_options(args, block)
     model, tokenizer = load_for_args(args)
     kwargs = sampling_kwargs(options, args, block)
@@ -181,7 +198,8 @@ def run_generate(args) -> int:
 def run_chat(args) -> int:
     from unmask.sampling.text import generate_text
 
-    block = is_block_checkpoint(args.model)
+    path = base_model(args)
+    block = is_block_checkpoint(path)
     options = sampling_options(args, block)
     model, tokenizer = load_for_args(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []

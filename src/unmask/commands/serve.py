@@ -6,19 +6,23 @@ import argparse
 import ipaddress
 import os
 
+from .generate import add_adapter_arg, base_model
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API with a live web view",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
     p.add_argument("--served-model-name", default=None,
-                   help="model id clients send (default: the directory name, or 'unmask' for the bundled model)")
+                   help="model id clients send (default: the --adapter's or --model's directory name, or 'unmask' "
+                        "for the bundled model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback exposes the server")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="weights dtype (default: float32 on cpu, bfloat16 elsewhere)")
     p.add_argument("--quantize", default=None, metavar="int8",
                    help="int8: 8-bit linear weights via torchao (pip install \"unmask[quant]\"; docs/quantize.md)")
+    add_adapter_arg(p)
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel degree: shard the model over N processes started with torchrun "
                         "--nproc-per-node N -m unmask serve ...; rank 0 serves HTTP (docs/distributed.md)")
@@ -30,6 +34,8 @@ def register(subparsers) -> None:
                    help="default steps (default: one per generated token); for LLaDA2.x models steps per block "
                         "(default: 32)")
     p.add_argument("--cfg-scale", type=float, default=0.0, help="default guidance scale w (0 = off)")
+    p.add_argument("--guidance", default=None, metavar="FORM",
+                   help="default form of CFG, e.g. linear, span:0:-4, acfg:0.7 (docs/guidance.md)")
     p.add_argument("--temperature", type=float, default=0.0, help="default temperature")
     p.add_argument("--remasking", default=None,
                    help="default remasking rule (default: low_confidence; LLaDA models only)")
@@ -89,24 +95,26 @@ def serve(args) -> int:
     from ..serve.lifecycle import bind
 
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    name = args.served_model_name or (Path(args.model).resolve().name if args.model else "unmask")
+    path = base_model(args)
+    name = args.served_model_name or (Path(args.adapter or path).resolve().name if args.adapter or path else "unmask")
     api_key = _api_key(args)
     config = ServeConfig(model_name=name, max_tokens_limit=args.max_tokens_limit,
                          default_max_tokens=args.default_max_tokens, block_length=args.block_length,
-                         steps=args.steps, cfg_scale=args.cfg_scale, temperature=args.temperature,
+                         steps=args.steps, cfg_scale=args.cfg_scale, guidance=args.guidance,
+                         temperature=args.temperature,
                          remasking=args.remasking, cache=args.cache, cuda_graph=args.cuda_graph,
                          max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                          batch_window_ms=args.batch_window_ms, timeout_s=args.timeout,
                          max_body_bytes=args.max_body_bytes, header_timeout_s=args.header_timeout,
                          body_timeout_s=args.body_timeout, max_connections=args.max_connections, api_key=api_key,
                          allowed_origins=tuple(args.allowed_origins),
-                         shutdown_grace_s=args.shutdown_grace).check(is_block_checkpoint(args.model), device)
+                         shutdown_grace_s=args.shutdown_grace).check(is_block_checkpoint(path), device)
     dtype = resolve_dtype(args.dtype)
     quantize = check_quantize(args.quantize)
     if args.tp != 1:
         return _serve_tensor_parallel(args, config, device, dtype)
     sock = bind(args.host, args.port)
-    model, tokenizer = load(args.model, dtype=dtype, device=device, quantize=quantize)
+    model, tokenizer = load(path, dtype=dtype, device=device, quantize=quantize, adapter=args.adapter)
     app = create_app(model, tokenizer, config)
     return _announce_and_run(app, args, device, sock, config)
 
@@ -140,11 +148,12 @@ def _serve_tensor_parallel(args, config, device, dtype) -> int:
     for flag, given in (("--quantize", args.quantize), ("--cuda-graph", args.cuda_graph)):
         if given:
             raise ValueError(f"--tp does not combine with {flag} yet: drop one of them")
-    check_divisible(load_config(args.model), args.tp)
+    path = base_model(args)
+    check_divisible(load_config(path), args.tp)
     mesh, device = join_tensor_parallel(args.tp, device, timeout=BATCH_TIMEOUT)
     group = announcement_group()
     sock = bind(args.host, args.port) if is_first_rank() else None
-    model = load_model(args.model, dtype=dtype, device=device, mesh=mesh)
+    model = load_model(path, dtype=dtype, device=device, adapter=args.adapter, mesh=mesh)
     if not is_first_rank():
         try:
             follow(model, device, group)
@@ -152,7 +161,7 @@ def _serve_tensor_parallel(args, config, device, dtype) -> int:
             print(f"unmask serve: rank {mesh.get_local_rank()} stops: {e}", file=sys.stderr, flush=True)
             return 1
         return 0
-    app = create_app(model, load_tokenizer(args.model), config)
+    app = create_app(model, load_tokenizer(path), config)
     runner = app.state.server.runner
     runner.sampler = leader = Leader(runner.sampler, device, group)
     status = _announce_and_run(app, args, device, sock, config)

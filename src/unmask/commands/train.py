@@ -79,6 +79,11 @@ def run(args: argparse.Namespace) -> int:
     from ..train.trainer import train
 
     config = config_from_args(args)
+    if config.dry_run:
+        from ..train.memory import dry_run
+
+        print(dry_run(config))
+        return 0
     try:
         result = train(config)
     except Exception as e:

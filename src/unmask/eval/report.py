@@ -29,15 +29,17 @@ def _delta(metric: str, d: PairedDelta) -> str:
 def markdown_table(results: list[TaskResult]) -> str:
     if not results:
         return ""
-    columns = results[0].columns
+    columns = max((r.columns for r in results), key=len)   # a task without a column (pmi on cloze) shows "–"
     auto = any(r.chosen_scale is not None for r in results)
     deltas = [f"Δ {c}" for c in columns[1:]]
     head = ["task", "metric", "n", *columns, *deltas, *(["auto w", "dev n"] if auto else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         for metric, values in r.metrics.items():
+            value = dict(zip(r.columns, (_fmt(metric, v) for v in values)))
+            delta = dict(zip(r.columns[1:], (_delta(metric, d) for d in r.paired[metric])))
             cells = [r.task, metric + (" ↓" if metric == "ppl" else ""), str(r.n),
-                     *(_fmt(metric, v) for v in values), *(_delta(metric, d) for d in r.paired[metric])]
+                     *(value.get(c, "–") for c in columns), *(delta.get(c, "–") for c in columns[1:])]
             if auto:
                 cells += [f"{r.chosen_scale:g}", str(r.dev.n if r.dev else 0)]
             lines.append("| " + " | ".join(cells) + " |")

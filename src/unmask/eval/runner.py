@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..likelihood import Request, greedy_checks, score_requests
+from ..likelihood import PMI, Request, greedy_checks, score_requests
 from ..sampling.options import context_length
 from .encoding import encode_pair
 from .tasks import Item, Task, load_items
@@ -39,6 +39,8 @@ class EvalConfig:
     limit: int | None = None
     dev_fraction: float = 0.2
     progress: bool = True
+    guidance: str = "constant,prompt"            # the form of CFG (docs/guidance.md)
+    pmi: bool = False                            # add a PMI column (multiple-choice tasks; not with auto)
     tensor_parallel: bool = False                # every rank holds a shard of one model: all score every item
 
 
@@ -90,9 +92,10 @@ def score_item(model, tokenizer, task: Task, item: Item, index: int, scales: lis
     pairs = [encode_pair(tokenizer, ctx, cont, max_len) for ctx, cont in item.requests]
     requests = [Request(ctx, cont, item_seed(config.seed, index, j)) for j, (ctx, cont) in enumerate(pairs)]
     estimates = score_requests(model, requests, cfg_scales=scales, mode=config.mode, mc_num=config.mc_num,
-                               batch_size=config.batch_size)
+                               batch_size=config.batch_size, guidance=config.guidance)
     loglik = [[est[s].value for est in estimates] for s in range(len(scales))]
-    greedy = [greedy_checks(model, [requests[item.gold]], cfg_scale=w)[0] for w in scales] if task.kind == "cloze" else []
+    greedy = ([greedy_checks(model, [requests[item.gold]], cfg_scale=w, guidance=config.guidance)[0] for w in scales]
+              if task.kind == "cloze" else [])
     return ItemScore(index, loglik, greedy)
 
 
@@ -186,6 +189,8 @@ def evaluate_task(model, tokenizer, task: Task, data_dir: str | Path | None, con
     if not items:
         raise ValueError(f"task {task.name}: no items to score")
     scales = sorted(set(config.cfg_scales) | ({0.0} if config.auto else set()))
+    if config.pmi and task.kind != "cloze":   # a cloze task is judged by the sampler, which PMI is not
+        scales.append(PMI)
     rank, world = _data_parallel(config)
     local = range(rank, len(items), world)
     if config.progress and rank_and_world()[0] == 0:
@@ -194,7 +199,7 @@ def evaluate_task(model, tokenizer, task: Task, data_dir: str | Path | None, con
         local = tqdm(local, desc=task.name, unit="item")
     scores = _gather([score_item(model, tokenizer, task, items[i], i, scales, config) for i in local], world)
     if not config.auto:
-        return summarise(task, items, scores, list(range(len(scales))), scales, [f"w={w:g}" for w in scales])
+        return summarise(task, items, scores, list(range(len(scales))), scales, [_column(w) for w in scales])
     if len(items) < 2:
         raise ValueError(f"task {task.name}: --cfg-scale auto needs at least 2 items (a dev and a test slice)")
     n_dev = min(max(1, round(len(items) * config.dev_fraction)), len(items) - 1)
@@ -203,6 +208,10 @@ def evaluate_task(model, tokenizer, task: Task, data_dir: str | Path | None, con
     result = summarise(task, items, scores[n_dev:], [scales.index(0.0), best], scales, ["w=0", "auto"])
     result.chosen_scale, result.dev = scales[best], dev
     return result
+
+
+def _column(w: float | str) -> str:
+    return w if w == PMI else f"w={w:g}"
 
 
 def evaluate(model, tokenizer, tasks: list[Task], data_dir: str | Path | None, config: EvalConfig) -> list[TaskResult]:

@@ -213,24 +213,33 @@ def _tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
 
 def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None,
                device: torch.device | str | None = None, trust_remote_code: bool = False,
-               quantize: str | None = None, mesh=None) -> torch.nn.Module:
+               quantize: str | None = None, adapter: str | os.PathLike | None = None,
+               mesh=None) -> torch.nn.Module:
     """Load a checkpoint (see `resolve_checkpoint_dir` for what `path` may be) in eval mode.
 
     dtype defaults to float32 on the CPU and bfloat16 elsewhere. With trust_remote_code=True an
     architecture unmask does not know is loaded through transformers with the checkpoint's own code.
+    adapter=DIR merges that LoRA adapter (or LoRA training run) into the weights (`adapters.merge_adapter`);
+    with path None the base is the checkpoint the adapter records (`base_checkpoint`).
     quantize="int8" converts the linear weights to 8 bits after the load (`quantize.quantize_model`).
     With a 1-D DeviceMesh the model is sharded for tensor parallelism (`parallel.parallelize`) before
-    any memory is allocated, and each rank reads only its own slices of the safetensors files.
+    any memory is allocated, and each rank reads only its own slices of the safetensors files (with
+    an adapter, each rank loads the whole model, merges the adapter, then keeps its shard).
     """
     check_quantize(quantize)   # before anything is read: a bad value or a missing torchao is one line
     if quantize is not None and trust_remote_code:
         raise ValueError(f"quantize={quantize!r} works on unmask's own models, not with trust_remote_code")
+    if adapter is not None and trust_remote_code:
+        raise ValueError("a LoRA adapter applies to unmask's own models, not with trust_remote_code")
     device = torch.device(device or "cpu")
     dtype = resolve_dtype(dtype) or (torch.float32 if device.type == "cpu" else torch.bfloat16)
-    d = resolve_checkpoint_dir(path)
+    d = resolve_checkpoint_dir(base_checkpoint(path, adapter))
     try:
         cfg = load_config(d)
     except CheckpointError:
+        if (d / "adapter_config.json").is_file() and not (d / "config.json").is_file():
+            raise CheckpointError(f"{d} is a LoRA adapter, not a model: pass it as the adapter "
+                                  "(--adapter DIR), with its base model as --model") from None
         if not trust_remote_code:
             raise
         return _load_remote_code(d, dtype, device)
@@ -254,10 +263,11 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | str |
             raise CheckpointError(f"{file}: {p.checkpoint_name} has shape {found}, {d / 'config.json'} implies "
                                   f"{implied} (does config.json match the weights?)")
     model = model.to(dtype)
-    if mesh is not None:
-        if quantize is not None:
-            raise ValueError(f"quantize={quantize!r} does not combine with tensor parallelism yet")
-        parallelize(model, mesh)
+    if mesh is not None and quantize is not None:
+        raise ValueError(f"quantize={quantize!r} does not combine with tensor parallelism yet")
+    shard_now = mesh if adapter is None else None   # an adapter merges into whole weights: shard after it
+    if shard_now is not None:
+        parallelize(model, shard_now)
     model = model.to_empty(device=device)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
@@ -269,15 +279,31 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | str |
             try:
                 with safe_open(file, framework="pt", device=str(device)) as f, SliceReader(file) as slices:
                     for p in group:
-                        for dest, source in shard_pieces(model, p.param_name, p.index, mesh):
+                        for dest, source in shard_pieces(model, p.param_name, p.index, shard_now):
                             if source is None:
                                 dest.copy_(f.get_tensor(p.checkpoint_name))
                             else:   # a tensor-parallel rank's rows, read without mapping the rest
                                 slices.read_into(p.checkpoint_name, dest, *source)
             except Exception as e:
                 raise CheckpointError(f"{file} is unreadable (truncated or corrupt?): {e}") from None
-            _check_finite(model, group, file, mesh)
+            _check_finite(model, group, file, shard_now)
+    if adapter is not None:
+        from .adapters import merge_adapter
+
+        model = merge_adapter(model, adapter)
+        if mesh is not None:   # merged into whole weights: sharded only now
+            parallelize(model, mesh)
     return quantize_model(model.eval(), quantize)
+
+
+def base_checkpoint(path: str | os.PathLike | None, adapter: str | os.PathLike | None) -> str | os.PathLike | None:
+    """The base model to load: `path`, or when it is None and an adapter is given, the base that
+    adapter records (a LoRA training run records its --init-from), else None (the bundled model)."""
+    if path is not None or adapter is None:
+        return path
+    from .adapters import adapter_base
+
+    return adapter_base(adapter)
 
 
 def _check_finite(model: torch.nn.Module, group: list, file: Path, mesh) -> None:

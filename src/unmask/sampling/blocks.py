@@ -25,9 +25,10 @@ What unmask adds, none of it changing a token:
 - batches of prompts of different lengths, given left-padded with an attention mask (as for
   `unmask.generate`): each row is decoded on its own block grid, exactly as if run alone;
 - unsupervised CFG (`cfg_scale` w > 0): the unconditional branch is the same canvas with every
-  prompt token replaced by the mask token, under the same block-causal mask and the same
-  positions, with its own rows in the cache; logits mix as uncond + (w + 1)(cond − uncond) before
-  proposals and scores. Masks written over the prompt are not candidates: only the conditional
+  prompt token replaced by the mask token (or the span of the prompt that `guidance` names),
+  under the same block-causal mask and the same positions, with its own rows in the cache; logits
+  mix as uncond + (w + 1)(cond − uncond) before proposals and scores, w following the guidance
+  schedule over each row's fraction of the text unmasked. Masks written over the prompt are not candidates: only the conditional
   canvas's generated positions are decoded. `reuse_uncond` runs the unconditional rows only at a
   block's first step and reuses their logits for the block's other steps.
 The output is `(B, P + gen_length)` like `unmask.generate`: each row's text, cut after its first
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 from ..models.transformer import KVCache
 from . import vocab_parallel
 from .generate import GenerationOutput, StepState, resolve_mask_id, special_ids
-from .guidance import is_native, mix_guidance
+from .guidance import DEFAULT, Guidance, is_native, unmasked_fraction
 from .options import BlockOptions, OptionError
 from .schedule import transfer_schedule
 
@@ -194,19 +195,28 @@ class _Runner:
         cond = self._forward(self.branches[0], run, block, first_step)
         if w == 0:
             return cond
+        form = self.opts.form
         if self.opts.reuse_uncond and not first_step:
             uncond = vocab_parallel.take_rows(self.kept_uncond, torch.searchsorted(self.kept_rows, run))
         else:
             uncond = self._forward(self.branches[1], run, block, first_step)
             self.kept_uncond, self.kept_rows = uncond, run
-        return mix_guidance(cond, uncond, w)
+        return form.mix(cond, uncond, w, self._unmasked_fraction(run))
+
+    def _columns_before(self, run: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """(n, W) bool: the columns before each row's prompt end (+ offset)."""
+        cols = torch.arange(self.rows.x.shape[1], device=self.rows.x.device)
+        return cols[None, :] < self.rows.prompt_lengths[run][:, None] + offset
+
+    def _unmasked_fraction(self, run: torch.Tensor) -> torch.Tensor:
+        text = self._columns_before(run, self.opts.gen_length) & ~self._columns_before(run)
+        return unmasked_fraction(self.rows.x[run], text, self.mask_id)
 
     def _canvas(self, branch: _Branch, run: torch.Tensor) -> torch.Tensor:
         x = self.rows.x[run]
         if not branch.unconditional:
             return x
-        cols = torch.arange(x.shape[1], device=x.device)
-        return x.masked_fill(cols[None, :] < self.rows.prompt_lengths[run][:, None], self.mask_id)
+        return self.opts.form.unconditional(x, self._columns_before(run), self.mask_id)
 
     def _forward(self, branch: _Branch, run: torch.Tensor, block: int, first_step: bool) -> torch.Tensor:
         b = self.opts.block_length
@@ -256,6 +266,7 @@ def block_generate(
     top_p: float | None = None,
     cfg_scale: float = 0.0,
     reuse_uncond: bool = False,
+    guidance: str | Guidance = DEFAULT,
     cache: bool | None = None,
     attention_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -265,7 +276,7 @@ def block_generate(
     """Decode `gen_length` tokens after `prompt` (B, P) block by block; returns (B, P + gen_length).
 
     Keyword names and meanings are the public LLaDA2 `generate`'s (`steps` is per block), plus
-    cfg_scale / reuse_uncond (guidance), cache (the exact cache of finished blocks; default: on for
+    cfg_scale / reuse_uncond / guidance (the form, as for `unmask.generate`), cache (the exact cache of finished blocks; default: on for
     unmask's own models, off for models loaded with trust_remote_code, which take no cache),
     attention_mask (left padding, as for `unmask.generate`), generator, callback(StepState) and
     return_dict_in_generate. eos_id and mask_id default to the model config's.
@@ -274,7 +285,7 @@ def block_generate(
         prompt = prompt.unsqueeze(0)
     opts = BlockOptions(gen_length=gen_length, block_length=block_length, steps=steps, threshold=threshold,
                         minimal_topk=minimal_topk, temperature=temperature, top_k=top_k, top_p=top_p,
-                        cfg_scale=cfg_scale, reuse_uncond=reuse_uncond).check()
+                        cfg_scale=cfg_scale, reuse_uncond=reuse_uncond, guidance=guidance).check()
     mask_id = resolve_mask_id(model, mask_id)
     eos_id = special_ids(model, "eos_token_id", eos_id)
     if eos_early_stop and eos_id is None:

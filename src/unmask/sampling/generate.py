@@ -37,7 +37,7 @@ import torch
 
 from ..models.transformer import KVCache
 from .cuda_graph import graphed
-from .guidance import branch_logits, forward_logits, guided_logits, mix_guidance
+from .guidance import DEFAULT, Guidance, branch_logits, forward_logits, guided_logits, unmasked_fraction
 from .noise import forbid_tokens, propose_tokens
 from .options import SamplerOptions
 from .remasking import parallel_counts, select_top, token_confidence
@@ -153,13 +153,15 @@ def fresh_cache(model, rows: int) -> KVCache:
 def cached_logits(runner, block_cache: BlockCache | None, refresh: bool, new_cache: Callable[[int], KVCache],
                   x: torch.Tensor, rows: torch.Tensor, prompt_index: torch.Tensor, mask_id: int, cfg_scale: float,
                   attention_mask: torch.Tensor | None, window: slice, span: slice,
-                  reuse_uncond: bool) -> tuple[torch.Tensor, BlockCache]:
+                  reuse_uncond: bool, guidance: Guidance = DEFAULT,
+                  t: torch.Tensor | None = None) -> tuple[torch.Tensor, BlockCache]:
     """One cached step's (guided) logits over `window`, and the block cache it leaves.
 
     At a refresh the whole canvas runs into a new cache (`new_cache(n_rows)`); otherwise `span` runs
     against the cache. With `reuse_uncond` and guidance, a refresh computes both branches, keeps the
     unconditional logits and moves the conditional rows to a cache of their own; the steps after it
-    run the conditional rows only and mix with the kept unconditional logits.
+    run the conditional rows only and mix with the kept unconditional logits (at each step's weight,
+    so a schedule still moves).
     """
     guided = cfg_scale > 0
     if refresh:
@@ -168,15 +170,17 @@ def cached_logits(runner, block_cache: BlockCache | None, refresh: bool, new_cac
         block_cache.keep(rows)
     if not (reuse_uncond and guided):
         return guided_logits(runner, x, prompt_index, mask_id, cfg_scale, attention_mask, window,
-                             block_cache.kv, span), block_cache
+                             block_cache.kv, span, guidance, t), block_cache
     if refresh:
-        cond, uncond = branch_logits(runner, x, prompt_index, mask_id, attention_mask, window, block_cache.kv, span)
+        cond, uncond = branch_logits(runner, x, prompt_index, mask_id, attention_mask, window, block_cache.kv, span,
+                                     guidance)
         conditional = new_cache(rows.numel())
         conditional.copy_rows(block_cache.kv, torch.arange(rows.numel(), device=rows.device))
         block_cache = BlockCache(conditional, rows, False, uncond, window.start)
-        return mix_guidance(cond, uncond, cfg_scale), block_cache
+        return guidance.mix(cond, uncond, cfg_scale, t), block_cache
     cond = forward_logits(runner, x, attention_mask, window, block_cache.kv, span)
-    return mix_guidance(cond, block_cache.uncond[:, window.start - block_cache.uncond_start:], cfg_scale), block_cache
+    uncond = block_cache.uncond[:, window.start - block_cache.uncond_start:]
+    return guidance.mix(cond, uncond, cfg_scale, t), block_cache
 
 
 @torch.no_grad()
@@ -208,6 +212,7 @@ def generate(
     reuse_uncond: bool = False,
     cuda_graph: bool = False,
     compile: bool | str = False,
+    guidance: str | Guidance = DEFAULT,
 ):
     """Sample `gen_length` tokens after `prompt` (B, P); returns the canvas (B, P + gen_length).
 
@@ -236,13 +241,18 @@ def generate(
       Meant for GPUs; the first calls pay the compilation.
     Rows with nothing left to commit in the current block (a finished block, or a text ended by
     stop_at_eos) drop out of the forward passes.
+    guidance: the form of CFG when cfg_scale > 0 (a `Guidance` or its spec, e.g. "linear",
+      "span:0:-4", "acfg:0.7"; see `unmask.sampling.guidance` and docs/guidance.md). The default is
+      the seed's: constant weight, whole prompt masked.
     """
     if prompt.dim() == 1:
         prompt = prompt.unsqueeze(0)
     options = SamplerOptions(steps=steps, gen_length=gen_length, block_length=block_length,
                              temperature=temperature, cfg_scale=cfg_scale, remasking=remasking, cache=cache,
                              cache_refresh=cache_refresh, threshold=threshold, factor=factor,
-                             reuse_uncond=reuse_uncond, cuda_graph=cuda_graph, compile=compile).check()
+                             reuse_uncond=reuse_uncond, cuda_graph=cuda_graph, compile=compile,
+                             guidance=guidance).check()
+    form = options.form
     mask_id = resolve_mask_id(model, mask_id)
     B, P = prompt.shape
     parallel, per_block = options.parallel, options.steps_per_block
@@ -262,6 +272,7 @@ def generate(
     else:
         valid = torch.ones_like(x, dtype=torch.bool)
     prompt_index = (x != mask_id) & valid
+    generated = valid & ~prompt_index   # what guidance schedules count as the text (infilling masks included)
     options.check_for_model(model, P, mask_id, prompt_masked=bool(((x[:, :P] == mask_id) & valid[:, :P]).any()))
     suppressed = torch.tensor(suppress_tokens or [], dtype=torch.long, device=device)
     runner = graphed(model, compiled(model, compile)) if cuda_graph else compiled(model, compile)
@@ -290,8 +301,10 @@ def generate(
             window = slice(start, block_end)
             xa, candidates = x[rows], candidates[rows]
             mask_a = None if attention_mask is None else attention_mask[rows]
+            t = unmasked_fraction(xa, generated[rows], mask_id)
             if cache is None:
-                logits = guided_logits(runner, xa, prompt_index[rows], mask_id, cfg_scale, mask_a, window)
+                logits = guided_logits(runner, xa, prompt_index[rows], mask_id, cfg_scale, mask_a, window,
+                                       guidance=form, t=t)
             else:
                 refresh = block_cache is None or (cache_refresh != "block" and i % cache_refresh == 0)
                 if refresh:  # the whole canvas runs and fills a fresh cache
@@ -300,8 +313,8 @@ def generate(
                     span = slice(block_start, x.shape[1] if cache == "prefix" else block_end)
                 logits, block_cache = cached_logits(runner, block_cache, refresh, new_cache, xa, rows,
                                                     prompt_index[rows], mask_id, cfg_scale, mask_a, window,
-                                                    span, reuse_uncond)
-            out.forward_passes += 1
+                                                    span, reuse_uncond, form, t)
+            out.forward_passes += 2 if cfg_scale > 0 and form.canvas.adaptive else 1   # A-CFG: two calls in sequence
             if suppressed.numel():
                 logits = forbid_tokens(logits, suppressed)
             proposal = propose_tokens(logits, temperature, generator)

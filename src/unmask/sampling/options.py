@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from .guidance import is_native
+from .guidance import Guidance, GuidanceError, is_native
 from .remasking import REMASKING_RULES
 
 CACHE_MODES = ("prefix", "dual")
@@ -54,6 +54,15 @@ class SamplerOptions:
     reuse_uncond: bool = False
     cuda_graph: bool = False
     compile: bool | str = False
+    guidance: str = str(Guidance())
+
+    def __post_init__(self):
+        _canonical_guidance(self)
+
+    @property
+    def form(self) -> Guidance:
+        """The guidance form (schedule, unconditional canvas) named by `guidance`."""
+        return Guidance.parse(self.guidance)
 
     @property
     def parallel(self) -> bool:
@@ -82,6 +91,11 @@ class SamplerOptions:
         self._check_lengths()
         _number(self.temperature, "temperature", minimum=0.0)
         check_cfg_scale(self.cfg_scale)
+        form = check_guidance(self.guidance)
+        if form.canvas.adaptive and self.cache is not None and self.cfg_scale > 0:
+            raise OptionError("guidance", f"guidance {self.guidance!r} re-masks generated tokens anywhere in the text "
+                                          "at every step, which a cache filled at the last refresh cannot see: use "
+                                          "cache=None with acfg")
         if self.remasking not in REMASKING_RULES:
             raise OptionError("remasking", f"unknown remasking {self.remasking!r}: choose one of "
                                            f"{', '.join(REMASKING_RULES)}")
@@ -172,6 +186,14 @@ class BlockOptions:
     top_p: float | None = None
     cfg_scale: float = 0.0
     reuse_uncond: bool = False
+    guidance: str = str(Guidance())
+
+    def __post_init__(self):
+        _canonical_guidance(self)
+
+    @property
+    def form(self) -> Guidance:
+        return Guidance.parse(self.guidance)
 
     def kwargs(self) -> dict:
         """The options as `block_generate` keyword arguments."""
@@ -203,6 +225,10 @@ class BlockOptions:
         if self.top_p is not None:
             _number(self.top_p, "top_p", minimum=0.0, maximum=1.0, strict_minimum=True)
         check_cfg_scale(self.cfg_scale)
+        if check_guidance(self.guidance).canvas.adaptive and self.cfg_scale > 0:
+            raise OptionError("guidance", "acfg (A-CFG) runs in the LLaDA sampler only: block-diffusion decoding keeps "
+                                          "finished blocks in an exact cache that re-masking would invalidate; use "
+                                          "the prompt or a span as the unconditional canvas")
         return self
 
     def check_for_model(self, model, prompt_length: int, mask_id: int) -> None:
@@ -241,6 +267,32 @@ def check_cfg_scale(w: float) -> float:
     Also what the likelihood paths take."""
     _number(w, "cfg_scale", minimum=0.0, maximum=CFG_SCALE_MAX, hint="; 0 turns guidance off")
     return w
+
+
+def check_guidance(spec) -> Guidance:
+    """The guidance form a spec names (see `unmask.sampling.guidance`), or OptionError('guidance')."""
+    try:
+        return Guidance.parse(spec)
+    except GuidanceError as e:
+        raise OptionError("guidance", str(e)) from None
+
+
+def check_scoring_guidance(spec) -> Guidance:
+    """A guidance form for likelihood scoring: A-CFG needs a text being generated, which scoring has not."""
+    form = check_guidance(spec)
+    if form.canvas.adaptive:
+        raise OptionError("guidance", "acfg re-masks tokens of a text being generated; likelihood scoring has none: "
+                                      "use the prompt or a span as the unconditional canvas")
+    return form
+
+
+def _canonical_guidance(options) -> None:
+    """Store a parsable guidance spec in its canonical spelling (so equal forms batch together);
+    an unparsable one is kept as given for `check` to report."""
+    try:
+        object.__setattr__(options, "guidance", str(Guidance.parse(options.guidance)))
+    except GuidanceError:
+        pass
 
 
 def check_seed(seed: int | None) -> int | None:

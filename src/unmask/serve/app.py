@@ -56,7 +56,7 @@ JSON_KINDS = {list: "an array", str: "a string", bool: "a boolean", type(None): 
 # The flag that sets each server default, for ServeConfig.check's messages.
 DEFAULT_FLAGS = {"steps": "--steps", "block_length": "--block-length", "gen_length": "--default-max-tokens",
                  "temperature": "--temperature", "cfg_scale": "--cfg-scale", "remasking": "--remasking",
-                 "cache": "--cache", "cuda_graph": "--cuda-graph"}
+                 "cache": "--cache", "cuda_graph": "--cuda-graph", "guidance": "--guidance"}
 
 
 @dataclass
@@ -74,6 +74,7 @@ class ServeConfig:
     block_length: int = 32           # LLaDA: preferred block length; LLaDA2.x: the block length
     steps: int | None = None         # None: LLaDA one step per generated token, LLaDA2.x 32 per block
     cfg_scale: float = 0.0
+    guidance: str | None = None      # the default form of CFG (None: the sampler's, constant w with the prompt masked)
     temperature: float = 0.0
     remasking: str | None = None     # None: the sampler's default (LLaDA only)
     cache: str | None = None         # LLaDA: the cache of requests that give none (None: off, or dual with cuda_graph)
@@ -93,7 +94,8 @@ class ServeConfig:
 
     def options(self, gen_length: int, block_diffusion: bool = False, steps: int | None = None,
                 block_length: int | None = None, temperature: float | None = None, cfg_scale: float | None = None,
-                remasking: str | None = None, cache: str | None = None, **given) -> SamplerOptions | BlockOptions:
+                remasking: str | None = None, cache: str | None = None, guidance: str | None = None,
+                **given) -> SamplerOptions | BlockOptions:
         """A request's checked options for the model's family, each setting it leaves out (None)
         from the defaults; `given` are further sampler options (None: not given). Built and checked
         by `options_for`, as the CLI does. For a LLaDA model the block length defaults to
@@ -118,7 +120,8 @@ class ServeConfig:
                            temperature=self.temperature if temperature is None else temperature,
                            cfg_scale=self.cfg_scale if cfg_scale is None else cfg_scale,
                            remasking=self.remasking if remasking is None else remasking, cache=cache,
-                           cuda_graph=graph or None, **given)
+                           guidance=self.guidance if guidance is None else guidance, cuda_graph=graph or None,
+                           **given)
 
     def default_steps(self, gen_length: int, block_length: int) -> int:
         """--steps where it fits this length and block (a whole number of steps per block, at most
@@ -369,6 +372,7 @@ class Server:
             return cfg.options(gen_length, self.block_diffusion, steps=req.steps, block_length=req.block_length,
                                temperature=req.temperature, cfg_scale=req.cfg_scale, remasking=req.remasking,
                                threshold=req.threshold, cache=req.cache, reuse_uncond=req.reuse_uncond,
+                               guidance=req.guidance,
                                top_k=req.top_k, top_p=req.top_p if self.block_diffusion else None)
         except OptionError as e:
             raise option_error(e, max_tokens_field) from None

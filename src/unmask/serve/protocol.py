@@ -37,6 +37,7 @@ class DiffusionParams(Request):
     threshold: float | None = None
     cache: str | None = None
     reuse_uncond: bool = False           # with cfg_scale: the unconditional branch only at refreshes (LLaDA2.x: per block)
+    guidance: str | None = None          # the form of CFG, e.g. "linear", "span:0:-4", "acfg:0.7" (docs/guidance.md)
     top_k: int | None = None             # block-diffusion (LLaDA2.x) models: sample among the k likeliest tokens
     diffusion_progress: bool = False     # stream chunks carry the canvas in an extra `diffusion` field
     infill: bool = False                 # parse special tokens in the text: each mask token is a position to fill

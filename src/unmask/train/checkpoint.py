@@ -3,7 +3,9 @@
 Layout of `out_dir`:
     step-000100/   config.json, model.safetensors, tokenizer files (what `load_model` /
                    `load_tokenizer` read), trainer_state.pt (optimizer, step, RNG, data position,
-                   config) and manifest.json (size + sha256 of every other file, written last)
+                   config) and manifest.json (size + sha256 of every other file, written last);
+                   a LoRA run writes its adapter (adapter_config.json, adapter_model.safetensors)
+                   in place of config.json and model.safetensors
     latest         the name of the newest complete checkpoint directory
 
 A checkpoint is written into a temporary directory inside out_dir, every file fsynced, then

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..models import PRESETS, CheckpointError, MaskedDiffusionLM, ModelConfig, load_model, save_model
+from ..models import (PRESETS, CheckpointError, MaskedDiffusionLM, ModelConfig, check_quantize, load_model,
+                      quantize_model, save_model)
 from ..sampling.blocks import BLOCK_DIFFUSION_LAYOUTS
 from . import checkpoint as ckpt_io
 from .data import BatchStream, build_rows, heldout_batches
@@ -81,6 +82,16 @@ class TrainConfig:
     dense_layers: int = _f(0, "MoE: the first layers keep a dense MLP (LLaDA2.0-mini: 1)")
     tie_embeddings: bool = _f(False, "share the input embedding and the output projection (helps small models "
                                      "learn to copy tokens from their context)")
+    # LoRA (docs/lora.md)
+    lora: bool = _f(False, "train a LoRA adapter (through peft) on the frozen --init-from model; checkpoints "
+                           "hold the adapter, which --adapter DIR loads and unmask merge folds in")
+    lora_rank: int = _f(16, "LoRA rank r")
+    lora_alpha: float = _f(32.0, "LoRA alpha (the update is scaled by alpha / r)")
+    lora_quantize: str | None = _f(None, "QLoRA-style: int8 stores the frozen base's linear layers in 8 bits "
+                                         "(torchao, as --quantize int8 at inference) under the float adapter")
+    lora_targets: list[str] = _f([], "matrices to adapt: qkv, out, gate_up, down, router, lm_head, and on MoE "
+                                     "layouts the routed experts w_gate, w_up, w_down (default: qkv out gate_up "
+                                     "down, every linear of attention and the dense and shared MLPs)", nargs="+")
     # optimisation
     batch_size: int = _f(16, "rows per micro-batch per process")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
@@ -112,6 +123,8 @@ class TrainConfig:
     fsdp: bool = _f(False, "shard parameters with FSDP2 (needs torchrun)")
     compile: bool = _f(False, "torch.compile the model")
     progress: bool = _f(True, "show a progress bar")
+    dry_run: bool = _f(False, "print the estimated and measured memory of one step of this shape (weights, "
+                              "gradients, optimizer, activations; docs/lora.md) and exit; needs no data")
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "wsd"):
@@ -126,6 +139,12 @@ class TrainConfig:
             raise ValueError("doc_attention applies to packed pretraining rows; SFT rows hold one example each")
         if self.block_length is not None and self.block_length < 0:
             raise ValueError("block_length must be at least 1, or 0 for off")
+        if self.lora and not (self.init_from or self.dry_run):
+            raise ValueError("--lora adapts a trained model: pass it as --init-from DIR")
+        if self.lora_quantize is not None:
+            if not self.lora:
+                raise ValueError("--lora-quantize quantizes the frozen base under a LoRA adapter: add --lora")
+            check_quantize(self.lora_quantize)
         if self.preset and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}: choose from {', '.join(PRESETS)}")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "experts_per_token"):
@@ -229,6 +248,29 @@ def build_model(cfg: TrainConfig, tokenizer) -> MaskedDiffusionLM:
     model = MaskedDiffusionLM(model_config(cfg, tokenizer))
     init_weights(model)
     return model.train()
+
+
+def apply_lora(model: MaskedDiffusionLM, cfg: TrainConfig, bf16: bool = False):
+    """Insert LoRA layers into `model` (loaded from cfg.init_from) and freeze the rest (`models.adapters`);
+    returns their peft config, which records init_from as the base.
+
+    Under bfloat16 autocast (bf16) the frozen base is stored in bfloat16: autocast computes in it
+    anyway, and float32 would hold twice the bytes plus a bfloat16 copy per layer. With
+    cfg.lora_quantize ("int8") its linear layers are then quantized as `quantize_model` does for
+    inference (QLoRA-style; peft puts its torchao LoRA layer on them). peft keeps the adapter
+    itself in float32, so the optimizer updates it at full precision.
+    """
+    from ..models import resolve_checkpoint_dir
+    from ..models.adapters import add_lora, lora_config
+
+    if bf16:
+        model.to(torch.bfloat16)
+    quantize_model(model, cfg.lora_quantize)
+    config = lora_config(model.config, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
+                         base=str(resolve_checkpoint_dir(cfg.init_from).resolve()))
+    torch.manual_seed(cfg.seed)  # the same initial A on every rank and in every run (B starts at zero)
+    add_lora(model, config)
+    return config
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -411,6 +453,12 @@ class Trainer:
             self.log("no held-out rows (raise heldout_frac or pass --eval-data): evaluation is off")
 
         self.core = build_model(cfg, self.tokenizer).to(self.dist.device)
+        self.lora = apply_lora(self.core, cfg, bf16=self._bf16()) if cfg.lora else None
+        if self.lora is not None:
+            trainable = sum(p.numel() for p in self.core.parameters() if p.requires_grad)
+            targets = sorted(self.lora.target_modules) + list(self.lora.target_parameters or [])
+            self.log(f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha} on {', '.join(targets)}: "
+                     f"{trainable / 1e6:.3f}M trainable parameters")
         self.core.gradient_checkpointing = cfg.activation_checkpointing
         self.mask_id = self.core.config.mask_token_id
         self.block_length = block_length_for(cfg, self.core.config)
@@ -477,15 +525,32 @@ class Trainer:
         if problem:
             raise CheckpointError(problem)
         state = ckpt_io.load_state(ckpt, verified=True)
-        weights = load_model(ckpt, dtype=torch.float32, device="cpu").state_dict()
+        if self.lora is not None:  # the frozen base came from init_from; only the adapter was trained
+            set_model_state_dict(self.core, self._adapter_weights(ckpt),
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
+        else:
+            weights = load_model(ckpt, dtype=torch.float32, device="cpu").state_dict()
+            set_model_state_dict(self.core, weights, options=StateDictOptions(full_state_dict=True))
         full = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.core, weights, options=full)
         set_optimizer_state_dict(self.core, self.optimizer, state["optimizer"], options=full)
         self.stream.load_state_dict(state["data"])
         rngs = state["rng"]
         set_rng_state(rngs[self.dist.rank] if len(rngs) == self.dist.world_size else rngs[0])
         self.step = state["step"]
         self.log(f"resumed from {ckpt} at step {self.step}")
+
+    def _adapter_weights(self, ckpt: Path) -> dict:
+        """The LoRA weights a checkpoint holds, under the model's names, checked to be exactly the model's."""
+        from safetensors.torch import load_file
+
+        from ..models.adapters import ADAPTER_WEIGHTS, check_adapter_names, model_tensors
+
+        if not (ckpt / ADAPTER_WEIGHTS).is_file():
+            raise CheckpointError(f"{ckpt} holds no LoRA adapter ({ADAPTER_WEIGHTS}): it is a full-model "
+                                  "checkpoint; resume it without --lora")
+        weights = model_tensors(load_file(ckpt / ADAPTER_WEIGHTS))
+        check_adapter_names(self.core, weights, ckpt / ADAPTER_WEIGHTS, "resume with the run's own --lora-targets")
+        return weights
 
     def save(self) -> Path | None:
         """Checkpoint the current step (collective: every rank calls it; rank 0 writes)."""
@@ -506,7 +571,12 @@ class Trainer:
                      "config": asdict(self.cfg), "world_size": self.dist.world_size}
 
             def write(d: Path) -> None:
-                save_model(self.core if weights is None else _cpu_model(self.core.config, weights), d)
+                if self.lora is not None:
+                    from ..models.adapters import adapter_tensors, save_adapter
+
+                    save_adapter(self.lora, adapter_tensors(self.core.state_dict() if weights is None else weights), d)
+                else:
+                    save_model(self.core if weights is None else _cpu_model(self.core.config, weights), d)
                 self.tokenizer.save_pretrained(d)
                 torch.save(state, d / ckpt_io.STATE)
 
@@ -524,10 +594,11 @@ class Trainer:
                               block_length=self.block_length)
         return bound.nats_per_token
 
+    def _bf16(self) -> bool:
+        return self.dist.device.type == "cuda" and self.cfg.bf16
+
     def _autocast(self):
-        if self.dist.device.type == "cuda" and self.cfg.bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self._bf16() else contextlib.nullcontext()
 
     def _sync_context(self, last: bool):
         if self.cfg.fsdp:

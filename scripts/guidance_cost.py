@@ -1,0 +1,51 @@
+"""What each form of guidance costs, as a ratio to the same sampler without guidance, in one run.
+
+For every form: the dual cache with guidance and with reuse_uncond against the dual cache without
+guidance, and (for forms that cannot use a cache, A-CFG) the uncached sampler against the uncached
+sampler without guidance. Same random prompts and schedule as `unmask bench` (`mode_options`,
+`timed`: median of --repeats), on the bundled model by default.
+
+Usage: python scripts/guidance_cost.py [--model DIR] [--batch 8] [--gen-length 64] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import unmask
+from unmask.bench import mode_options, random_prompts, timed
+
+FORMS = ("constant", "linear", "interval:0.5:1", "span:2:-3", "acfg:0.5")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--gen-length", type=int, default=64)
+    p.add_argument("--block-length", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cfg-scale", type=float, default=1.0)
+    args = p.parse_args()
+    model, _ = unmask.load(args.model)
+    schedule = dict(steps=args.gen_length, gen_length=args.gen_length, block_length=args.block_length)
+    prompt = random_prompts(model.config, args.batch, args.prompt_len, 0, model.device)
+
+    def seconds(mode: str, form: str) -> float:
+        options = mode_options(mode, args.cfg_scale, schedule, guidance=form).check()
+        return timed(lambda: unmask.generate(model, prompt, **options.kwargs()), args.repeats, model.device)[1]
+
+    base = {"dual": seconds("dual", "constant"), "exact": seconds("exact", "constant")}
+    print(f"batch {args.batch}, prompt {args.prompt_len}, gen {args.gen_length}, block {args.block_length}, "
+          f"w {args.cfg_scale:g}; no guidance: dual {base['dual']:.3f} s, exact {base['exact']:.3f} s\n")
+    print("| form | mode | seconds | × no guidance (same mode) |\n|---|---|---|---|")
+    for form in FORMS:
+        modes = ["exact+cfg"] if form.startswith("acfg") else ["dual+cfg", "dual+cfg reuse"]
+        for mode in modes:
+            s = seconds(mode, form)
+            print(f"| {form} | {mode} | {s:.3f} | {s / base[mode.split('+')[0]]:.2f}× |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
