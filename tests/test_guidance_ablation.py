@@ -149,7 +149,8 @@ def test_guidance_auto_picks_form_and_scale_on_the_dev_slice_only(bundled, tmp_p
         return evaluate(model, tok, [task], directory, config)[0]
 
     a = run("neutral", neutral)
-    picked = next(s for s in range(len(columns)) if (a.dev.forms[s], a.dev.scales[s]) == (a.chosen_form, a.chosen_scale))
+    picked = next(s for s in range(len(columns))
+                  if (a.dev.forms[s], a.dev.scales[s]) == (a.chosen_form, a.chosen_scale))
     dev = a.dev.metrics["acc"]
     assert picked == max(range(len(dev)), key=lambda s: (dev[s].value, -a.dev.scales[s], -s)) and a.chosen_scale > 0
     losses = [i for i, r in enumerate(right) if r[0] == 1 and r[picked] == 0][:3]
