@@ -34,6 +34,12 @@ The column PMI ("pmi" among the scales) is the baseline CFG scoring should beat:
 mutual information bound(r | c) − bound(r | c masked), each term the same bound on the same mask
 draws (contextual calibration / PMI_DC scoring for multiple choice, Zhao et al. 2021, Holtzman et
 al. 2021, with the masked context as the content-free input).
+
+Several guidance forms in one run (an ablation, `unmask eval --guidance F1 F2 ...`): a column may
+be a `Column(scale, form)`. The conditional rows do not depend on the form, so every forward pass
+holds them once, followed by one block of unconditional rows per distinct unconditional canvas;
+forms that differ only in their schedule share both blocks (a schedule re-weights the same two
+logits, by each row's t).
 """
 
 from __future__ import annotations
@@ -58,6 +64,26 @@ PMI = "pmi"   # a scoring column: bound(r | c) − bound(r | unconditional canva
 def check_scoring_scale(w: float | str) -> float | str:
     """A scoring column: a cfg scale (check_cfg_scale) or PMI."""
     return w if w == PMI else check_cfg_scale(w)
+
+
+@dataclass(frozen=True)
+class Column:
+    """One scoring column: a cfg scale (or PMI) under its own guidance form."""
+
+    scale: float | str
+    guidance: Guidance = DEFAULT
+
+    @property
+    def guided(self) -> bool:
+        """Whether the column reads the unconditional rows (w = 0 is the conditional bound alone)."""
+        return self.scale == PMI or self.scale > 0
+
+
+def scoring_columns(cfg_scales: Sequence[float | str | Column], guidance: str | Guidance) -> list[Column]:
+    """Checked columns: a bare scale is taken under `guidance`; a Column keeps its own form."""
+    form = check_scoring_guidance(guidance)
+    columns = [c if isinstance(c, Column) else Column(c, form) for c in cfg_scales]
+    return [Column(check_scoring_scale(c.scale), check_scoring_guidance(c.guidance)) for c in columns]
 
 
 @dataclass
@@ -177,13 +203,14 @@ def blockwise_plan(mode: str, spans: list[tuple[int, int]], mc_num: int, batch_s
     return Plan(torch.cat(masked), torch.cat(scored), torch.cat(weight), torch.cat(sample), n_samples)
 
 
-def score_requests(model, requests: Sequence[Request], *, cfg_scales: Sequence[float | str] = (0.0,),
+def score_requests(model, requests: Sequence[Request], *, cfg_scales: Sequence[float | str | Column] = (0.0,),
                    mode: str = "mc", mc_num: int = 128, batch_size: int = 32,
                    mask_id: int | None = None, block_length: int | None = None,
                    guidance: str | Guidance = DEFAULT) -> list[list[Estimate]]:
     """Score many requests at several cfg scales: result[request][scale] is an Estimate.
     A scale may be PMI ("pmi"): that column is the PMI score (module docstring). `guidance` is the
-    form (unconditional canvas and schedule; A-CFG does not apply to scoring).
+    form (unconditional canvas and schedule; A-CFG does not apply to scoring) of the bare scales;
+    a `Column` entry carries its own form, and all columns share the conditional rows.
 
     Rows of different requests share forward batches (left-padded, with an attention mask, so
     padding changes nothing). Each request's mask draws depend only on its own seed.
@@ -192,16 +219,14 @@ def score_requests(model, requests: Sequence[Request], *, cfg_scales: Sequence[f
     """
     if mc_num < 1 or batch_size < 1:
         raise ValueError(f"mc_num ({mc_num}) and batch_size ({batch_size}) must be positive")
-    for w in cfg_scales:
-        check_scoring_scale(w)
-    form = check_scoring_guidance(guidance)
+    columns = scoring_columns(cfg_scales, guidance)
     block_length = scoring_block_length(model, block_length)
     if block_length is None:
         plans = [make_plan(mode, len(r.continuation), mc_num, batch_size, r.seed) for r in requests]
     else:
         plans = [blockwise_plan(mode, block_spans(len(r.context), len(r.continuation), block_length), mc_num,
                                 batch_size, r.seed) for r in requests]
-    return score_plans(model, requests, plans, cfg_scales, batch_size, mask_id, block_length, form)
+    return score_plans(model, requests, plans, columns, batch_size, mask_id, block_length)
 
 
 def scoring_block_length(model, given: int | None) -> int | None:
@@ -217,23 +242,23 @@ def scoring_block_length(model, given: int | None) -> int | None:
 
 
 @torch.no_grad()
-def score_plans(model, requests: Sequence[Request], plans: Sequence[Plan], cfg_scales: Sequence[float | str],
-                batch_size: int, mask_id: int | None = None, block_length: int | None = None,
-                guidance: Guidance = DEFAULT) -> list[list[Estimate]]:
-    """Run every plan's rows through the model, `batch_size` rows per forward (doubled under CFG);
-    with `block_length`, under the block-causal mask of that block length."""
+def score_plans(model, requests: Sequence[Request], plans: Sequence[Plan], columns: Sequence[Column],
+                batch_size: int, mask_id: int | None = None,
+                block_length: int | None = None) -> list[list[Estimate]]:
+    """Run every plan's rows through the model, `batch_size` rows per forward (times 1 + the number
+    of distinct unconditional canvases under CFG); with `block_length`, under the block-causal mask
+    of that block length."""
     mask_id = resolve_mask_id(model, mask_id)
     limit = context_length(model)
     for r in requests:
         if limit is not None and len(r.context) + len(r.continuation) > limit:
             raise ValueError(f"context ({len(r.context)} tokens) + continuation ({len(r.continuation)}) "
                              f"exceeds the model's context of {limit} tokens; truncate the context")
-    sums = [torch.zeros(len(cfg_scales), p.n_samples, dtype=torch.float64) for p in plans]
+    sums = [torch.zeros(len(columns), p.n_samples, dtype=torch.float64) for p in plans]
     rows = [(i, j) for i, p in enumerate(plans) for j in range(len(p.weight))]
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        values = _score_rows(model, [(requests[i], plans[i], j) for i, j in chunk], cfg_scales, mask_id, block_length,
-                             guidance)
+        values = _score_rows(model, [(requests[i], plans[i], j) for i, j in chunk], columns, mask_id, block_length)
         for (i, j), v in zip(chunk, values.T):
             sample = int(plans[i].sample[j])
             if sample == EVERY_SAMPLE:
@@ -243,9 +268,8 @@ def score_plans(model, requests: Sequence[Request], plans: Sequence[Plan], cfg_s
     return [[_estimate(s) for s in per_scale] for per_scale in sums]
 
 
-def _score_rows(model, rows, cfg_scales: Sequence[float | str], mask_id: int, block_length: int | None,
-                guidance: Guidance = DEFAULT) -> torch.Tensor:
-    """(S, B) weighted sums of log p over each row's scored positions, at every cfg scale.
+def _score_rows(model, rows, columns: Sequence[Column], mask_id: int, block_length: int | None) -> torch.Tensor:
+    """(S, B) weighted sums of log p over each row's scored positions, for every column.
 
     Rows are right-aligned so every continuation ends at the last column and the vocabulary
     projection runs only over the last max-L columns.
@@ -277,25 +301,28 @@ def _score_rows(model, rows, cfg_scales: Sequence[float | str], mask_id: int, bl
     if block_length is not None:   # block-causal over each row's own positions (padding never attended)
         attention_mask, position_ids = padded_block_causal(attn.to(device), block_length)
     ids, prompt_index = ids.to(device), prompt_index.to(device)
-    guided = any(w == PMI or w > 0 for w in cfg_scales) and bool(prompt_index.any())
-    if guided:
-        ids = torch.cat([ids, guidance.unconditional(ids, prompt_index, mask_id)])
-        attention_mask = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
-        position_ids = None if position_ids is None else torch.cat([position_ids, position_ids])
+    canvases = {c.guidance.canvas: c.guidance for c in columns if c.guided} if bool(prompt_index.any()) else {}
+    copies = 1 + len(canvases)   # the conditional rows, then one block per unconditional canvas
+    ids = torch.cat([ids, *(form.unconditional(ids, prompt_index, mask_id) for form in canvases.values())])
+    attention_mask = None if attention_mask is None else torch.cat([attention_mask] * copies)
+    position_ids = None if position_ids is None else torch.cat([position_ids] * copies)
     logits = forward_logits(model, ids, attention_mask, slice(width - span, width), position_ids=position_ids).float()
-    cond, uncond = logits.chunk(2) if guided else (logits, logits)
+    cond, *unconds = logits.chunk(copies)
+    uncond = dict(zip(canvases, unconds))
     targets, scored = targets.to(device), scored.to(device)
-    out = torch.empty(len(cfg_scales), B, dtype=torch.float64)
+    out = torch.empty(len(columns), B, dtype=torch.float64)
     visible = visible.to(device)
 
     def bound(logits: torch.Tensor) -> torch.Tensor:
         return (target_log_probs(logits, targets) * scored).sum(1).double().cpu() * weight
 
-    for s, w in enumerate(cfg_scales):
-        if w == PMI:
-            out[s] = bound(cond) - bound(uncond)
+    for s, c in enumerate(columns):
+        u = uncond.get(c.guidance.canvas, cond)   # no context: the unconditional rows are the conditional ones
+        if c.scale == PMI:
+            out[s] = bound(cond) - bound(u)
         else:
-            out[s] = bound(guidance.mix(cond, uncond, w, visible) if guided and w > 0 else cond)
+            out[s] = bound(c.guidance.mix(cond, u, c.scale, visible) if c.scale > 0 and c.guidance.canvas in uncond
+                           else cond)
     return out
 
 
@@ -317,7 +344,7 @@ def _score_one(model, context_ids, continuation_ids, plan: Plan, cfg_scale: floa
     if cfg_scale < 0:
         raise ValueError(f"cfg_scale must be >= 0 (got {cfg_scale}); 0 turns guidance off")
     request = Request(list(context_ids), list(continuation_ids))
-    return score_plans(model, [request], [plan], [cfg_scale], batch_size, mask_id)[0][0]
+    return score_plans(model, [request], [plan], [Column(cfg_scale)], batch_size, mask_id)[0][0]
 
 
 def mc_loglikelihood(model, context_ids, continuation_ids, *, mc_num: int = 128, batch_size: int = 32,

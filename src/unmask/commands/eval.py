@@ -21,9 +21,11 @@ def register(sub) -> None:
     p.add_argument("--cfg-scale", nargs="+", default=None, metavar="W",
                    help="cfg scales to report (default: 0 1.0), or 'auto [GRID...]' to pick one per task "
                         "on a dev slice")
-    p.add_argument("--guidance", default="constant,prompt", metavar="FORM",
+    p.add_argument("--guidance", nargs="+", default=["constant,prompt"], metavar="FORM",
                    help="the form of CFG: schedule and unconditional canvas, e.g. linear or span:0:-4 "
-                        "(docs/guidance.md; acfg does not score)")
+                        "(docs/guidance.md; acfg does not score); several forms: every form at every scale, "
+                        "sharing the conditional passes, paired against w = 0; 'auto [FORM...]' picks the "
+                        "form and scale per task on the dev slice")
     p.add_argument("--pmi", action="store_true",
                    help="add a PMI column (bound with the context minus bound with it masked): the "
                         "calibration baseline for CFG scoring, multiple-choice tasks only")
@@ -60,6 +62,17 @@ def parse_scales(values: list[str] | None) -> tuple[tuple[float, ...], bool]:
     return (scales or AUTO_GRID) if auto else scales, auto
 
 
+def parse_forms(values: list[str]) -> tuple[str | tuple[str, ...], bool]:
+    """(forms, auto) from --guidance: one form (kept a string, as the single-form report has it), several,
+    or 'auto' optionally followed by the forms to pick from. Each is checked by `eval_forms`."""
+    from ..eval.runner import AUTO_FORMS, eval_forms
+
+    auto = values[0] == "auto"
+    specs = tuple(values[1:] if auto else values) or (AUTO_FORMS if auto else ())
+    eval_forms(specs)
+    return (specs[0] if len(specs) == 1 else specs), auto
+
+
 def _init_distributed(device: str) -> None:
     """Join the torchrun process group when launched by torchrun."""
     import torch.distributed as dist
@@ -70,14 +83,16 @@ def _init_distributed(device: str) -> None:
 
 def run_eval(args) -> int:
     from ..eval import DEFAULT_TASKS, EvalConfig, evaluate, get_task, markdown_table, write_report
-    from ..eval.runner import rank_and_world
+    from ..eval.runner import AUTO_GRID, rank_and_world
 
-    from ..sampling.options import check_scoring_guidance
-
-    scales, auto = parse_scales(args.cfg_scale)
-    check_scoring_guidance(args.guidance)
+    scales, scale_auto = parse_scales(args.cfg_scale)
+    guidance, form_auto = parse_forms(args.guidance)
+    if form_auto and not args.cfg_scale:
+        scales = AUTO_GRID
+    auto = scale_auto or form_auto
     if args.pmi and auto:
-        raise ValueError("--pmi adds a fixed column; --cfg-scale auto picks one scale per task: use one of them")
+        raise ValueError("--pmi adds a fixed column; auto (--cfg-scale auto, --guidance auto) picks one column "
+                         "per task: use one of them")
     names = args.tasks.split(",") if args.tasks else DEFAULT_TASKS
     tasks = [get_task(n.strip()) for n in names if n.strip()]
     mode = args.mode or ("chain" if all(t.bundled for t in tasks) else "mc")
@@ -90,12 +105,12 @@ def run_eval(args) -> int:
     model, tokenizer = load_for_args(args)   # with --tp: joins the torchrun group and loads this rank's shard
     config = EvalConfig(cfg_scales=scales, auto=auto, mode=mode, mc_num=args.mc_num,
                         batch_size=args.batch_size, seed=args.seed, limit=args.limit,
-                        dev_fraction=args.dev_fraction, guidance=args.guidance, pmi=args.pmi,
+                        dev_fraction=args.dev_fraction, guidance=guidance, pmi=args.pmi,
                         tensor_parallel=args.tp > 1)
     results = evaluate(model, tokenizer, tasks, args.data_dir, config)
     if rank_and_world()[0] == 0:
         meta = {"model": str(path or "bundled"), "cfg_scales": list(scales), "auto": auto,
-                "guidance": args.guidance, "pmi": args.pmi,
+                "guidance": guidance if isinstance(guidance, str) else list(guidance), "pmi": args.pmi,
                 "mode": mode, "mc_num": args.mc_num, "seed": args.seed, "limit": args.limit,
                 "world_size": rank_and_world()[1], "tp": args.tp, "quantize": args.quantize,
                 "adapter": args.adapter and str(args.adapter)}

@@ -4,7 +4,8 @@ comparison per scale against the first column.
 Accuracies are shown in percent, perplexities as they are. Each "Δ w" cell is that column minus
 the first (w = 0) on the same items, with its paired standard error and the p-value of a paired
 test (exact McNemar for accuracies; see `PairedDelta`). With `--cfg-scale auto` the one Δ is the
-tuned scale minus w = 0, on the test items.
+tuned scale minus w = 0, on the test items. With several guidance forms the columns are labelled
+"FORM w=W" (and "pmi CANVAS"), and auto adds the form it picked.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ def markdown_table(results: list[TaskResult]) -> str:
         return ""
     columns = max((r.columns for r in results), key=len)   # a task without a column (pmi on cloze) shows "–"
     auto = any(r.chosen_scale is not None for r in results)
+    auto_form = any(r.chosen_form is not None for r in results)
     deltas = [f"Δ {c}" for c in columns[1:]]
-    head = ["task", "metric", "n", *columns, *deltas, *(["auto w", "dev n"] if auto else [])]
+    head = ["task", "metric", "n", *columns, *deltas, *(["auto form"] if auto_form else []),
+            *(["auto w", "dev n"] if auto else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         for metric, values in r.metrics.items():
@@ -40,6 +43,8 @@ def markdown_table(results: list[TaskResult]) -> str:
             delta = dict(zip(r.columns[1:], (_delta(metric, d) for d in r.paired[metric])))
             cells = [r.task, metric + (" ↓" if metric == "ppl" else ""), str(r.n),
                      *(value.get(c, "–") for c in columns), *(delta.get(c, "–") for c in columns[1:])]
+            if auto_form:
+                cells.append(r.chosen_form or "–")
             if auto:
                 cells += [f"{r.chosen_scale:g}", str(r.dev.n if r.dev else 0)]
             lines.append("| " + " | ".join(cells) + " |")

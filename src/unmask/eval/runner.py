@@ -8,6 +8,13 @@ dev slice; the scale of the grid with the best primary metric there (ties: the s
 reported on the remaining test items next to w = 0. Dev results are reported separately and the
 test items never influence the choice.
 
+Several guidance forms (`--guidance F1 F2 ...`, an ablation): the columns are w = 0 once (no form
+acts there; every paired cell is against it), every form at every positive scale, labelled
+"FORM w=W", and with PMI one column per distinct unconditional canvas. All of an item's columns
+come from the same forward passes: the conditional rows once, one block of unconditional rows per
+distinct canvas (`Column`, `score_requests`). With auto the grid is every column, so the dev
+slice picks the form and the scale together (ties: the smaller scale, then the form given first).
+
 Sharding: when torch.distributed is initialised (torchrun; gloo on CPU), rank r scores the items
 i with i % world == r and the per-item scores are all-gathered. Mask draws are seeded from
 (seed, item index, choice index) and an item's requests are always batched together, so the
@@ -20,12 +27,15 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..likelihood import PMI, Request, greedy_checks, score_requests
-from ..sampling.options import context_length
+from ..likelihood import PMI, Column, Request, greedy_checks, score_requests
+from ..sampling.guidance import Guidance
+from ..sampling.options import check_scoring_guidance, context_length
 from .encoding import encode_pair
 from .tasks import Item, Task, load_items
 
 AUTO_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+AUTO_FORMS = ("prompt", "linear", "span:0:-4", "span:-8:")   # `--guidance auto` without forms
+NO_FORM = "none"   # the form of the w = 0 column among several forms (no form acts at w = 0)
 
 
 @dataclass
@@ -39,7 +49,7 @@ class EvalConfig:
     limit: int | None = None
     dev_fraction: float = 0.2
     progress: bool = True
-    guidance: str = "constant,prompt"            # the form of CFG (docs/guidance.md)
+    guidance: str | tuple[str, ...] = "constant,prompt"   # the form of CFG, or several (docs/guidance.md)
     pmi: bool = False                            # add a PMI column (multiple-choice tasks; not with auto)
     tensor_parallel: bool = False                # every rank holds a shard of one model: all score every item
 
@@ -78,6 +88,8 @@ class TaskResult:
     primary: str
     paired: dict[str, list[PairedDelta]] = field(default_factory=dict)  # metric -> columns[1:] vs columns[0]
     chosen_scale: float | None = None            # auto only
+    forms: list[str] = field(default_factory=list)   # several forms only: each column's form
+    chosen_form: str | None = None               # auto over several forms only
     dev: TaskResult | None = None                # auto only: the dev slice at every grid scale
 
 
@@ -86,16 +98,46 @@ def item_seed(seed: int, index: int, choice: int) -> int:
     return (seed * 1_000_003 + index) * 1_009 + choice
 
 
-def score_item(model, tokenizer, task: Task, item: Item, index: int, scales: list[float],
+def eval_forms(guidance: str | Guidance | tuple[str, ...]) -> list[Guidance]:
+    """The forms of a config, each checked as scoring checks one; a form named twice is refused."""
+    specs = [guidance] if isinstance(guidance, (str, Guidance)) else list(guidance)
+    if not specs:
+        raise ValueError("--guidance needs at least one form, e.g. prompt or span:0:-4")
+    forms = [check_scoring_guidance(spec) for spec in specs]
+    for i, form in enumerate(forms):
+        if form in forms[:i]:
+            raise ValueError(f"--guidance names the form {form.short()!r} twice ({specs[forms.index(form)]!r} and "
+                             f"{specs[i]!r}): keep one")
+    return forms
+
+
+def task_columns(task: Task, config: EvalConfig) -> tuple[list[Column], list[str], list[str]]:
+    """A task's scored columns, their labels, and (several forms only) each column's form."""
+    forms = eval_forms(config.guidance)
+    pmi = config.pmi and task.kind != "cloze"   # a cloze task is judged by the sampler, which PMI is not
+    if len(forms) == 1:
+        scales = sorted(set(config.cfg_scales) | ({0.0} if config.auto else set())) + ([PMI] if pmi else [])
+        return [Column(w, forms[0]) for w in scales], [_column(w) for w in scales], []
+    scales = sorted(w for w in set(config.cfg_scales) if w > 0)
+    columns = [Column(0.0)] + [Column(w, form) for form in forms for w in scales]
+    if pmi:
+        canvases = {form.canvas: form for form in forms}
+        columns += [Column(PMI, form) for form in canvases.values()]
+    labels = ["w=0"] + [f"{c.guidance.short()} w={c.scale:g}" if c.scale != PMI else f"pmi {c.guidance.canvas}"
+                        for c in columns[1:]]
+    return columns, labels, [NO_FORM] + [c.guidance.short() for c in columns[1:]]
+
+
+def score_item(model, tokenizer, task: Task, item: Item, index: int, columns: list[Column],
                config: EvalConfig) -> ItemScore:
     max_len = context_length(model)
     pairs = [encode_pair(tokenizer, ctx, cont, max_len) for ctx, cont in item.requests]
     requests = [Request(ctx, cont, item_seed(config.seed, index, j)) for j, (ctx, cont) in enumerate(pairs)]
-    estimates = score_requests(model, requests, cfg_scales=scales, mode=config.mode, mc_num=config.mc_num,
-                               batch_size=config.batch_size, guidance=config.guidance)
-    loglik = [[est[s].value for est in estimates] for s in range(len(scales))]
-    greedy = ([greedy_checks(model, [requests[item.gold]], cfg_scale=w, guidance=config.guidance)[0] for w in scales]
-              if task.kind == "cloze" else [])
+    estimates = score_requests(model, requests, cfg_scales=columns, mode=config.mode, mc_num=config.mc_num,
+                               batch_size=config.batch_size)
+    loglik = [[est[s].value for est in estimates] for s in range(len(columns))]
+    greedy = ([greedy_checks(model, [requests[item.gold]], cfg_scale=c.scale, guidance=c.guidance)[0]
+               for c in columns] if task.kind == "cloze" else [])
     return ItemScore(index, loglik, greedy)
 
 
@@ -151,13 +193,13 @@ def paired_delta(metric: str, base: list[float], other: list[float]) -> PairedDe
 
 
 def summarise(task: Task, items: list[Item], scores: list[ItemScore], scale_idx: list[int],
-              scales: list[float], columns: list[str]) -> TaskResult:
+              scales: list[float], columns: list[str], forms: list[str] = ()) -> TaskResult:
     per_item = {m: [[item_metrics(task, items[sc.index], sc, s)[m] for sc in scores] for s in scale_idx]
                 for m in task.metrics}
     metrics = {m: [aggregate(m, values) for values in by_scale] for m, by_scale in per_item.items()}
     paired = {m: [paired_delta(m, by_scale[0], values) for values in by_scale[1:]] for m, by_scale in per_item.items()}
     return TaskResult(task.name, len(scores), columns, [scales[s] for s in scale_idx], metrics, task.primary,
-                      paired)
+                      paired, forms=[forms[s] for s in scale_idx] if forms else [])
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -188,25 +230,25 @@ def evaluate_task(model, tokenizer, task: Task, data_dir: str | Path | None, con
     items = load_items(task, data_dir, config.limit)
     if not items:
         raise ValueError(f"task {task.name}: no items to score")
-    scales = sorted(set(config.cfg_scales) | ({0.0} if config.auto else set()))
-    if config.pmi and task.kind != "cloze":   # a cloze task is judged by the sampler, which PMI is not
-        scales.append(PMI)
+    columns, labels, forms = task_columns(task, config)
+    scales = [c.scale for c in columns]
     rank, world = _data_parallel(config)
     local = range(rank, len(items), world)
     if config.progress and rank_and_world()[0] == 0:
         from tqdm.auto import tqdm
 
         local = tqdm(local, desc=task.name, unit="item")
-    scores = _gather([score_item(model, tokenizer, task, items[i], i, scales, config) for i in local], world)
+    scores = _gather([score_item(model, tokenizer, task, items[i], i, columns, config) for i in local], world)
     if not config.auto:
-        return summarise(task, items, scores, list(range(len(scales))), scales, [_column(w) for w in scales])
+        return summarise(task, items, scores, list(range(len(scales))), scales, labels, forms)
     if len(items) < 2:
         raise ValueError(f"task {task.name}: --cfg-scale auto needs at least 2 items (a dev and a test slice)")
     n_dev = min(max(1, round(len(items) * config.dev_fraction)), len(items) - 1)
-    dev = summarise(task, items, scores[:n_dev], list(range(len(scales))), scales, [f"w={w:g}" for w in scales])
-    best = max(range(len(scales)), key=lambda s: (dev.metrics[task.primary][s].value, -scales[s]))
-    result = summarise(task, items, scores[n_dev:], [scales.index(0.0), best], scales, ["w=0", "auto"])
+    dev = summarise(task, items, scores[:n_dev], list(range(len(scales))), scales, labels, forms)
+    best = max(range(len(scales)), key=lambda s: (dev.metrics[task.primary][s].value, -scales[s], -s))
+    result = summarise(task, items, scores[n_dev:], [scales.index(0.0), best], scales, ["w=0", "auto"], forms)
     result.chosen_scale, result.dev = scales[best], dev
+    result.chosen_form = forms[best] if forms else None
     return result
 
 

@@ -173,6 +173,12 @@ class Guidance:
     def __str__(self) -> str:
         return f"{self.schedule},{self.canvas}"
 
+    def short(self) -> str:
+        """The spec without its default parts ("prompt" for the seed's form): a column label that
+        still parses back to this form."""
+        parts = [str(p) for p, default in ((self.schedule, Constant()), (self.canvas, WholePrompt())) if p != default]
+        return ",".join(parts) or str(self.canvas)
+
     def weights(self, w: float, t: torch.Tensor) -> torch.Tensor:
         """(B,) per-row weights w · s(t)."""
         return w * self.schedule.factor(t)

@@ -34,8 +34,25 @@ class OptionError(ValueError):
         self.option = option
 
 
+class GuidedOptions:
+    """What both option sets share about guidance: the `guidance` spec is stored in its canonical
+    spelling (so equal forms batch together; an unparsable one is kept as given for `check` to
+    report), and `form` is the `Guidance` it names."""
+
+    def __post_init__(self):
+        try:
+            object.__setattr__(self, "guidance", str(Guidance.parse(self.guidance)))
+        except GuidanceError:
+            pass
+
+    @property
+    def form(self) -> Guidance:
+        """The guidance form (schedule, unconditional canvas) named by `guidance`."""
+        return Guidance.parse(self.guidance)
+
+
 @dataclass(frozen=True)
-class SamplerOptions:
+class SamplerOptions(GuidedOptions):
     """Every setting of `generate` that a user chooses (defaults are the reference's).
 
     Frozen and hashable: the server batches requests whose options are equal.
@@ -55,14 +72,6 @@ class SamplerOptions:
     cuda_graph: bool = False
     compile: bool | str = False
     guidance: str = str(Guidance())
-
-    def __post_init__(self):
-        _canonical_guidance(self)
-
-    @property
-    def form(self) -> Guidance:
-        """The guidance form (schedule, unconditional canvas) named by `guidance`."""
-        return Guidance.parse(self.guidance)
 
     @property
     def parallel(self) -> bool:
@@ -170,7 +179,7 @@ class SamplerOptions:
 
 
 @dataclass(frozen=True)
-class BlockOptions:
+class BlockOptions(GuidedOptions):
     """The settings of block-diffusion decoding (LLaDA2.x), under the public `generate`'s names and
     meanings: `steps` is per block, `threshold` commits every position scoring above it when at
     least the schedule's count do (None: the schedule alone), `minimal_topk` caps the steps at
@@ -187,13 +196,6 @@ class BlockOptions:
     cfg_scale: float = 0.0
     reuse_uncond: bool = False
     guidance: str = str(Guidance())
-
-    def __post_init__(self):
-        _canonical_guidance(self)
-
-    @property
-    def form(self) -> Guidance:
-        return Guidance.parse(self.guidance)
 
     def kwargs(self) -> dict:
         """The options as `block_generate` keyword arguments."""
@@ -284,15 +286,6 @@ def check_scoring_guidance(spec) -> Guidance:
         raise OptionError("guidance", "acfg re-masks tokens of a text being generated; likelihood scoring has none: "
                                       "use the prompt or a span as the unconditional canvas")
     return form
-
-
-def _canonical_guidance(options) -> None:
-    """Store a parsable guidance spec in its canonical spelling (so equal forms batch together);
-    an unparsable one is kept as given for `check` to report."""
-    try:
-        object.__setattr__(options, "guidance", str(Guidance.parse(options.guidance)))
-    except GuidanceError:
-        pass
 
 
 def check_seed(seed: int | None) -> int | None:
