@@ -27,6 +27,20 @@ def metrics(url) -> dict[str, float]:
     return values
 
 
+def wait_healthy(base: str, proc, timeout: float = 90) -> None:
+    """Wait until the server process `proc` answers /health with 200 (it must not exit meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, "the server exited during startup"
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.1)
+
+
 def wait_idle(url, timeout=10.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:

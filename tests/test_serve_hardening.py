@@ -21,7 +21,7 @@ import openai
 import pytest
 
 import unmask
-from serve_fixtures import live_server, metrics, wait_idle
+from serve_fixtures import live_server, metrics, wait_healthy, wait_idle
 from unmask.cli import main as cli_main
 from unmask.sampling import SamplerOptions
 from unmask.serve import ServeConfig, create_app
@@ -333,7 +333,7 @@ def test_sigterm_drains_in_flight_requests(tiny_checkpoint, tmp_path, grace, ext
                                  "--batch-window-ms", "500"],   # all 20 are accepted before a batch ends
                                 stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        _wait_healthy(base, proc)
+        wait_healthy(base, proc)
         bodies = [{"model": MODEL, "prompt": f"Story {i}:", "stream": i % 2 == 0, **extra} for i in range(20)]
         with ThreadPoolExecutor(20) as pool:
             answers = [pool.submit(_ask, base, b) for b in bodies]
@@ -357,18 +357,6 @@ def test_sigterm_drains_in_flight_requests(tiny_checkpoint, tmp_path, grace, ext
     assert all(outcome in r for r in results), results
     assert drained_in < grace + 10
 
-
-def _wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, "the server exited during startup"
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.1)
 
 
 def _poll_health_until(base: str, status: int) -> httpx.Response:
@@ -647,7 +635,7 @@ def test_a_second_signal_that_cuts_requests_exits_non_zero(tiny_checkpoint, tmp_
                                  "--max-tokens-limit", "448", "--shutdown-grace", "60"],
                                 stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        _wait_healthy(base, proc)
+        wait_healthy(base, proc)
         body = {"model": MODEL, "prompt": "Story:", "stream": True, "max_tokens": 448, "steps": 448,
                 "block_length": 32, "cfg_scale": 1.0}
         with ThreadPoolExecutor(1) as pool:

@@ -6,12 +6,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
-import httpx
 import openai
 import pytest
 
+from serve_fixtures import wait_healthy
 from unmask.cli import main as cli_main
 
 # Each exercises a path of the leader/follower protocol: a stop string (rank 0 ends the batch early,
@@ -37,18 +36,6 @@ def _start(command: list[str], log) -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def _wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, "the server exited during startup"
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.2)
-
 
 def _texts(base: str) -> list[str]:
     client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
@@ -63,8 +50,8 @@ def test_serve_tp2_answers_as_one_process_and_every_rank_stops_on_sigterm(tiny_c
         tp, tp_url = _start([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *serve,
                              "--tp", "2"], tp_log)
         try:
-            _wait_healthy(one_url, one)
-            _wait_healthy(tp_url, tp)
+            wait_healthy(one_url, one, timeout=180)
+            wait_healthy(tp_url, tp, timeout=180)
             expected = _texts(one_url)
             assert _texts(tp_url) == expected
             leader = int(re.search(r"Started server process \[(\d+)\]", (tmp_path / "tp.log").read_text())[1])
