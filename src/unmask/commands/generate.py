@@ -46,22 +46,32 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
 def load_for_args(args):
     """(model, tokenizer) as the model flags ask: placed, quantized, an adapter merged, and with --tp N
     sharded over the torchrun processes (each rank then runs the same command on its shard)."""
-    from ..models import load_config, load_model, load_tokenizer
-    from ..models.parallel import check_divisible, join_tensor_parallel
+    from ..models import load_model, load_tokenizer
+    from ..models.parallel import join_tensor_parallel
 
     device, dtype = model_placement(args)
     path = base_model(args)
     tp = getattr(args, "tp", 1)
     if tp != 1:
-        for flag, given in (("--trust-remote-code", args.trust_remote_code), ("--quantize", args.quantize)):
-            if given:
-                raise ValueError(f"--tp shards unmask's own full-precision models and is not available with "
-                                 f"{flag} yet: drop one of them")
-        check_divisible(load_config(path), tp)
+        check_tensor_parallel(args, path)
     mesh, device = join_tensor_parallel(tp, device)
     model = load_model(path, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code,
                        quantize=args.quantize, adapter=args.adapter, mesh=mesh)   # a mesh: each rank reads its slices
     return model, load_tokenizer(path, trust_remote_code=args.trust_remote_code)
+
+
+def check_tensor_parallel(args, path, also: tuple[str, ...] = ()) -> None:
+    """--tp N, checked before any weights are read: the flags it does not combine with yet
+    (--trust-remote-code, --quantize, and the entry point's `also`), and a model whose heads,
+    vocabulary and widths N divides."""
+    from ..models import load_config
+    from ..models.parallel import check_divisible
+
+    for flag in ("--trust-remote-code", "--quantize", *also):
+        if getattr(args, flag[2:].replace("-", "_"), None):
+            raise ValueError(f"--tp shards unmask's own full-precision models and is not available with "
+                             f"{flag} yet: drop one of them")
+    check_divisible(load_config(path), args.tp)
 
 
 def model_placement(args):

@@ -6,7 +6,7 @@ import argparse
 import ipaddress
 import os
 
-from .generate import add_adapter_arg, base_model
+from .generate import add_adapter_arg, add_parallel_args, base_model, check_tensor_parallel
 
 
 def register(subparsers) -> None:
@@ -23,9 +23,7 @@ def register(subparsers) -> None:
     p.add_argument("--quantize", default=None, metavar="int8",
                    help="int8: 8-bit linear weights via torchao (pip install \"unmask[quant]\"; docs/quantize.md)")
     add_adapter_arg(p)
-    p.add_argument("--tp", type=int, default=1,
-                   help="tensor-parallel degree: shard the model over N processes started with torchrun "
-                        "--nproc-per-node N -m unmask serve ...; rank 0 serves HTTP (docs/distributed.md)")
+    add_parallel_args(p)   # with --tp N, rank 0 serves HTTP and the other ranks follow its batches
     p.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--default-max-tokens", type=int, default=64, help="max_tokens when a request gives none")
     p.add_argument("--block-length", type=int, default=32,
@@ -139,17 +137,14 @@ def _serve_tensor_parallel(args, config, device, dtype) -> int:
     batches (`serve.tensor_parallel`). Exits 1 with a message when a rank was lost."""
     import sys
 
-    from ..models import load_config, load_model, load_tokenizer
-    from ..models.parallel import check_divisible, is_first_rank, join_tensor_parallel
+    from ..models import load_model, load_tokenizer
+    from ..models.parallel import is_first_rank, join_tensor_parallel
     from ..serve import create_app
     from ..serve.lifecycle import bind
     from ..serve.tensor_parallel import BATCH_TIMEOUT, GroupLost, Leader, announcement_group, follow
 
-    for flag, given in (("--quantize", args.quantize), ("--cuda-graph", args.cuda_graph)):
-        if given:
-            raise ValueError(f"--tp does not combine with {flag} yet: drop one of them")
     path = base_model(args)
-    check_divisible(load_config(path), args.tp)
+    check_tensor_parallel(args, path, also=("--cuda-graph",))
     mesh, device = join_tensor_parallel(args.tp, device, timeout=BATCH_TIMEOUT)
     group = announcement_group()
     sock = bind(args.host, args.port) if is_first_rank() else None
