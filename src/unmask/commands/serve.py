@@ -42,7 +42,10 @@ def register(subparsers) -> None:
     p.add_argument("--cuda-graph", action="store_true",
                    help="on a GPU, replay dual-cache steps as CUDA graphs; batches are padded to a few fixed shapes "
                         "(LLaDA models only)")
-    p.add_argument("--max-batch-size", type=int, default=16, help="most requests generated together")
+    p.add_argument("--max-batch-size", type=int, default=16,
+                   help="most rows in one denoising step (requests join and leave between steps)")
+    p.add_argument("--max-batch-tokens", type=int, default=32768,
+                   help="most canvas tokens (prompt + max_tokens, twice when guided) in one step")
     p.add_argument("--batch-window-ms", type=float, default=10.0, help="how long an idle server waits for batch-mates")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds")
@@ -102,6 +105,7 @@ def serve(args) -> int:
                          temperature=args.temperature,
                          remasking=args.remasking, cache=args.cache, cuda_graph=args.cuda_graph,
                          max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                         max_batch_tokens=args.max_batch_tokens,
                          batch_window_ms=args.batch_window_ms, timeout_s=args.timeout,
                          max_body_bytes=args.max_body_bytes, header_timeout_s=args.header_timeout,
                          body_timeout_s=args.body_timeout, max_connections=args.max_connections, api_key=api_key,
