@@ -205,3 +205,57 @@ def test_live_rows_endpoint_shows_each_rows_step(loaded):
     assert seen and all(r["steps"] == 48 and r["max_tokens"] == 48 and r["blocks"] == 3 for r in seen)
     assert len({r["step"] for r in seen}) > 1
     assert "/rows" in page
+
+
+def test_open_loop_loadtest_sends_a_trace_on_its_clock(loaded, tmp_path, capsys):
+    """`unmask loadtest --open-loop`: a trace file's requests (each with its own settings) and the
+    mixed preset, streamed; the report counts every request and its time to first text."""
+    from unmask.cli import main as cli_main
+    from unmask.serve.loadtest import LoadTest, mixed_trace, read_trace, run_open_loop
+
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text('{"prompt": "Mira", "max_tokens": 8, "temperature": 0.7, "seed": 1}\n\n'
+                     '{"prompt": "Tom", "max_tokens": 16, "cfg_scale": 1.0, "at": 0.05}\n'
+                     '{"prompt": "Ada", "max_tokens": 4}\n')
+    entries = read_trace(trace, rate=20.0)
+    at = {e["prompt"]: e["at"] for e in entries}
+    assert at["Mira"] == 0.0 and at["Tom"] == 0.05 and at["Ada"] > 0   # Ada: a Poisson gap after Mira
+    assert entries == sorted(entries, key=lambda e: e["at"])
+    preset = mixed_trace(12, rate=10.0, seed=3)
+    assert preset == mixed_trace(12, rate=10.0, seed=3) and len({(e["max_tokens"], e["cfg_scale"]) for e in preset}) > 1
+    assert all(("seed" in e) == (e["temperature"] > 0) for e in preset)
+    with live_server(create_app(*loaded, ServeConfig(model_name="tiny", max_tokens_limit=64))) as base:
+        report = run_open_loop(LoadTest(url=base), entries)
+        rc = cli_main(["loadtest", "--url", base, "--open-loop", "--preset", "mixed", "--rate", "20",
+                       "--requests", "6"])
+    assert (report.sent, report.ok, report.errors) == (3, 3, 0)
+    assert 0 < report.completion_tokens <= 28 and len(report.latencies) == 3 and report.first_text
+    out = capsys.readouterr().out
+    assert rc == 0 and "requests: 6 sent, 6 ok, 0 errors" in out and "time to first text: p50" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--open-loop"], "--trace FILE or --preset mixed"),
+    (["--open-loop", "--preset", "mixed"], "--preset needs --rate"),
+    (["--rate", "2", "--preset", "mixed"], "are for --open-loop"),
+    (["--open-loop", "--preset", "mixed", "--rate", "0"], "--rate must be a positive number"),
+])
+def test_open_loop_flags_are_checked(argv, message):
+    from unmask.commands.serve import _open_loop
+    from unmask.cli import build_parser
+
+    args = build_parser().parse_args(["loadtest", *argv])
+    with pytest.raises(ValueError, match=message):
+        _open_loop(args, None)
+
+
+def test_a_bad_trace_line_names_its_line(tmp_path):
+    from unmask.serve.loadtest import read_trace
+
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"prompt": "a"}\n{"prompt": "b", "max_token": 3}\n')
+    with pytest.raises(ValueError, match=r"t\.jsonl:2: each line must be an object with a prompt"):
+        read_trace(trace, rate=1.0)
+    trace.write_text('{"prompt": "a"}\n')
+    with pytest.raises(ValueError, match="give --rate"):
+        read_trace(trace, rate=None)
