@@ -9,7 +9,9 @@ The guarantee is `generate`'s: a row's text equals that request run alone throug
   row's own window with the row's own generator, so a row draws exactly the noise it would alone;
 - rows of different canvas lengths share one forward pass, left-padded with an attention mask
   (padding is never attended to, positions count real tokens only), and each row reads the logits
-  of its own window [first masked position, end of its block);
+  of its own window [first masked position, end of its block). The mask is passed even when no
+  row is padded, as the server always passed one to `generate`: the attention kernel with a mask
+  may round differently from the one without, and a request alone keeps the text it had;
 - only guided rows add an unconditional row (their own guidance form and weight); the guided logits
   are mixed per row;
 - a row's block ends after its own steps per block (or when it has nothing left to commit), and the
@@ -185,8 +187,7 @@ def _shared_step(model, rows: list[Row], pad_id: int) -> None:
     canvases = [r.x for r in rows] + [r.options.form.unconditional(r.x, r.prompt_index, r.mask_id) for r in guided]
     ids, attention = left_pad([c.tolist() for c in canvases], pad_id)
     width = ids.shape[1]
-    ids = ids.to(rows[0].x.device)
-    attention = None if bool(attention.all()) else attention.to(ids.device)
+    ids, attention = ids.to(rows[0].x.device), attention.to(rows[0].x.device)
     windows = [_window(r) for r in rows]
     offsets = [width - r.x.numel() for r in rows]
     lo = min(o + w.start for o, (w, _) in zip(offsets, windows))
