@@ -259,3 +259,15 @@ def test_a_bad_trace_line_names_its_line(tmp_path):
     trace.write_text('{"prompt": "a"}\n')
     with pytest.raises(ValueError, match="give --rate"):
         read_trace(trace, rate=None)
+
+
+def test_step_metrics_rate_counts_every_recent_step():
+    """Rows finish at different steps: tokens/s divides the tokens finished by the time of all the
+    recent steps, including those in which nothing finished."""
+    m = ServerMetrics(lambda: 0, lambda: 0)
+    m.record_step(3, 0.5, 0)
+    assert m.last_tokens_per_second == 0.0
+    m.record_step(2, 0.5, 10)
+    assert m.last_tokens_per_second == 10.0
+    text = m.render()
+    assert "unmask_batches_total 2" in text and "unmask_generated_tokens_total 10" in text
