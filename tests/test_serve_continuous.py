@@ -102,8 +102,8 @@ def test_the_equal_options_policy_waits_for_the_running_rows(loaded):
         scheduler.submit(a)
         await until(lambda: scheduler.rows and scheduler.rows[0].row.step_index >= 3)
         scheduler.submit(b)
-        await asyncio.wait_for(asyncio.wait([asyncio.ensure_future(a.events.get()), asyncio.ensure_future(b.events.get())],
-                                            return_when=asyncio.FIRST_COMPLETED), 60)
+        either = [asyncio.ensure_future(a.events.get()), asyncio.ensure_future(b.events.get())]
+        await asyncio.wait_for(asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED), 60)
         return a.done, b.done
 
     a_done, b_done = scenario(loaded, body, continuous=False)
@@ -171,7 +171,7 @@ def test_cached_requests_run_as_a_whole_call_group_after_the_rows(loaded):
     assert b_event.ending.text == alone_text(loaded, prompt, cached)
 
 
-def test_a_row_that_cannot_start_fails_alone(loaded, monkeypatch):
+def test_a_row_that_cannot_start_fails_alone(loaded):
     tokenizer = loaded[1]
     options = SamplerOptions(steps=8, gen_length=8, block_length=8)
 

@@ -80,8 +80,8 @@ def register(subparsers) -> None:
     p.add_argument("--allow-remote", action="store_true", help="allow a URL that is not loopback")
     p.add_argument("--api-key", default=None, help="the server's API key; when not given, $UNMASK_API_KEY if set")
     p.add_argument("--open-loop", action="store_true",
-                   help="requests arrive on their own clock (Poisson at --rate, or a trace's times), streaming; "
-                        "reports throughput, latency and time to first text")
+                   help="requests arrive on their own clock (Poisson at --rate, or a trace's times), "
+                        "streaming; reports throughput, latency and time to first text")
     p.add_argument("--rate", type=float, default=None, help="--open-loop: arrivals per second (Poisson)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--trace", default=None, metavar="FILE",

@@ -409,8 +409,8 @@ class Scheduler:
     def snapshot(self) -> list[dict]:
         """The running rows for the live page: which step each is at."""
         now = time.monotonic()
-        out = [{"id": r.job.id, "step": r.row.step_index, "steps": None if r.job.options.parallel else r.job.options.steps,
-                "block": r.row.block, "blocks": r.job.options.gen_length // r.job.options.block_length,
+        out = [{"id": r.job.id, "step": r.row.step_index,
+                "steps": None if r.job.options.parallel else r.job.options.steps, "block": r.row.block, "blocks": r.job.options.gen_length // r.job.options.block_length,
                 "max_tokens": r.job.options.gen_length, "cfg_scale": r.job.options.cfg_scale,
                 "temperature": r.job.options.temperature, "seconds": round(now - r.started, 3)}
                for r in self.rows if not r.job.done]

@@ -100,14 +100,17 @@ class ServerMetrics:
         self.in_flight = Gauge("unmask_requests_in_flight", "Requests in the batch being generated", in_flight)
         self.last_tokens_per_second = 0.0
         self._recent: deque[tuple[float, float, int]] = deque()   # (when, step seconds, tokens finished)
-        self.tokens_per_second = Gauge("unmask_tokens_per_second", "Completion tokens per second of the last batch, or of the last steps, that returned text",
+        self.tokens_per_second = Gauge("unmask_tokens_per_second",
+                                       "Completion tokens per second of the recent steps (or the last whole call)",
                                        lambda: self.last_tokens_per_second)
         self.latency = Histogram("unmask_request_latency_seconds", "Time from request to its last byte",
                                  LATENCY_BUCKETS, ("endpoint",))
         self.first_token = Histogram("unmask_time_to_first_token_seconds",
                                      "Streaming: time from request to the first committed text", LATENCY_BUCKETS)
-        self.batch_size = Histogram("unmask_batch_size", "Rows per sampler step (or per whole sampler call)", (1, 2, 4, 8, 16, 32, 64))
-        self.batch_seconds = Histogram("unmask_batch_duration_seconds", "Wall time of one sampler step (or whole sampler call)",
+        self.batch_size = Histogram("unmask_batch_size", "Rows per sampler step (or per whole sampler call)",
+                                    (1, 2, 4, 8, 16, 32, 64))
+        self.batch_seconds = Histogram("unmask_batch_duration_seconds",
+                                       "Wall time of one sampler step (or whole sampler call)",
                                        LATENCY_BUCKETS)
 
     def record_batch(self, size: int, seconds: float, tokens: int) -> None:
