@@ -170,7 +170,7 @@ def step(model, rows: list[Row], pad_id: int = 0) -> None:
         window, candidates = _window(row)
         t = unmasked_fraction(row.x[None], row.generated[None], row.mask_id)
         logits = guided_logits(model, row.x[None], row.prompt_index[None], row.mask_id, row.options.cfg_scale,
-                               None, window, guidance=row.options.form, t=t)
+                               torch.ones_like(row.x[None]), window, guidance=row.options.form, t=t)
         row._decide(logits[0], window, candidates)
     if shared:
         _shared_step(model, shared, pad_id)
@@ -193,16 +193,12 @@ def _shared_step(model, rows: list[Row], pad_id: int) -> None:
     lo = min(o + w.start for o, (w, _) in zip(offsets, windows))
     hi = max(o + w.stop for o, (w, _) in zip(offsets, windows))
     logits = forward_logits(model, ids, attention, slice(lo, hi))
-    uncond_of = {id(r): len(rows) + k for k, r in enumerate(guided)}
-
-    def cols(n: int, row: Row, window: slice) -> torch.Tensor:
-        shift = width - row.x.numel() - lo
-        return logits[n, window.start + shift:window.stop + shift]
-
-    for n, (row, (window, candidates)) in enumerate(zip(rows, windows)):
-        row_logits = cols(n, row, window)
+    uncond_of = {id(r): len(rows) + k for k, r in enumerate(guided)}   # batch index of each twin
+    for n, (row, offset, (window, candidates)) in enumerate(zip(rows, offsets, windows)):
+        cols = slice(offset + window.start - lo, offset + window.stop - lo)   # the row's window in the logits
+        row_logits = logits[n, cols]
         if id(row) in uncond_of:
             t = unmasked_fraction(row.x[None], row.generated[None], row.mask_id)
-            uncond = cols(uncond_of[id(row)], row, window)
+            uncond = logits[uncond_of[id(row)], cols]
             row_logits = row.options.form.mix(row_logits[None], uncond[None], row.options.cfg_scale, t)[0]
         row._decide(row_logits, window, candidates)
