@@ -432,6 +432,24 @@ def test_an_adapter_set_computes_each_merged_model(two_adapters):
         held.activate("third")
 
 
+def test_an_adapter_set_on_routed_experts(tmp_path):
+    """peft holds several adapters on stacked expert weights when they adapt the same ones (then
+    each computes its merged model); otherwise the set is refused, naming what differs."""
+    from unmask.models.adapters import AdapterSet
+
+    base = DATA / "lladamoe-tiny"
+    one, two = (_random_adapter(base, tmp_path / name, seed=seed) for name, seed in (("one", 1), ("two", 2)))
+    model = load_model(base)
+    held = AdapterSet(model, {"one": one, "two": two})
+    for name, d in (("two", two), ("one", one)):
+        held.activate(name)
+        assert torch.allclose(_logits(model), _logits(merge_adapter(load_model(base), d)), atol=1e-5, rtol=0)
+    attention_only = _random_adapter(base, tmp_path / "attention", targets=["qkv", "out"])
+    with pytest.raises(ValueError, match="the same routed-expert weights .* differ .one: w_down, w_gate, w_up; "
+                                         "attention: none"):
+        AdapterSet(load_model(base), {"one": one, "attention": attention_only})
+
+
 def test_one_server_serves_the_base_and_several_adapters(two_adapters, capsys, monkeypatch):
     """`unmask serve --adapter NAME=DIR --adapter DIR`: the official client's interleaved concurrent
     requests get, per model name, the text `unmask generate` gives with that adapter (or none)."""
@@ -502,6 +520,7 @@ def test_several_adapters_errors_say_what_to_change(two_adapters, capsys, tmp_pa
         (["--adapter", "x="], "give the adapter's directory after '='"),
         (["--adapter", f"{base.name}={first}", "--adapter", second], "has the base model's served name"),
         (["--adapter", first, "--adapter", second, "--tp", "2"], "do not combine with --tp"),
+        (["--adapter", first, "--adapter", second, "--cuda-graph"], "do not combine with --cuda-graph"),
     ]:
         assert main(["serve", "--model", str(base), *args, "--device", "cpu", "--port", _free_port()]) == 2
         assert message in capsys.readouterr().err, message

@@ -100,7 +100,8 @@ def serve(args) -> int:
         name = args.served_model_name or next(iter(adapters))
     else:
         name = args.served_model_name or (Path(path).resolve().name if path else "unmask")
-        _check_several_adapters(args, adapters, name)
+        if adapters:
+            _check_several_adapters(args, adapters, name)
     api_key = _api_key(args)
     config = ServeConfig(model_name=name, max_tokens_limit=args.max_tokens_limit,
                          default_max_tokens=args.default_max_tokens, block_length=args.block_length,
