@@ -464,7 +464,8 @@ def test_one_server_serves_the_base_and_several_adapters(two_adapters, capsys, m
     prompts = ["hello", "the cat says", "once upon"]
 
     def generate(prompt, adapter_args):
-        assert main(["generate", prompt, "--model", str(base), *adapter_args, "--gen-length", "12", "--steps", "12"]) == 0
+        args = ["generate", prompt, "--model", str(base), *adapter_args, "--gen-length", "12", "--steps", "12"]
+        assert main(args) == 0
         return capsys.readouterr().out.removesuffix("\n")
 
     served_names = {base.name: [], "first": ["--adapter", str(adapters["first"])],

@@ -242,7 +242,6 @@ class Server:
     def __init__(self, model, tokenizer, config: ServeConfig, adapters=None):
         self.block_diffusion = is_block_diffusion(model)   # LLaDA2.x: block_generate and BlockOptions
         self.model, self.tokenizer, self.config = model, tokenizer, config.check(self.block_diffusion)
-        self.adapters = adapters
         self.served = {config.model_name: None} | {name: name for name in (adapters.names if adapters else ())}
         mcfg = getattr(model, "config", None)
         self.mask_id = getattr(mcfg, "mask_token_id", None)
