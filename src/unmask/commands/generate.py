@@ -24,7 +24,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     add_adapter_arg(p)
 
 
-def add_adapter_arg(p: argparse.ArgumentParser) -> None:
+def add_adapter_arg(p: argparse.ArgumentParser, several: bool = False) -> None:
+    """--adapter DIR; with `several` (the server) it may be repeated, each as DIR or NAME=DIR."""
+    if several:
+        p.add_argument("--adapter", action="append", default=None, metavar="[NAME=]DIR",
+                       help="a LoRA adapter (or LoRA training run), served under NAME (default: its directory "
+                            "name); one is merged into the weights at load; several are held beside one base, "
+                            "which is served too, and each request's model field picks one (docs/lora.md); "
+                            "without --model, the base model they record")
+        return
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="a LoRA adapter (or LoRA training run) merged into the weights at load (docs/lora.md); "
                         "without --model, the base model it records")

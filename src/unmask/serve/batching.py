@@ -3,7 +3,8 @@
 
 Why it pays: every diffusion step is one forward pass over the whole canvas, so B rows cost
 little more than one on an accelerator. Requests only batch when their sampler options are equal
-(`SamplerOptions` or `BlockOptions`, checked for each request before it is queued); prompts of
+(`SamplerOptions` or `BlockOptions`, checked for each request before it is queued) and they ask
+for the same LoRA adapter (a server holding several runs each batch with its rows' adapter); prompts of
 different lengths are left-padded with an attention mask, which leaves each row's result equal to
 running it alone.
 
@@ -92,6 +93,7 @@ class Job:
     seed: int | None = None
     stream: bool = False                     # post Updates as text is committed (else only the end)
     progress: bool = False                   # with the canvas view (diffusion_progress)
+    adapter: str | None = None               # the LoRA adapter it asks for (None: the base model)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     id: int = field(default_factory=lambda: next(_ids))
     cancelled: bool = False                  # set by the event loop; read by the worker thread
@@ -100,8 +102,10 @@ class Job:
 
     @property
     def key(self) -> Any:
-        """Batch key: a seeded stochastic request runs alone, because batch-mates would draw its noise."""
-        return (self.options, self.id) if self.options.stochastic and self.seed is not None else self.options
+        """Batch key: the adapter and the options; a seeded stochastic request runs alone, because
+        batch-mates would draw its noise."""
+        alone = self.id if self.options.stochastic and self.seed is not None else None
+        return self.adapter, self.options, alone
 
     def post(self, event) -> None:
         """Deliver an event from any thread; the final one marks the job done."""
@@ -154,8 +158,9 @@ class BatchRunner:
     """Runs a list of jobs as one sampler call, in the worker thread."""
 
     def __init__(self, model, tokenizer, *, mask_id: int, pad_id: int, eos_id: int | None, end_ids: set[int],
-                 metrics: ServerMetrics, shapes: FixedShapes | None = None):
+                 metrics: ServerMetrics, shapes: FixedShapes | None = None, adapters=None):
         self.model, self.tokenizer = model, tokenizer
+        self.adapters = adapters   # an AdapterSet beside the model (None: the model alone)
         self.shapes = shapes   # what graphed batches are padded to (None: never padded)
         self.mask_id, self.pad_id, self.eos_id, self.end_ids = mask_id, pad_id, eos_id, end_ids
         self.metrics = metrics
@@ -195,6 +200,8 @@ class BatchRunner:
     def _generate(self, jobs: list[Job]) -> None:
         started = time.monotonic()
         options = jobs[0].options
+        if self.adapters is not None:   # every row of a batch asks for the same adapter (Job.key)
+            self.adapters.activate(jobs[0].adapter)
         rows = [RowText(self.tokenizer, self.mask_id, self.end_ids, j.stop) for j in jobs]
         views = [_CanvasView(options, self.mask_id) if j.progress else None for j in jobs]
         ids, attention = self._canvas(jobs, options)
