@@ -41,6 +41,10 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel degree: shard the model over N processes started with "
                         "torchrun --nproc-per-node N -m unmask ... (default: %(default)s; docs/distributed.md)")
+    p.add_argument("--ep", type=int, default=None,
+                   help="expert parallelism for MoE models: split the routed experts whole over the --tp ranks "
+                        "(tokens reach them by all-to-all) instead of splitting every expert's width; "
+                        "must equal --tp (docs/distributed.md)")
 
 
 def load_for_args(args):
@@ -52,26 +56,35 @@ def load_for_args(args):
     device, dtype = model_placement(args)
     path = base_model(args)
     tp = getattr(args, "tp", 1)
-    if tp != 1:
+    if tp != 1 or getattr(args, "ep", None) is not None:
         check_tensor_parallel(args, path)
     mesh, device = join_tensor_parallel(tp, device)
     model = load_model(path, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code,
-                       quantize=args.quantize, adapter=args.adapter, mesh=mesh)   # a mesh: each rank reads its slices
+                       quantize=args.quantize, adapter=args.adapter, mesh=mesh,   # a mesh: each rank reads its slices
+                       expert_parallel=expert_parallel(args))
     return model, load_tokenizer(path, trust_remote_code=args.trust_remote_code)
 
 
 def check_tensor_parallel(args, path, also: tuple[str, ...] = ()) -> None:
-    """--tp N, checked before any weights are read: the flags it does not combine with yet
-    (--trust-remote-code, --quantize, and the entry point's `also`), and a model whose heads,
-    vocabulary and widths N divides."""
+    """--tp N (and --ep), checked before any weights are read: --ep equal to --tp, the flags they do
+    not combine with yet (--trust-remote-code, --quantize, and the entry point's `also`), and a
+    model whose heads, vocabulary and widths (or, with --ep, experts) N divides."""
     from ..models import load_config
     from ..models.parallel import check_divisible
 
+    if args.ep is not None and (args.ep != args.tp or args.tp == 1):
+        raise ValueError(f"--ep {args.ep} with --tp {args.tp}: expert parallelism splits the experts over the "
+                         f"tensor-parallel ranks, so --ep must equal --tp, at least 2 (--tp N --ep N), or be left out")
     for flag in ("--trust-remote-code", "--quantize", *also):
         if getattr(args, flag[2:].replace("-", "_"), None):
             raise ValueError(f"--tp shards unmask's own full-precision models and is not available with "
                              f"{flag} yet: drop one of them")
-    check_divisible(load_config(path), args.tp)
+    check_divisible(load_config(path), args.tp, expert_parallel(args))
+
+
+def expert_parallel(args) -> bool:
+    """Whether --ep asks for the experts split whole over the ranks (checked by `check_tensor_parallel`)."""
+    return getattr(args, "ep", None) is not None
 
 
 def model_placement(args):
