@@ -174,6 +174,7 @@ def register(sub) -> None:
 
     c = sub.add_parser("chat", help="multi-turn chat in the terminal")
     add_model_args(c)
+    add_parallel_args(c)   # under torchrun rank 0 reads the turns and sends each to the other ranks
     add_sampling_args(c)
     c.add_argument("--system", default=None, help="system message")
     c.set_defaults(func=run_chat)
@@ -219,25 +220,57 @@ def run_generate(args) -> int:
 
 
 def run_chat(args) -> int:
+    """The chat loop. Under torchrun with --tp N every rank runs every turn on its shard; rank 0
+    alone reads the terminal (torchrun hands all ranks the same standard input, which they would
+    race for) and prints, and sends each line, or the end, to the others (`next_turn`)."""
+    from unmask.models.parallel import is_first_rank
     from unmask.sampling.text import generate_text
 
     path = base_model(args)
     block = is_block_checkpoint(path)
     options = sampling_options(args, block)
     model, tokenizer = load_for_args(args)
+    turns = turn_group(args.tp)
+    speaks = is_first_rank()
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("unmask chat — empty line or Ctrl-D to quit", file=sys.stderr)
+    if speaks:
+        print("unmask chat — empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
-        try:
-            user = input("you> ").strip()
-        except EOFError:
-            return 0
+        user = next_turn(turns, speaks)
         if not user:
             return 0
         messages.append({"role": "user", "content": user})
         [reply] = generate_text(model, tokenizer, [messages], **sampling_kwargs(options, args, block))
-        print(f"model> {reply}")
+        if speaks:
+            print(f"model> {reply}", flush=True)
         messages.append({"role": "assistant", "content": reply})
+
+
+def turn_group(tp: int):
+    """The group chat turns are sent on under --tp (no timeout: a person may take long to type); None for one process."""
+    if tp == 1:
+        return None
+    from ..serve.tensor_parallel import announcement_group
+
+    return announcement_group()
+
+
+def next_turn(group, speaks: bool) -> str:
+    """The user's next line ('' at the end of input): read by the rank that speaks, sent to the
+    others on `group` when there are others."""
+    line = None
+    if speaks:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            line = ""
+    if group is None:
+        return line
+    import torch.distributed as dist
+
+    box = [line]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
 
 
 class StepProgress:
