@@ -1,6 +1,7 @@
 """`unmask chat --tp` and `unmask bench --tp` under torchrun, against one process."""
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -32,3 +33,27 @@ def test_torchrun_chat_with_tp_replies_as_one_process(checkpoint, parallel, requ
     run = _torchrun([*args, *parallel], stdin=CHAT)
     assert run.returncode == 0, run.stderr
     assert run.stdout == expected
+
+
+@pytest.mark.slow
+def test_torchrun_bench_with_tp_prints_one_table(tmp_path):
+    """Rank 0 alone prints the table and writes the JSON; the exact mode agrees with the baseline
+    (which gathers the sharded logits) on every token, at TP 2 with the experts split whole."""
+    run = _torchrun(["bench", "--tp", "2", "--ep", "2", "--shape", "llada2-tiny", "--batch-sizes", "2",
+                     "--prompt-len", "8", "--gen-length", "16", "--block-length", "8", "--repeats", "1",
+                     "--modes", "block cache", "--json", str(tmp_path / "bench.json")])
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("unmask bench: random llada2-tiny") and "sharded over 2 ranks" in lines[0]
+    assert [line.split(" | ")[1] for line in lines[3:]] == ["public algorithm, no cache (baseline)", "block cache"]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["meta"]["tp"] == 2 and [row["agreement"] for row in report["rows"]] == [1.0, 1.0]
+
+
+def test_bench_tp_errors_say_what_to_change(capsys):
+    for args, message in ((["--shape", "tiny", "--tp", "2"], "torchrun --nproc-per-node 2"),
+                          (["--shape", "tiny", "--tp", "3"], "does not divide"),
+                          (["--shape", "tiny", "--tp", "2", "--ep", "2"], "has none"),
+                          (["--shape", "llada2-tiny", "--tp", "2", "--quantize", "int8"], "--quantize")):
+        assert main(["bench", "--device", "cpu", *args]) == 2
+        assert message in capsys.readouterr().err

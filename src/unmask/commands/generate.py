@@ -65,10 +65,11 @@ def load_for_args(args):
     return model, load_tokenizer(path, trust_remote_code=args.trust_remote_code)
 
 
-def check_tensor_parallel(args, path, also: tuple[str, ...] = ()) -> None:
+def check_tensor_parallel(args, path=None, also: tuple[str, ...] = (), config=None) -> None:
     """--tp N (and --ep), checked before any weights are read: --ep equal to --tp, the flags they do
     not combine with yet (--trust-remote-code, --quantize, and the entry point's `also`), and a
-    model whose heads, vocabulary and widths (or, with --ep, experts) N divides."""
+    model (`config`, else the checkpoint at `path`'s) whose heads, vocabulary and widths (or, with
+    --ep, experts) N divides."""
     from ..models import load_config
     from ..models.parallel import check_divisible
 
@@ -79,7 +80,7 @@ def check_tensor_parallel(args, path, also: tuple[str, ...] = ()) -> None:
         if getattr(args, flag[2:].replace("-", "_"), None):
             raise ValueError(f"--tp shards unmask's own full-precision models and is not available with "
                              f"{flag} yet: drop one of them")
-    check_divisible(load_config(path), args.tp, expert_parallel(args))
+    check_divisible(config or load_config(path), args.tp, expert_parallel(args))
 
 
 def expert_parallel(args) -> bool:
