@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
-from test_tensor_parallel import DATA, _inputs, run_ranks
+from test_tensor_parallel import DATA, LAYOUTS, _inputs, run_ranks
+from test_tensor_parallel import _check_logits as check_tp_logits
 from unmask.cli import main
 from unmask.models import load_model
 from unmask.models.parallel import ExpertParallel, check_divisible, parallelize, tensor_parallel_plan
@@ -107,10 +108,17 @@ def test_expert_parallel_logits_and_generate_equal_one_process(tmp_path):
     run_ranks(_check_all, 2, tmp_path)
 
 
+def _check_four_ranks(mesh):
+    check_tp_logits(mesh, [DATA / name for name in LAYOUTS])
+    _check_logits(mesh, MOE_LAYOUTS)
+
+
 @pytest.mark.slow
-def test_expert_parallel_logits_on_four_ranks(tmp_path):
-    """4 ranks (LLaDA-MoE: 2 of its 8 experts per rank; LLaDA2: 4 of 16): logits within 1e-5."""
-    run_ranks(_check_logits, 4, tmp_path, MOE_LAYOUTS)
+def test_tensor_and_expert_parallel_logits_on_four_ranks(tmp_path):
+    """4 ranks: under TP the three fixture layouts (LLaDA2's 2 KV heads replicated) give the
+    one-process logits and scores; with EP (LLaDA-MoE: 2 of its 8 experts per rank; LLaDA2: 4 of
+    16) the one-process logits, within 1e-5."""
+    run_ranks(_check_four_ranks, 4, tmp_path)
 
 
 def test_plan_and_checks_split_experts_whole():
