@@ -51,9 +51,22 @@ def test_torchrun_bench_with_tp_prints_one_table(tmp_path):
 
 
 def test_bench_tp_errors_say_what_to_change(capsys):
+    """Before any weights are built (a bad --ep on random llada-moe-7b-a1b weights would take minutes)."""
     for args, message in ((["--shape", "tiny", "--tp", "2"], "torchrun --nproc-per-node 2"),
                           (["--shape", "tiny", "--tp", "3"], "does not divide"),
                           (["--shape", "tiny", "--tp", "2", "--ep", "2"], "has none"),
-                          (["--shape", "llada2-tiny", "--tp", "2", "--quantize", "int8"], "--quantize")):
+                          (["--shape", "llada2-tiny", "--tp", "2", "--quantize", "int8"], "--quantize"),
+                          (["--shape", "llada-moe-7b-a1b", "--tp", "2", "--ep", "2", "--modes", "dual+graph"],
+                           "captures CUDA graphs")):
         assert main(["bench", "--device", "cpu", *args]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_bench_with_ep_leaves_the_graph_modes_out_by_default():
+    from types import SimpleNamespace
+
+    from unmask.commands.bench import bench_modes
+
+    modes = bench_modes(SimpleNamespace(modes=None, ep=2), "cuda", block_diffusion=False)
+    assert "dual+cfg" in modes and not any("graph" in m for m in modes)
+    assert any("graph" in m for m in bench_modes(SimpleNamespace(modes=None, ep=None), "cuda", False))

@@ -5,6 +5,7 @@ unsharded model on the same rank, so the reference is the single-process model i
 """
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch.distributed.tensor import DTensor
 from test_tensor_parallel import DATA, LAYOUTS, _inputs, run_ranks
 from test_tensor_parallel import _check_logits as check_tp_logits
 from unmask.cli import main
+from unmask.commands.generate import check_tensor_parallel
 from unmask.models import load_model
 from unmask.models.parallel import ExpertParallel, check_divisible, parallelize, tensor_parallel_plan
 from unmask.models.slices import SliceReader
@@ -145,3 +147,6 @@ def test_ep_errors_say_what_to_change(tiny_checkpoint, capsys):
                           (["--model", str(tiny_checkpoint), "--tp", "2", "--ep", "2"], "has none")):
         assert main(["generate", "hi", *args]) == 2
         assert message in capsys.readouterr().err
+    graph = SimpleNamespace(tp=2, ep=2, cuda_graph=True, quantize=None)   # reachable on a GPU only from the CLI
+    with pytest.raises(ValueError, match="drop --cuda-graph or --ep"):
+        check_tensor_parallel(graph, DATA / "lladamoe-tiny")

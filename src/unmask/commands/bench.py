@@ -88,6 +88,20 @@ def _is_gpu(device: str) -> bool:
     return not str(device).startswith("cpu")
 
 
+def bench_modes(args, device, block_diffusion: bool) -> list[str]:
+    """--modes, else every mode of the family the device runs; with --ep not the CUDA-graph ones
+    (expert parallelism reads each MoE layer's counts on the host, which a graph cannot capture)."""
+    from ..bench import MODES, default_modes
+
+    modes = args.modes or default_modes(device, block_diffusion)
+    graphs = [m for m in modes if MODES.get(m, {}).get("cuda_graph")]
+    if graphs and args.ep is not None:
+        if args.modes:
+            raise ValueError(f"mode {graphs[0]!r} captures CUDA graphs, which --ep does not allow: drop it or --ep")
+        modes = [m for m in modes if m not in graphs]
+    return modes
+
+
 def bench_config(model_dir: str | None, shape: str | None, device):
     """The config of what will be benched, read before any weights are."""
     from ..bench import SHAPES
@@ -170,7 +184,7 @@ def load_suite_tokenizer(args):
 def run(args) -> int:
     import torch
 
-    from ..bench import BenchConfig, bench_meta, default_modes, run_bench, table_header, write_outputs
+    from ..bench import BenchConfig, bench_meta, run_bench, table_header, write_outputs
     from ..models.parallel import is_first_rank, join_tensor_parallel
     from ..models.placement import resolve_device, resolve_dtype
     from ..models.quantize import check_quantize
@@ -186,7 +200,7 @@ def run(args) -> int:
     cfg = BenchConfig(batch_sizes=args.batch_sizes, prompt_len=prompt_len, gen_length=gen_length,
                       block_length=args.block_length, steps=args.steps, cfg_scale=args.cfg_scale,
                       guidance=args.guidance,
-                      repeats=args.repeats, modes=args.modes or default_modes(device, block), seed=args.seed,
+                      repeats=args.repeats, modes=bench_modes(args, device, block), seed=args.seed,
                       agreement=args.agreement,
                       suite_items=args.suite_items if args.suite else 0).check(device, block)
     tokenizer = load_suite_tokenizer(args) if args.suite else None

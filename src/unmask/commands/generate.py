@@ -80,6 +80,9 @@ def check_tensor_parallel(args, path=None, also: tuple[str, ...] = (), config=No
         if getattr(args, flag[2:].replace("-", "_"), None):
             raise ValueError(f"--tp shards unmask's own full-precision models and is not available with "
                              f"{flag} yet: drop one of them")
+    if expert_parallel(args) and getattr(args, "cuda_graph", False):
+        raise ValueError("--ep reads each MoE layer's expert counts on the host to size its all-to-alls, which a "
+                         "CUDA graph cannot capture: drop --cuda-graph or --ep")
     check_divisible(config or load_config(path), args.tp, expert_parallel(args))
 
 
