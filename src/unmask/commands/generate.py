@@ -251,7 +251,8 @@ def run_chat(args) -> int:
 
 
 def turn_group(tp: int):
-    """The group chat turns are sent on under --tp (no timeout: a person may take long to type); None for one process."""
+    """The group chat turns are sent on under --tp (no timeout: a person may take long to type);
+    None for one process."""
     if tp == 1:
         return None
     from ..serve.tensor_parallel import announcement_group
