@@ -7,7 +7,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-from .generate import add_adapter_arg, add_parallel_args, check_tensor_parallel
+from .generate import add_adapter_arg, add_parallel_args, check_tensor_parallel, expert_parallel
 
 
 def register(subparsers) -> None:
@@ -116,7 +116,7 @@ def serve(args) -> int:
                          shutdown_grace_s=args.shutdown_grace).check(is_block_checkpoint(path), device)
     dtype = resolve_dtype(args.dtype)
     quantize = check_quantize(args.quantize)
-    if args.tp != 1:
+    if args.tp != 1 or args.ep is not None:
         return _serve_tensor_parallel(args, config, device, dtype, path, merged)
     sock = bind(args.host, args.port)
     model, tokenizer = load(path, dtype=dtype, device=device, quantize=quantize, adapter=merged)
@@ -195,7 +195,8 @@ def _serve_tensor_parallel(args, config, device, dtype, path, adapter) -> int:
     mesh, device = join_tensor_parallel(args.tp, device, timeout=BATCH_TIMEOUT)
     group = announcement_group()
     sock = bind(args.host, args.port) if is_first_rank() else None
-    model = load_model(path, dtype=dtype, device=device, adapter=adapter, mesh=mesh)
+    model = load_model(path, dtype=dtype, device=device, adapter=adapter, mesh=mesh,
+                       expert_parallel=expert_parallel(args))
     if not is_first_rank():
         try:
             follow(model, device, group)
