@@ -1,5 +1,6 @@
 """The memory and speed plan of docs/distributed.md, computed: bytes per rank and per denoising step
-under unmask's tensor-parallel plan (models/parallel.py) for LLaDA-8B, LLaDA2-mini and LLaDA2-flash.
+under unmask's tensor-parallel plan (models/parallel.py) for LLaDA-8B, LLaDA2-mini and LLaDA2-flash,
+and what expert parallelism (--ep) sends per MoE layer against the width split.
 
 Weights are counted on the real module tree (built on the meta device, so nothing is allocated) and
 split the way `parallelize` splits them. Run: PYTHONPATH=src python3 scripts/distributed_plan.py
@@ -90,6 +91,17 @@ def allreduce_bytes_per_step(cfg: ModelConfig, tp: int, tokens_run: int) -> tupl
     return count, count * tokens_run * cfg.d_model * BF16 * 2 * (tp - 1) / tp
 
 
+def moe_layer_bytes(cfg: ModelConfig, n: int, tokens_run: int) -> tuple[float, float]:
+    """(bytes each rank sends per MoE layer with the experts split by width, with them split whole).
+
+    The width split: the layer's one all-reduce. Expert parallelism: the same all-reduce, plus the
+    rank's 1/N of the token-expert rows sent out and their results back, of which (N−1)/N leave the
+    rank under uniform routing (the counts' all-to-all, E int32s, is left out)."""
+    allreduce = tokens_run * cfg.d_model * BF16 * 2 * (n - 1) / n
+    rows = 2 * cfg.experts_per_token * tokens_run * cfg.d_model * BF16 * (n - 1) / n**2
+    return allreduce, allreduce + rows
+
+
 def step_time(cfg: ModelConfig, tp: int, tokens_run: int, hw: Hardware) -> dict:
     """Lower bounds of one denoising step: each rank reads its weights once (the experts its tokens
     reach), computes 2 FLOPs per active parameter per token, and runs the all-reduces."""
@@ -132,6 +144,20 @@ def main() -> None:
                 t = step_time(cfg, tp, batch * run, hw)
                 print(f"| {label} | {batch * run} | {count} | {sent / 1e6:.1f} | {t['memory'] * 1e3:.2f} | "
                       f"{t['compute'] * 1e3:.2f} | {t['comm'] * 1e3:.2f} | {t['step'] * 1e3:.2f} |")
+    print(f"\n### Expert parallelism against the width split, {tp} ranks\n")
+    print("| model, 8 ranks | step | MoE layer, width split (MB/rank) | MoE layer, EP (MB/rank) | "
+          "step, width split (MB) | step, EP (MB) | EP's extra latency (ms) |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for name, cfg in MODELS.items():
+        layers = sum(cfg.moe_layers)
+        if not layers:
+            continue
+        for label, tokens in (("dual cache, batch 1, block 32", 32), ("dual cache, batch 32, block 32", 1024),
+                              ("full 4K canvas, batch 1", 4096)):
+            width, ep = moe_layer_bytes(cfg, tp, tokens)
+            extra = 3 * layers * H100.allreduce_latency_s   # the counts and the rows out and back
+            print(f"| {name} | {label} | {width / 1e6:.2f} | {ep / 1e6:.2f} | {layers * width / 1e6:.1f} | "
+                  f"{layers * ep / 1e6:.1f} | {extra * 1e3:.2f} |")
 
 if __name__ == "__main__":
     main()

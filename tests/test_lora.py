@@ -229,14 +229,14 @@ def _dense_base(tmp_path: Path) -> Path:
     return d
 
 
-def _random_adapter(base: Path, out: Path) -> Path:
+def _random_adapter(base: Path, out: Path, targets: list[str] | None = None, seed: int = 1) -> Path:
     """An adapter of random A and B (peft's init leaves B at zero, which would change nothing)."""
     from unmask.models.adapters import add_lora, save_adapter
 
     model = load_model(base)
-    config = lora_config(model.config, 4, 8.0, all_targets(base), base=str(base))
+    config = lora_config(model.config, 4, 8.0, targets or all_targets(base), base=str(base))
     add_lora(model, config)
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".lora_" in name:
@@ -344,9 +344,15 @@ def test_eval_applies_the_adapter(adapted, tmp_path):
     assert with_adapter == merged != base
 
 
-def test_serve_applies_the_adapter(adapted, monkeypatch):
+def _free_port() -> str:
     import socket
 
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def test_serve_applies_the_adapter(adapted, monkeypatch):
     from fastapi.testclient import TestClient
 
     from unmask.cli import main
@@ -364,10 +370,7 @@ def test_serve_applies_the_adapter(adapted, monkeypatch):
     monkeypatch.setattr("unmask.serve.lifecycle.run", serve_once)
 
     def serve(model_args):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        assert main(["serve", *model_args, "--device", "cpu", "--port", str(port)]) == 0
+        assert main(["serve", *model_args, "--device", "cpu", "--port", _free_port()]) == 0
         return answers[-1]
 
     serve.adapted = adapted
@@ -395,3 +398,133 @@ def test_bench_and_the_lm_eval_adapter_apply_the_adapter(adapted, tmp_path):
                  "--gen-length", "8", "--block-length", "8", "--repeats", "1", "--device", "cpu", "--no-agreement",
                  "--json", str(tmp_path / "bench.json")]) == 0   # the base comes from the adapter's record
     assert json.loads((tmp_path / "bench.json").read_text())["meta"]["model"] == f"{base} + adapter {adapter}"
+
+
+# ---- several adapters in one server ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_adapters(adapted, tmp_path_factory):
+    """(base, {name: adapter}): the tiny dense checkpoint and two random adapters of other targets."""
+    base, first, _ = adapted
+    second = tmp_path_factory.mktemp("second") / "qkv-only"
+    _random_adapter(base, second, targets=["qkv", "out"], seed=2)
+    return base, {"first": first, "second": second}
+
+
+def test_an_adapter_set_computes_each_merged_model(two_adapters):
+    from unmask.models.adapters import AdapterSet
+
+    base, adapters = two_adapters
+    merged = {name: _logits(merge_adapter(load_model(base), d)) for name, d in adapters.items()}
+    merged[None] = _logits(load_model(base))
+    model = load_model(base)
+    held = AdapterSet(model, adapters)
+    assert held.names == ("first", "second") and held.active is None
+    lora_bytes = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    base_bytes = sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n)
+    assert base_bytes == sum(p.numel() for p in load_model(base).parameters())   # one base, no copy
+    assert lora_bytes < base_bytes
+    for name in ["first", "second", None, "first", None, "second", "second"]:
+        held.activate(name)
+        assert torch.allclose(_logits(model), merged[name], atol=1e-5, rtol=0), name
+    assert not torch.allclose(merged["first"], merged["second"], atol=1e-3)
+    with pytest.raises(KeyError, match="first, second"):
+        held.activate("third")
+
+
+def test_an_adapter_set_on_routed_experts(tmp_path):
+    """peft holds several adapters on stacked expert weights when they adapt the same ones (then
+    each computes its merged model); otherwise the set is refused, naming what differs."""
+    from unmask.models.adapters import AdapterSet
+
+    base = DATA / "lladamoe-tiny"
+    one, two = (_random_adapter(base, tmp_path / name, seed=seed) for name, seed in (("one", 1), ("two", 2)))
+    model = load_model(base)
+    held = AdapterSet(model, {"one": one, "two": two})
+    for name, d in (("two", two), ("one", one)):
+        held.activate(name)
+        assert torch.allclose(_logits(model), _logits(merge_adapter(load_model(base), d)), atol=1e-5, rtol=0)
+    attention_only = _random_adapter(base, tmp_path / "attention", targets=["qkv", "out"])
+    with pytest.raises(ValueError, match="the same routed-expert weights .* differ .one: w_down, w_gate, w_up; "
+                                         "attention: none"):
+        AdapterSet(load_model(base), {"one": one, "attention": attention_only})
+
+
+def test_one_server_serves_the_base_and_several_adapters(two_adapters, capsys, monkeypatch):
+    """`unmask serve --adapter NAME=DIR --adapter DIR`: the official client's interleaved concurrent
+    requests get, per model name, the text `unmask generate` gives with that adapter (or none)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+    from serve_fixtures import live_server, metrics
+
+    from unmask.cli import main
+
+    base, adapters = two_adapters
+    prompts = ["hello", "the cat says", "once upon"]
+
+    def generate(prompt, adapter_args):
+        args = ["generate", prompt, "--model", str(base), *adapter_args, "--gen-length", "12", "--steps", "12"]
+        assert main(args) == 0
+        return capsys.readouterr().out.removesuffix("\n")
+
+    served_names = {base.name: [], "first": ["--adapter", str(adapters["first"])],
+                    "qkv-only": ["--adapter", str(adapters["second"])]}
+    expected = {(m, p): generate(p, a) for m, a in served_names.items() for p in prompts}
+    assert len({expected[m, "hello"] for m in served_names}) == 3   # three different models
+    seen = {}
+
+    def serve_and_ask(app, sock, grace):   # instead of serving until a signal: a real server, the official client
+        sock.close()
+        with live_server(app) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            seen["models"] = [(m.id, m.model_extra.get("parent")) for m in client.models.list().data]
+            asks = [(m, p) for p in prompts for m in served_names] * 2   # interleaved: base, first, qkv-only, base, ...
+
+            def ask(model_prompt):
+                model, prompt = model_prompt
+                r = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0,
+                                              extra_body={"steps": 12})
+                return r.model, prompt + r.choices[0].text
+
+            with ThreadPoolExecutor(len(asks)) as pool:
+                seen["answers"] = dict(zip(asks, pool.map(ask, asks)))
+            seen["metrics"] = metrics(url)
+            with pytest.raises(openai.NotFoundError) as e:
+                client.completions.create(model="third", prompt="hello", max_tokens=4)
+            seen["unknown"] = e.value.body
+        return True
+
+    monkeypatch.setattr("unmask.serve.lifecycle.run", serve_and_ask)
+    assert main(["serve", "--model", str(base), "--adapter", f"first={adapters['first']}",
+                 "--adapter", str(adapters["second"]), "--device", "cpu", "--port", _free_port(),
+                 "--max-batch-size", "4", "--batch-window-ms", "50"]) == 0
+    assert seen["models"] == [(base.name, None), ("first", base.name), ("qkv-only", base.name)]
+    batches, alone = seen["metrics"]["unmask_batch_size_count"], seen["metrics"]['unmask_batch_size_bucket{le="1.0"}']
+    assert batches >= 6 and batches > alone   # rows of one model share batches, of 3 models never (4 rows at most)
+    for (model, prompt), answer in seen["answers"].items():
+        assert answer == (model, expected[model, prompt]), (model, prompt)
+    assert seen["unknown"]["code"] == "model_not_found" and seen["unknown"]["param"] == "model"
+    assert all(repr(name) in seen["unknown"]["message"] for name in served_names)
+
+
+def test_several_adapters_errors_say_what_to_change(two_adapters, capsys, tmp_path):
+    from unmask.cli import main
+    from unmask.commands.serve import served_adapters
+
+    base, adapters = two_adapters
+    first, second = map(str, adapters.values())
+    assert served_adapters([first, f"b={second}"]) == {"adapter": first, "b": second}
+    assert served_adapters(None) == {}
+    for args, message in [
+        (["--adapter", f"x={first}", "--adapter", f"x={second}"], "two adapters are named 'x'"),
+        (["--adapter", "x="], "give the adapter's directory after '='"),
+        (["--adapter", f"{base.name}={first}", "--adapter", second], "has the base model's served name"),
+        (["--adapter", first, "--adapter", second, "--tp", "2"], "do not combine with --tp"),
+        (["--adapter", first, "--adapter", second, "--cuda-graph"], "do not combine with --cuda-graph"),
+    ]:
+        assert main(["serve", "--model", str(base), *args, "--device", "cpu", "--port", _free_port()]) == 2
+        assert message in capsys.readouterr().err, message
+    other = _random_adapter(_dense_base(tmp_path), tmp_path / "other-base")
+    assert main(["serve", "--adapter", first, "--adapter", str(other), "--device", "cpu", "--port", _free_port()]) == 2
+    assert "record different base models" in capsys.readouterr().err

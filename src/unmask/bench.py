@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from .eval.encoding import encode_pair
 from .eval.tasks import get_task, load_items
@@ -159,6 +160,8 @@ def reference_generate(model, prompt: torch.Tensor, steps: int = 128, gen_length
     """LLaDA's public `generate` as the public code is shaped, deliberately plain: the speed baseline.
 
     Whole canvas every step, softmax over every position, a Python loop over rows for top-k.
+    The public code has no decoding on vocabulary shards: on a tensor-parallel model it gathers
+    the full logits every step.
     """
     B, P = prompt.shape
     x = torch.full((B, P + gen_length), mask_id, dtype=torch.long, device=prompt.device)
@@ -176,10 +179,10 @@ def reference_generate(model, prompt: torch.Tensor, steps: int = 128, gen_length
             if cfg_scale > 0:
                 un_x = x.clone()
                 un_x[prompt_index] = mask_id
-                cond, uncond = model(torch.cat([x, un_x])).logits.chunk(2)
+                cond, uncond = _full(model(torch.cat([x, un_x])).logits).chunk(2)
                 logits = uncond + (cfg_scale + 1) * (cond - uncond)
             else:
-                logits = model(x).logits
+                logits = _full(model(x).logits)
             if temperature > 0:
                 noise = (-torch.log(torch.rand(logits.shape, dtype=torch.float64, device=x.device))) ** temperature
                 x0 = (logits.double().exp() / noise).argmax(-1)
@@ -199,6 +202,11 @@ def reference_generate(model, prompt: torch.Tensor, steps: int = 128, gen_length
                 transfer[row, picked] = True
             x[transfer] = x0[transfer]
     return x
+
+
+def _full(logits: torch.Tensor) -> torch.Tensor:
+    """The whole logits: gathered from the ranks' vocabulary shards under tensor parallelism."""
+    return logits.full_tensor() if isinstance(logits, DTensor) else logits
 
 
 def random_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -430,12 +438,18 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
 def bench_meta(model, cfg: BenchConfig, model_name: str, dtype: torch.dtype, quantize: str | None = None,
                quantization_error: dict | None = None) -> dict:
     """The run's settings; with quantized weights also the mode and `quantization_error` (with the bytes)."""
-    meta = {"model": model_name, "parameters": model.num_parameters(), "dtype": str(dtype).replace("torch.", ""),
+    meta = {"model": model_name, "parameters": unsharded_parameters(model), "dtype": str(dtype).replace("torch.", ""),
             "device": str(model.device), **{k: v for k, v in asdict(cfg).items() if k != "modes"},
             "steps": cfg.total_steps, "hardware": hardware()}
     if quantize is not None:
         meta |= {"quantize": quantize, "quantization_error": quantization_error}
     return meta
+
+
+def unsharded_parameters(model: MaskedDiffusionLM) -> int:
+    """The model's parameter count, whole even when this rank holds a shard (counted on the meta device)."""
+    with torch.device("meta"):
+        return MaskedDiffusionLM(model.config).num_parameters()
 
 
 def write_outputs(rows: list[dict], meta: dict, json_path=None, markdown_path=None) -> None:

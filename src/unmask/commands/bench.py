@@ -1,10 +1,14 @@
-"""`unmask bench`: time the sampler's modes against the plain reference on one model (see unmask.bench)."""
+"""`unmask bench`: time the sampler's modes against the plain reference on one model (see unmask.bench).
+
+Under `torchrun --nproc-per-node N` with --tp N every rank runs every mode on its shard and rank 0
+prints the table (its own timings: the ranks step together).
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from .generate import add_adapter_arg, base_model
+from .generate import add_adapter_arg, add_parallel_args, base_model, check_tensor_parallel, expert_parallel
 
 
 def register(subparsers) -> None:
@@ -43,6 +47,7 @@ def register(subparsers) -> None:
                    help="int8: time the modes with 8-bit linear weights (torchao), after measuring their logit "
                         "error and token agreement against the unquantized weights (docs/quantize.md)")
     add_adapter_arg(p)
+    add_parallel_args(p)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median), after one warm-up")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--suite", action="store_true",
@@ -83,14 +88,27 @@ def _is_gpu(device: str) -> bool:
     return not str(device).startswith("cpu")
 
 
-def bench_context(model_dir: str | None, shape: str | None, device) -> int:
-    """The context of what will be benched, read before any weights are."""
+def bench_modes(args, device, block_diffusion: bool) -> list[str]:
+    """--modes, else every mode of the family the device runs; with --ep not the CUDA-graph ones
+    (expert parallelism reads each MoE layer's counts on the host, which a graph cannot capture)."""
+    from ..bench import MODES, default_modes
+
+    modes = args.modes or default_modes(device, block_diffusion)
+    graphs = [m for m in modes if MODES.get(m, {}).get("cuda_graph")]
+    if graphs and args.ep is not None:
+        if args.modes:
+            raise ValueError(f"mode {graphs[0]!r} captures CUDA graphs, which --ep does not allow: drop it or --ep")
+        modes = [m for m in modes if m not in graphs]
+    return modes
+
+
+def bench_config(model_dir: str | None, shape: str | None, device):
+    """The config of what will be benched, read before any weights are."""
     from ..bench import SHAPES
     from ..models import load_config
 
     checkpoint = bench_model_dir(model_dir, shape, device)
-    config = load_config(checkpoint) if checkpoint is not None else SHAPES[shape or default_shape(device)]
-    return config.max_seq_len
+    return load_config(checkpoint) if checkpoint is not None else SHAPES[shape or default_shape(device)]
 
 
 def default_lengths(context: int, block_length: int, prompt_len: int | None,
@@ -118,20 +136,24 @@ def bench_is_block_diffusion(model_dir: str | None, shape: str | None, device) -
     return SHAPES[shape or default_shape(device)].layout in BLOCK_DIFFUSION_LAYOUTS
 
 
-def load_bench_model(model_dir: str | None, shape: str | None, device: str, dtype, adapter: str | None = None):
+def load_bench_model(model_dir: str | None, shape: str | None, device: str, dtype, adapter: str | None = None,
+                     mesh=None, expert_parallel: bool = False):
     """(model, name): the checkpoint (with `adapter` merged), else the bundled model (CPU), else random
-    weights of a shape."""
+    weights of a shape; with a mesh, this rank's shard (random weights are built whole, then sharded)."""
     from ..bench import SHAPES, random_model
     from ..models import load_model
+    from ..models.parallel import parallelize
 
     checkpoint = bench_model_dir(model_dir, shape, device)
     if checkpoint is not None:
         name = f"{checkpoint} + adapter {adapter}" if adapter else str(checkpoint)
-        return load_model(checkpoint, dtype=dtype, device=device, adapter=adapter), name
+        return load_model(checkpoint, dtype=dtype, device=device, adapter=adapter, mesh=mesh,
+                          expert_parallel=expert_parallel), name
     if adapter:
         raise ValueError("--adapter needs the model it was trained on (--model DIR), not random --shape weights")
     shape = shape or default_shape(device)
-    return random_model(SHAPES[shape], device, dtype), f"random {shape}"
+    model = random_model(SHAPES[shape], device, dtype)
+    return (model if mesh is None else parallelize(model, mesh, expert_parallel)), f"random {shape}"
 
 
 def quantize_for_bench(model, cfg, quantize: str):
@@ -162,7 +184,8 @@ def load_suite_tokenizer(args):
 def run(args) -> int:
     import torch
 
-    from ..bench import BenchConfig, bench_meta, default_modes, run_bench, table_header, write_outputs
+    from ..bench import BenchConfig, bench_meta, run_bench, table_header, write_outputs
+    from ..models.parallel import is_first_rank, join_tensor_parallel
     from ..models.placement import resolve_device, resolve_dtype
     from ..models.quantize import check_quantize
 
@@ -170,22 +193,29 @@ def run(args) -> int:
     device = resolve_device(args.device)
     path = base_model(args)
     block = bench_is_block_diffusion(path, args.shape, device)
-    prompt_len, gen_length = default_lengths(bench_context(path, args.shape, device), args.block_length,
-                                             args.prompt_len, args.gen_length)
+    config = bench_config(path, args.shape, device)
+    if args.tp != 1 or args.ep is not None:
+        check_tensor_parallel(args, config=config)
+    prompt_len, gen_length = default_lengths(config.max_seq_len, args.block_length, args.prompt_len, args.gen_length)
     cfg = BenchConfig(batch_sizes=args.batch_sizes, prompt_len=prompt_len, gen_length=gen_length,
                       block_length=args.block_length, steps=args.steps, cfg_scale=args.cfg_scale,
                       guidance=args.guidance,
-                      repeats=args.repeats, modes=args.modes or default_modes(device, block), seed=args.seed,
+                      repeats=args.repeats, modes=bench_modes(args, device, block), seed=args.seed,
                       agreement=args.agreement,
                       suite_items=args.suite_items if args.suite else 0).check(device, block)
     tokenizer = load_suite_tokenizer(args) if args.suite else None
     dtype = resolve_dtype(args.dtype) or (torch.float32 if device.type == "cpu" else torch.bfloat16)
-    model, name = load_bench_model(path, args.shape, device, dtype, args.adapter)
+    mesh, device = join_tensor_parallel(args.tp, device)
+    model, name = load_bench_model(path, args.shape, device, dtype, args.adapter, mesh, expert_parallel(args))
     error = None
     if args.quantize:
         model, error = quantize_for_bench(model, cfg, args.quantize)
-    meta = bench_meta(model, cfg, name, dtype, args.quantize, error)
-    print(f"unmask bench: {name}, {meta['parameters']:,} parameters, {meta['dtype']} on {meta['device']}")
+    meta = bench_meta(model, cfg, name, dtype, args.quantize, error) | {"tp": args.tp, "ep": args.ep}
+    if not is_first_rank():   # the same calls as rank 0, in step with it; rank 0 reports
+        run_bench(model, cfg, progress=lambda row: None, tokenizer=tokenizer)
+        return 0
+    sharded = f", sharded over {args.tp} ranks{' (experts whole)' if args.ep else ''}" if args.tp > 1 else ""
+    print(f"unmask bench: {name}, {meta['parameters']:,} parameters, {meta['dtype']} on {meta['device']}{sharded}")
     if args.quantize:
         from ..bench import format_quantization_error
 

@@ -24,7 +24,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     add_adapter_arg(p)
 
 
-def add_adapter_arg(p: argparse.ArgumentParser) -> None:
+def add_adapter_arg(p: argparse.ArgumentParser, several: bool = False) -> None:
+    """--adapter DIR; with `several` (the server) it may be repeated, each as DIR or NAME=DIR."""
+    if several:
+        p.add_argument("--adapter", action="append", default=None, metavar="[NAME=]DIR",
+                       help="a LoRA adapter (or LoRA training run), served under NAME (default: its directory "
+                            "name); one is merged into the weights at load; several are held beside one base, "
+                            "which is served too, and each request's model field picks one (docs/lora.md); "
+                            "without --model, the base model they record")
+        return
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="a LoRA adapter (or LoRA training run) merged into the weights at load (docs/lora.md); "
                         "without --model, the base model it records")
@@ -41,6 +49,10 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel degree: shard the model over N processes started with "
                         "torchrun --nproc-per-node N -m unmask ... (default: %(default)s; docs/distributed.md)")
+    p.add_argument("--ep", type=int, default=None,
+                   help="expert parallelism for MoE models: split the routed experts whole over the --tp ranks "
+                        "(tokens reach them by all-to-all) instead of splitting every expert's width; "
+                        "must equal --tp (docs/distributed.md)")
 
 
 def load_for_args(args):
@@ -52,26 +64,39 @@ def load_for_args(args):
     device, dtype = model_placement(args)
     path = base_model(args)
     tp = getattr(args, "tp", 1)
-    if tp != 1:
+    if tp != 1 or getattr(args, "ep", None) is not None:
         check_tensor_parallel(args, path)
     mesh, device = join_tensor_parallel(tp, device)
     model = load_model(path, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code,
-                       quantize=args.quantize, adapter=args.adapter, mesh=mesh)   # a mesh: each rank reads its slices
+                       quantize=args.quantize, adapter=args.adapter, mesh=mesh,   # a mesh: each rank reads its slices
+                       expert_parallel=expert_parallel(args))
     return model, load_tokenizer(path, trust_remote_code=args.trust_remote_code)
 
 
-def check_tensor_parallel(args, path, also: tuple[str, ...] = ()) -> None:
-    """--tp N, checked before any weights are read: the flags it does not combine with yet
-    (--trust-remote-code, --quantize, and the entry point's `also`), and a model whose heads,
-    vocabulary and widths N divides."""
+def check_tensor_parallel(args, path=None, also: tuple[str, ...] = (), config=None) -> None:
+    """--tp N (and --ep), checked before any weights are read: --ep equal to --tp, the flags they do
+    not combine with yet (--trust-remote-code, --quantize, and the entry point's `also`), and a
+    model (`config`, else the checkpoint at `path`'s) whose heads, vocabulary and widths (or, with
+    --ep, experts) N divides."""
     from ..models import load_config
     from ..models.parallel import check_divisible
 
+    if args.ep is not None and (args.ep != args.tp or args.tp == 1):
+        raise ValueError(f"--ep {args.ep} with --tp {args.tp}: expert parallelism splits the experts over the "
+                         f"tensor-parallel ranks, so --ep must equal --tp, at least 2 (--tp N --ep N), or be left out")
     for flag in ("--trust-remote-code", "--quantize", *also):
         if getattr(args, flag[2:].replace("-", "_"), None):
             raise ValueError(f"--tp shards unmask's own full-precision models and is not available with "
                              f"{flag} yet: drop one of them")
-    check_divisible(load_config(path), args.tp)
+    if expert_parallel(args) and getattr(args, "cuda_graph", False):
+        raise ValueError("--ep reads each MoE layer's expert counts on the host to size its all-to-alls, which a "
+                         "CUDA graph cannot capture: drop --cuda-graph or --ep")
+    check_divisible(config or load_config(path), args.tp, expert_parallel(args))
+
+
+def expert_parallel(args) -> bool:
+    """Whether --ep asks for the experts split whole over the ranks (checked by `check_tensor_parallel`)."""
+    return getattr(args, "ep", None) is not None
 
 
 def model_placement(args):
@@ -161,6 +186,7 @@ def register(sub) -> None:
 
     c = sub.add_parser("chat", help="multi-turn chat in the terminal")
     add_model_args(c)
+    add_parallel_args(c)   # under torchrun rank 0 reads the turns and sends each to the other ranks
     add_sampling_args(c)
     c.add_argument("--system", default=None, help="system message")
     c.set_defaults(func=run_chat)
@@ -206,25 +232,58 @@ def run_generate(args) -> int:
 
 
 def run_chat(args) -> int:
+    """The chat loop. Under torchrun with --tp N every rank runs every turn on its shard; rank 0
+    alone reads the terminal (torchrun hands all ranks the same standard input, which they would
+    race for) and prints, and sends each line, or the end, to the others (`next_turn`)."""
+    from unmask.models.parallel import is_first_rank
     from unmask.sampling.text import generate_text
 
     path = base_model(args)
     block = is_block_checkpoint(path)
     options = sampling_options(args, block)
     model, tokenizer = load_for_args(args)
+    turns = turn_group(args.tp)
+    speaks = is_first_rank()
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("unmask chat — empty line or Ctrl-D to quit", file=sys.stderr)
+    if speaks:
+        print("unmask chat — empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
-        try:
-            user = input("you> ").strip()
-        except EOFError:
-            return 0
+        user = next_turn(turns, speaks)
         if not user:
             return 0
         messages.append({"role": "user", "content": user})
         [reply] = generate_text(model, tokenizer, [messages], **sampling_kwargs(options, args, block))
-        print(f"model> {reply}")
+        if speaks:
+            print(f"model> {reply}", flush=True)
         messages.append({"role": "assistant", "content": reply})
+
+
+def turn_group(tp: int):
+    """The group chat turns are sent on under --tp (no timeout: a person may take long to type);
+    None for one process."""
+    if tp == 1:
+        return None
+    from ..serve.tensor_parallel import announcement_group
+
+    return announcement_group()
+
+
+def next_turn(group, speaks: bool) -> str:
+    """The user's next line ('' at the end of input): read by the rank that speaks, sent to the
+    others on `group` when there are others."""
+    line = None
+    if speaks:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            line = ""
+    if group is None:
+        return line
+    import torch.distributed as dist
+
+    box = [line]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
 
 
 class StepProgress:

@@ -6,8 +6,9 @@ import argparse
 import ipaddress
 import math
 import os
+from pathlib import Path
 
-from .generate import add_adapter_arg, add_parallel_args, base_model, check_tensor_parallel
+from .generate import add_adapter_arg, add_parallel_args, check_tensor_parallel, expert_parallel
 
 
 def register(subparsers) -> None:
@@ -15,15 +16,15 @@ def register(subparsers) -> None:
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
     p.add_argument("--served-model-name", default=None,
-                   help="model id clients send (default: the --adapter's or --model's directory name, or 'unmask' "
-                        "for the bundled model)")
+                   help="model id clients send (default: the --adapter's name, or with several adapters or none "
+                        "the --model's directory name, or 'unmask' for the bundled model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback exposes the server")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="weights dtype (default: float32 on cpu, bfloat16 elsewhere)")
     p.add_argument("--quantize", default=None, metavar="int8",
                    help="int8: 8-bit linear weights via torchao (pip install \"unmask[quant]\"; docs/quantize.md)")
-    add_adapter_arg(p)
+    add_adapter_arg(p, several=True)
     add_parallel_args(p)   # with --tp N, rank 0 serves HTTP and the other ranks follow its batches
     p.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--default-max-tokens", type=int, default=64, help="max_tokens when a request gives none")
@@ -96,11 +97,10 @@ def register(subparsers) -> None:
 def serve(args) -> int:
     """Check every setting (under the rules of the checkpoint's family) and bind the port, then load
     the model, then serve until a signal drains it. Exits 1 when a second signal cut requests off."""
-    from pathlib import Path
-
     import torch
 
     from .. import load
+    from ..models.adapters import AdapterSet
     from ..models.placement import resolve_device, resolve_dtype
     from ..models.quantize import check_quantize
     from ..serve import ServeConfig, create_app
@@ -108,8 +108,15 @@ def serve(args) -> int:
     from ..serve.lifecycle import bind
 
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    path = base_model(args)
-    name = args.served_model_name or (Path(args.adapter or path).resolve().name if args.adapter or path else "unmask")
+    adapters = served_adapters(args.adapter)
+    path = adapters_base(args.model, adapters)
+    merged = next(iter(adapters.values())) if len(adapters) == 1 else None   # one adapter: merged at load
+    if len(adapters) == 1:
+        name = args.served_model_name or next(iter(adapters))
+    else:
+        name = args.served_model_name or (Path(path).resolve().name if path else "unmask")
+        if adapters:
+            _check_several_adapters(args, adapters, name)
     api_key = _api_key(args)
     config = ServeConfig(model_name=name, max_tokens_limit=args.max_tokens_limit,
                          default_max_tokens=args.default_max_tokens, block_length=args.block_length,
@@ -125,12 +132,53 @@ def serve(args) -> int:
                          shutdown_grace_s=args.shutdown_grace).check(is_block_checkpoint(path), device)
     dtype = resolve_dtype(args.dtype)
     quantize = check_quantize(args.quantize)
-    if args.tp != 1:
-        return _serve_tensor_parallel(args, config, device, dtype)
+    if args.tp != 1 or args.ep is not None:
+        return _serve_tensor_parallel(args, config, device, dtype, path, merged)
     sock = bind(args.host, args.port)
-    model, tokenizer = load(path, dtype=dtype, device=device, quantize=quantize, adapter=args.adapter)
-    app = create_app(model, tokenizer, config)
+    model, tokenizer = load(path, dtype=dtype, device=device, quantize=quantize, adapter=merged)
+    held = AdapterSet(model, adapters) if len(adapters) > 1 else None
+    app = create_app(model, tokenizer, config, held)
     return _announce_and_run(app, args, device, sock, config)
+
+
+def served_adapters(values: list[str] | None) -> dict[str, str]:
+    """--adapter's values as {served name: directory}: NAME=DIR, or DIR named by its directory
+    (a value that is an existing path is a DIR, even with an '=' in it)."""
+    adapters: dict[str, str] = {}
+    for value in values or []:
+        name, sep, directory = value.partition("=")
+        if not sep or not name or "/" in name or os.path.exists(value):
+            name, directory = Path(value).resolve().name, value
+        if not directory:
+            raise ValueError(f"--adapter {value}: give the adapter's directory after '=' (NAME=DIR)")
+        if name in adapters:
+            raise ValueError(f"two adapters are named {name!r}: name them apart with --adapter NAME=DIR")
+        adapters[name] = directory
+    return adapters
+
+
+def adapters_base(model: str | None, adapters: dict[str, str]) -> str | None:
+    """The base checkpoint: --model, or the one base every adapter records (None: the bundled model)."""
+    from ..models.loading import base_checkpoint
+
+    if model is not None or not adapters:
+        return model
+    bases = {name: base_checkpoint(None, directory) for name, directory in adapters.items()}
+    if len({None if b is None else Path(b).resolve() for b in bases.values()}) > 1:
+        listed = ", ".join(f"{name}: {base}" for name, base in bases.items())
+        raise ValueError(f"the adapters record different base models ({listed}): pass the base with --model")
+    return next(iter(bases.values()))
+
+
+def _check_several_adapters(args, adapters: dict[str, str], base_name: str) -> None:
+    """What several adapters beside one base do not combine with, before anything is loaded."""
+    if base_name in adapters:
+        raise ValueError(f"the adapter {base_name!r} has the base model's served name: rename it (--adapter "
+                         "NAME=DIR) or the base (--served-model-name)")
+    for flag, value in (("--tp", args.tp != 1), ("--cuda-graph", args.cuda_graph)):
+        if value:   # a captured graph would replay the adapter it was captured with
+            raise ValueError(f"several adapters in one server do not combine with {flag} yet: serve one adapter "
+                             "(merged), or drop " + flag)
 
 
 def _announce_and_run(app, args, device, sock, config) -> int:
@@ -148,7 +196,7 @@ def _announce_and_run(app, args, device, sock, config) -> int:
     return 0 if run(app, sock, config.shutdown_grace_s) else 1
 
 
-def _serve_tensor_parallel(args, config, device, dtype) -> int:
+def _serve_tensor_parallel(args, config, device, dtype, path, adapter) -> int:
     """Under torchrun: every rank loads its shard; rank 0 binds and serves, the others follow its
     batches (`serve.tensor_parallel`). Exits 1 with a message when a rank was lost."""
     import sys
@@ -159,12 +207,12 @@ def _serve_tensor_parallel(args, config, device, dtype) -> int:
     from ..serve.lifecycle import bind
     from ..serve.tensor_parallel import BATCH_TIMEOUT, GroupLost, Leader, announcement_group, follow
 
-    path = base_model(args)
     check_tensor_parallel(args, path, also=("--cuda-graph",))
     mesh, device = join_tensor_parallel(args.tp, device, timeout=BATCH_TIMEOUT)
     group = announcement_group()
     sock = bind(args.host, args.port) if is_first_rank() else None
-    model = load_model(path, dtype=dtype, device=device, adapter=args.adapter, mesh=mesh)
+    model = load_model(path, dtype=dtype, device=device, adapter=adapter, mesh=mesh,
+                       expert_parallel=expert_parallel(args))
     if not is_first_rank():
         try:
             follow(model, device, group)

@@ -7,6 +7,9 @@ path that takes a model (samplers, KV caches, CUDA graphs, int8 weights, the ser
 unchanged and runs at the base model's speed. `load_model(..., adapter=DIR)` is the one place
 that does it; every entry point goes through it.
 
+A server holding several adapters keeps them unmerged instead (`AdapterSet`): one base in
+memory, each adapter's A and B beside it, one adapter active per forward pass.
+
 Module names are unmask's fused ones: `qkv` (q|k|v in one matrix), `out`, `gate_up`, `down`; the
 routed experts of the MoE layouts are stacked 3-D parameters `w_gate`, `w_up`, `w_down`, which
 peft adapts with one rank-r update per expert (its `target_parameters`).
@@ -94,13 +97,19 @@ def adapter_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {_FILE_PREFIX + k.replace(f".{_NAME}.", "."): v for k, v in state.items() if ".lora_" in k}
 
 
-def model_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """adapter_model.safetensors' tensors under the model's state-dict names (the inverse of `adapter_tensors`)."""
+def model_tensors(tensors: dict[str, torch.Tensor], name: str = _NAME) -> dict[str, torch.Tensor]:
+    """adapter_model.safetensors' tensors under the model's state-dict names (the inverse of
+    `adapter_tensors`), for the adapter loaded as `name`."""
     out = {}
     for k, v in tensors.items():
         head, _, tail = k.removeprefix(_FILE_PREFIX).rpartition(".")
-        out[f"{head}.{_NAME}.{tail}"] = v
+        out[f"{head}.{name}.{tail}"] = v
     return out
+
+
+def _adapter_name(state_name: str) -> str:
+    """Which adapter a LoRA tensor of the model's state dict belongs to (`...lora_A.NAME.weight`)."""
+    return state_name.split(".lora_", 1)[1].split(".")[1]
 
 
 def save_adapter(config, tensors: dict[str, torch.Tensor], directory: str | os.PathLike) -> None:
@@ -132,19 +141,20 @@ def adapter_base(adapter: str | os.PathLike) -> str | None:
     return base if isinstance(base, str) and base else None
 
 
-def check_adapter_names(model: torch.nn.Module, names, source: Path, fix: str) -> None:
+def check_adapter_names(model: torch.nn.Module, names, source: Path, fix: str, name: str = _NAME) -> None:
     """Refuse an adapter whose tensors (model-state names) are not exactly the LoRA tensors of
-    `model`: peft only warns about either kind of difference, and the output would silently be a
-    different model."""
-    expected = {k for k in model.state_dict() if ".lora_" in k}
+    `model` for the adapter loaded as `name`: peft only warns about either kind of difference, and
+    the output would silently be a different model."""
+    expected = {k for k in model.state_dict() if ".lora_" in k and _adapter_name(k) == name}
     extra, missing = sorted(set(names) - expected), sorted(expected - set(names))
     if extra or missing:
         example = f"it has {extra[0]}" if extra else f"it lacks {missing[0]}"
         raise CheckpointError(f"{source} adapts other matrices than this model has ({example}); {fix}")
 
 
-def attach_adapter(model: torch.nn.Module, adapter: str | os.PathLike) -> torch.nn.Module:
-    """peft's model with the adapter's LoRA layers beside the base weights (not merged)."""
+def attach_adapter(model: torch.nn.Module, adapter: str | os.PathLike, into=None, name: str = _NAME):
+    """peft's model with the adapter's LoRA layers beside the base weights (not merged), as adapter
+    `name`; `into` is the peft model an earlier call returned for `model`, to hold one more adapter."""
     from safetensors import safe_open
 
     d = resolve_adapter_dir(adapter)
@@ -152,13 +162,17 @@ def attach_adapter(model: torch.nn.Module, adapter: str | os.PathLike) -> torch.
     try:
         with warnings.catch_warnings():  # what peft only warns about is checked below, and refused
             warnings.simplefilter("ignore")
-            wrapped = _peft().PeftModel.from_pretrained(model, d)
+            if into is None:
+                wrapped = _peft().PeftModel.from_pretrained(model, d, adapter_name=name)
+            else:
+                wrapped = into
+                wrapped.load_adapter(d, adapter_name=name)
         with safe_open(d / ADAPTER_WEIGHTS, framework="pt") as f:
-            names = model_tensors(dict.fromkeys(f.keys()))
+            names = model_tensors(dict.fromkeys(f.keys()), name)
     except (RuntimeError, ValueError, KeyError, OSError) as e:  # shapes that do not fit this base, bad files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{d} does not fit this base model ({first}); {fix}") from None
-    check_adapter_names(model, names, d / ADAPTER_WEIGHTS, fix)
+    check_adapter_names(model, names, d / ADAPTER_WEIGHTS, fix, name)
     return wrapped
 
 
@@ -182,3 +196,59 @@ def _unload_nested(model: torch.nn.Module) -> None:
                 module.merge()
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, module.get_base_layer())
+
+
+class AdapterSet:
+    """Several LoRA adapters held beside one base model, unmerged; one of them (or none) active.
+
+    Why not merged: a merged adapter is W + ΔW in every adapted matrix, so n merged adapters need n
+    copies of the base, and swapping updates in and out (W += ΔW, later W -= ΔW) drifts with
+    rounding over a server's life. Unmerged, peft computes base(x) + alpha/r · B(A(x)) in each
+    adapted layer for the active adapter only: each adapter costs its A and B (rank r), the base
+    weights stay exactly as loaded, and the logits equal the merged model's within float rounding
+    (tests: 1e-5). The price is the rank-r matmuls of each forward pass.
+
+    `adapters` maps the name callers use to an adapter directory (or LoRA training run). peft's own
+    names are `a0`, `a1`, ... (a module key may not hold a dot, a served name may). `activate` is not
+    thread-safe: the caller runs one forward pass at a time (the server's single worker thread)."""
+
+    def __init__(self, model: torch.nn.Module, adapters: dict[str, str | os.PathLike]):
+        if not adapters:
+            raise ValueError("an AdapterSet needs at least one adapter")
+        _check_expert_targets(adapters)
+        self.model = model
+        self._peft_names = {name: f"a{i}" for i, name in enumerate(adapters)}
+        wrapped = None
+        with torch.no_grad():
+            for name, directory in adapters.items():
+                wrapped = attach_adapter(model, directory, into=wrapped, name=self._peft_names[name])
+        self._tuner = wrapped.base_model
+        self.active: str | None = None
+        self.activate(None)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._peft_names)
+
+    def activate(self, name: str | None) -> None:
+        """From now on the model computes as the base (None) or as the base with adapter `name`."""
+        if name is None:
+            self._tuner.disable_adapter_layers()
+        elif name not in self._peft_names:
+            raise KeyError(f"no adapter named {name!r}; the adapters are {', '.join(self.names)}")
+        else:
+            self._tuner.enable_adapter_layers()
+            self._tuner.set_adapter(self._peft_names[name], inference_mode=True)
+        self.active = name
+
+
+def _check_expert_targets(adapters: dict[str, str | os.PathLike]) -> None:
+    """peft holds several adapters on stacked expert weights only when they all adapt the same ones."""
+    seen = {}
+    for name, directory in adapters.items():
+        targets = read_json(resolve_adapter_dir(directory) / ADAPTER_CONFIG).get("target_parameters") or []
+        seen[name] = tuple(sorted(targets))
+    if any(seen.values()) and len(set(seen.values())) > 1:
+        listed = "; ".join(f"{n}: {', '.join(t) or 'none'}" for n, t in seen.items())
+        raise ValueError(f"adapters held together must adapt the same routed-expert weights (peft's limit), "
+                         f"these differ ({listed}); merge one with unmask merge and serve it alone")

@@ -214,7 +214,7 @@ def _tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
 def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None,
                device: torch.device | str | None = None, trust_remote_code: bool = False,
                quantize: str | None = None, adapter: str | os.PathLike | None = None,
-               mesh=None) -> torch.nn.Module:
+               mesh=None, expert_parallel: bool = False) -> torch.nn.Module:
     """Load a checkpoint (see `resolve_checkpoint_dir` for what `path` may be) in eval mode.
 
     dtype defaults to float32 on the CPU and bfloat16 elsewhere. With trust_remote_code=True an
@@ -225,8 +225,12 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | str |
     With a 1-D DeviceMesh the model is sharded for tensor parallelism (`parallel.parallelize`) before
     any memory is allocated, and each rank reads only its own slices of the safetensors files (with
     an adapter, each rank loads the whole model, merges the adapter, then keeps its shard).
+    expert_parallel=True splits an MoE model's routed experts whole over the mesh's ranks instead
+    of by width (`parallel.ExpertParallel`): each rank then reads only its own experts' bytes.
     """
     check_quantize(quantize)   # before anything is read: a bad value or a missing torchao is one line
+    if expert_parallel and mesh is None:
+        raise ValueError("expert_parallel=True splits the experts over a mesh's ranks: pass mesh= too")
     if quantize is not None and trust_remote_code:
         raise ValueError(f"quantize={quantize!r} works on unmask's own models, not with trust_remote_code")
     if adapter is not None and trust_remote_code:
@@ -267,7 +271,7 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | str |
         raise ValueError(f"quantize={quantize!r} does not combine with tensor parallelism yet")
     shard_now = mesh if adapter is None else None   # an adapter merges into whole weights: shard after it
     if shard_now is not None:
-        parallelize(model, shard_now)
+        parallelize(model, shard_now, expert_parallel)
     model = model.to_empty(device=device)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
@@ -292,7 +296,7 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | str |
 
         model = merge_adapter(model, adapter)
         if mesh is not None:   # merged into whole weights: sharded only now
-            parallelize(model, mesh)
+            parallelize(model, mesh, expert_parallel)
     return quantize_model(model.eval(), quantize)
 
 

@@ -8,7 +8,8 @@ does, so each transformer sublayer costs one all-reduce:
 - dense MLPs and shared experts: the fused gate|up column-wise, down row-wise;
 - routed experts: every expert's hidden width split across ranks (its gate/up rows, its down
   columns), so the grouped matmul stays the local compute and the layer's output is one partial
-  sum, all-reduced once together with the shared expert's;
+  sum, all-reduced once together with the shared expert's; or, with expert parallelism, whole
+  experts per rank and the tokens' rows sent to them and back by all-to-all (`ExpertParallel`);
 - embedding vocabulary-parallel (each rank looks up its rows of the table, an all-reduce fills in
   the rest) and LM head column-wise with the logits left sharded over the vocabulary: the model
   returns a DTensor `Shard(-1)` of the logits and the sampler decodes on the shards
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -45,14 +47,18 @@ def check_tp(tp: int) -> int:
     return tp
 
 
-def check_divisible(cfg, tp: int) -> None:
-    """Raise ValueError naming the first size that `tp` ranks cannot split evenly."""
+def check_divisible(cfg, tp: int, expert_parallel: bool = False) -> None:
+    """Raise ValueError naming the first size that `tp` ranks cannot split evenly (with
+    `expert_parallel`, the experts are split whole instead of by width)."""
     check_tp(tp)
+    if expert_parallel and not any(cfg.moe_layers):
+        raise ValueError("--ep splits the experts of a mixture-of-experts model and this model has none: drop --ep")
     sizes = {"attention heads": cfg.n_heads, "vocabulary": cfg.vocab_size}
     if any(not moe for moe in cfg.moe_layers):
         sizes["dense MLP width"] = cfg.mlp_hidden_size
     if any(cfg.moe_layers):
-        sizes["expert width"] = cfg.expert_hidden_size
+        sizes["experts" if expert_parallel else "expert width"] = (cfg.n_experts if expert_parallel
+                                                                   else cfg.expert_hidden_size)
         if cfg.shared_expert_hidden_size:
             sizes["shared expert width"] = cfg.shared_expert_hidden_size
     for what, size in sizes.items():
@@ -127,12 +133,79 @@ class ExpertWidthParallel(ParallelStyle):
         return module
 
 
+class ExpertParallel(ParallelStyle):
+    """Routed experts split whole across ranks: rank r holds experts [r·E/N, (r+1)·E/N).
+
+    Under tensor parallelism every rank holds every token (the residual stream is replicated), so
+    rank r routes only its 1/N of the layer's tokens (`_routed_token_slice`), sends each
+    token-expert row to the rank holding that expert and gets the results back by two all-to-alls
+    (`_experts_by_all_to_all`), which run the grouped matmul over the rank's own experts on the rows
+    of every rank. The slice's weighted sums, in an otherwise zero output, plus the shared expert's
+    partial sum, are made whole by the same one all-reduce as the width split's.
+
+    The plan swaps two methods of the module instance (`routed`, `experts`) for these wrappers
+    around the originals: the model code stays as it is.
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if not isinstance(module, MoE):
+            raise TypeError(f"ExpertParallel applies to MoE layers, not {type(module).__name__}")
+        rank, ep = device_mesh.get_local_rank(), device_mesh.size()
+        for name in ExpertWidthParallel.SHARD_DIMS:
+            local = getattr(module, name).detach().chunk(ep, dim=0)[rank].contiguous()
+            setattr(module, name, nn.Parameter(local, requires_grad=False))
+        module.expert_parallel = True   # read by `shard_pieces`: experts split whole, along dim 0
+        module.experts = partial(_experts_by_all_to_all, module.experts, device_mesh)
+        module.routed = partial(_routed_token_slice, module.routed, device_mesh)
+        module.register_forward_hook(lambda mod, args, out: _sum_partials(out, device_mesh))
+        return module
+
+
+def _token_bounds(n_tokens: int, mesh: DeviceMesh) -> tuple[int, int]:
+    """The rows [start, stop) of a layer's tokens that this rank routes (an even split, uneven by one)."""
+    rank, size = mesh.get_local_rank(), mesh.size()
+    return rank * n_tokens // size, (rank + 1) * n_tokens // size
+
+
+def _routed_token_slice(routed, mesh: DeviceMesh, x: torch.Tensor) -> torch.Tensor:
+    """`routed` on this rank's slice of the tokens x (N, D), in a zero (N, D) output: a partial sum."""
+    start, stop = _token_bounds(x.shape[0], mesh)
+    out = x.new_zeros(x.shape)
+    out[start:stop] = routed(x[start:stop])
+    return out
+
+
+def _experts_by_all_to_all(local_experts, mesh: DeviceMesh, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The experts' outputs for rows xs grouped by expert (counts[e] rows for expert e of all E),
+    computed on the ranks holding them: the counts, then the rows, go out by all-to-all; the rows
+    each rank receives (source by source, each source's expert by expert) are regrouped by expert
+    for one grouped matmul over its own experts (`local_experts`), and the results come back in
+    the order they left."""
+    group, ep = mesh.get_group(), mesh.size()
+    per_rank = counts.numel() // ep
+    received = torch.empty_like(counts)   # [source rank][own expert]: rows each source sends each own expert
+    dist.all_to_all_single(received, counts, group=group)
+    send = counts.view(ep, per_rank).sum(1).tolist()
+    by_source = received.view(ep, per_rank)
+    recv = by_source.sum(1).tolist()
+    rows = xs.new_empty(sum(recv), xs.shape[1])
+    dist.all_to_all_single(rows, xs.contiguous(), recv, send, group=group)
+    own_expert = torch.arange(per_rank, device=xs.device).repeat(ep).repeat_interleave(received.long())
+    order = torch.argsort(own_expert, stable=True)
+    y = local_experts(rows[order], by_source.sum(0, dtype=counts.dtype))
+    back = torch.empty_like(y).index_copy_(0, order, y)
+    out = y.new_empty(xs.shape[0], y.shape[1])
+    dist.all_to_all_single(out, back, send, recv, group=group)
+    return out
+
+
 def _sum_partials(out: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
     return DTensor.from_local(out, mesh, [Partial()]).redistribute(mesh, [Replicate()]).to_local()
 
 
-def tensor_parallel_plan(model: MaskedDiffusionLM) -> dict[str, ParallelStyle]:
-    """The sharding plan of `model`, module name → style (see the module docstring)."""
+def tensor_parallel_plan(model: MaskedDiffusionLM, expert_parallel: bool = False) -> dict[str, ParallelStyle]:
+    """The sharding plan of `model`, module name → style (see the module docstring); with
+    `expert_parallel` the routed experts are split whole (`ExpertParallel`), not by width."""
     plan: dict[str, ParallelStyle] = {
         "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
         "lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False),
@@ -141,7 +214,7 @@ def tensor_parallel_plan(model: MaskedDiffusionLM) -> dict[str, ParallelStyle]:
         b = f"blocks.{i}."
         plan[b + "attn.qkv"], plan[b + "attn.out"] = ColwiseParallel(), RowwiseParallel()
         if isinstance(block.mlp, MoE):
-            plan[b + "mlp"] = ExpertWidthParallel()
+            plan[b + "mlp"] = ExpertParallel() if expert_parallel else ExpertWidthParallel()
             if block.mlp.shared is not None:   # left partial: the MoE's own all-reduce sums it with the experts'
                 plan[b + "mlp.shared.gate_up"] = ColwiseParallel()
                 plan[b + "mlp.shared.down"] = RowwiseParallel(output_layouts=Partial())
@@ -151,15 +224,16 @@ def tensor_parallel_plan(model: MaskedDiffusionLM) -> dict[str, ParallelStyle]:
 
 
 @torch.no_grad()
-def parallelize(model: MaskedDiffusionLM, mesh: DeviceMesh) -> MaskedDiffusionLM:
-    """Shard `model` (every rank holding the same full weights) over the 1-D `mesh`, in place.
+def parallelize(model: MaskedDiffusionLM, mesh: DeviceMesh, expert_parallel: bool = False) -> MaskedDiffusionLM:
+    """Shard `model` (every rank holding the same full weights) over the 1-D `mesh`, in place;
+    with `expert_parallel` the routed experts are split whole over the same ranks (`ExpertParallel`).
 
     Afterwards each rank holds 1/N of the weights (replicated KV heads and norms aside) and
     `model(ids).logits` is a DTensor sharded over the vocabulary; `.full_tensor()` gathers it.
     Inference only: the reordered projections are not trainable parameters.
     """
     tp = mesh.size()
-    check_divisible(model.config, tp)
+    check_divisible(model.config, tp, expert_parallel)
     if tp == 1:
         return model
     for block in model.blocks:
@@ -168,7 +242,7 @@ def parallelize(model: MaskedDiffusionLM, mesh: DeviceMesh) -> MaskedDiffusionLM
             if isinstance(mlp, SwiGLU):
                 shard_swiglu_rows(mlp, tp)
     tied = model.lm_head.weight is model.embed.weight
-    parallelize_module(model, mesh, tensor_parallel_plan(model))
+    parallelize_module(model, mesh, tensor_parallel_plan(model, expert_parallel))
     if tied:   # both modules shard the (V, D) table by rows: keep one copy
         model.lm_head.weight = model.embed.weight
     return model
@@ -195,6 +269,9 @@ def shard_pieces(model: nn.Module, name: str, index: tuple,
     order = getattr(module, "row_order", None) if attr == "weight" else None
     rows = (torch.arange(n * mesh.size()) if order is None else order)[rank * n:(rank + 1) * n]
     lead = index[0] if index else slice(None)
+    if isinstance(lead, int) and dim == 0:   # one expert of experts split whole: read by its rank alone
+        first = rank * n
+        return [(local[lead - first], (0, 0))] if first <= lead < first + n else []
     if isinstance(lead, int):   # one expert of a stacked (experts, ...) parameter, sharded inside the expert
         local, dim, lead = local[lead], dim - 1, slice(None)
     elif dim != 0:   # a row range of the full parameter, sharded along another dim
@@ -219,7 +296,7 @@ def _local_and_dim(module: nn.Module, attr: str) -> tuple[torch.Tensor, int | No
         [placement] = param.placements
         return param.to_local(), (placement.dim % param.ndim if isinstance(placement, Shard) else None)
     if isinstance(module, MoE) and attr in ExpertWidthParallel.SHARD_DIMS:
-        return param, ExpertWidthParallel.SHARD_DIMS[attr]
+        return param, 0 if getattr(module, "expert_parallel", False) else ExpertWidthParallel.SHARD_DIMS[attr]
     return param, None
 
 

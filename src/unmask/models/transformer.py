@@ -217,7 +217,7 @@ class MoE(nn.Module):
         a group scores the sum of its two best experts."""
         if self.topk_groups == self.n_groups:
             return scores
-        groups = scores.view(scores.shape[0], self.n_groups, -1)
+        groups = scores.view(scores.shape[0], self.n_groups, scores.shape[1] // self.n_groups)  # N may be 0
         best = groups.topk(2, dim=-1).values.sum(-1).topk(self.topk_groups, dim=-1).indices
         kept = torch.zeros(groups.shape[:2], dtype=torch.bool, device=scores.device).scatter_(1, best, True)
         return groups.masked_fill(~kept[..., None], float("-inf")).flatten(1)
@@ -225,20 +225,30 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, experts = self.route(x)
-        flat = experts.flatten()
-        order = torch.argsort(flat, stable=True)
-        token_of = order // self.top_k
-        counts = torch.zeros(self.w_gate.shape[0], dtype=torch.int32, device=x.device)
-        counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-        xs = x[token_of]
-        h = F.silu(grouped_matmul(xs, self.w_gate, counts)) * grouped_matmul(xs, self.w_up, counts)
-        y = grouped_matmul(h, self.w_down, counts) * weights.flatten()[order, None]
-        unsorted = torch.empty_like(y).index_copy_(0, order, y)  # a permutation: no atomics, deterministic
-        out = unsorted.view(-1, self.top_k, shape[-1]).sum(1)
+        out = self.routed(x)
         if self.shared is not None:
             out = out + self.shared(x)
         return out.view(shape)
+
+    def routed(self, x: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weighted sum for tokens x (N, D)."""
+        weights, experts = self.route(x)
+        flat = experts.flatten()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.zeros(self.router.weight.shape[0], dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        y = self.experts(x[order // self.top_k], counts) * weights.flatten()[order, None]
+        unsorted = torch.empty_like(y).index_copy_(0, order, y)  # a permutation: no atomics, deterministic
+        return unsorted.view(-1, self.top_k, x.shape[-1]).sum(1)
+
+    def experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Each expert's SwiGLU on its rows: xs holds counts[e] rows for expert e, expert by expert.
+
+        The local compute; expert parallelism (`parallel.ExpertParallel`) sends the rows to the
+        ranks holding their experts and runs this there on each rank's own experts.
+        """
+        h = F.silu(grouped_matmul(xs, self.w_gate, counts)) * grouped_matmul(xs, self.w_up, counts)
+        return grouped_matmul(h, self.w_down, counts)
 
 
 def _has_grouped_mm(x: torch.Tensor) -> bool:

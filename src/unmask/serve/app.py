@@ -237,11 +237,15 @@ def chat_tuned(encoder: PromptEncoder, model_name: str) -> bool:
 
 
 class Server:
-    """The model, its tokenizer, the scheduler and the per-request logic shared by both endpoints."""
+    """The model, its tokenizer, the scheduler and the per-request logic shared by both endpoints.
 
-    def __init__(self, model, tokenizer, config: ServeConfig):
+    With `adapters` (a `models.adapters.AdapterSet` on `model`) it serves the base under
+    `config.model_name` and each adapter under its own name; a request's `model` picks one."""
+
+    def __init__(self, model, tokenizer, config: ServeConfig, adapters=None):
         self.block_diffusion = is_block_diffusion(model)   # LLaDA2.x: block_generate and BlockOptions
         self.model, self.tokenizer, self.config = model, tokenizer, config.check(self.block_diffusion)
+        self.served = {config.model_name: None} | {name: name for name in (adapters.names if adapters else ())}
         mcfg = getattr(model, "config", None)
         self.mask_id = getattr(mcfg, "mask_token_id", None)
         if self.mask_id is None:
@@ -257,7 +261,8 @@ class Server:
         self.metrics = ServerMetrics(lambda: self.scheduler.queue_depth if self.scheduler else 0,
                                      lambda: self.scheduler.in_flight if self.scheduler else 0)
         self.runner = BatchRunner(model, tokenizer, mask_id=self.mask_id, pad_id=pad_id, eos_id=self.eos_id,
-                                  end_ids=self.end_ids, metrics=self.metrics, shapes=FixedShapes(config.max_batch_size))
+                                  end_ids=self.end_ids, metrics=self.metrics, shapes=FixedShapes(config.max_batch_size),
+                                  adapters=adapters)
 
     @property
     def accepting(self) -> bool:
@@ -333,9 +338,9 @@ class Server:
         return b"".join(chunks)
 
     def check_common(self, req: SamplingRequest) -> None:
-        if req.model != self.config.model_name:
-            raise APIError(404, f"model {req.model!r} does not exist; this server serves {self.config.model_name!r} "
-                                "(see GET /v1/models)", "model", "model_not_found")
+        if req.model not in self.served:
+            raise APIError(404, f"model {req.model!r} does not exist; this server serves "
+                                f"{', '.join(map(repr, self.served))} (see GET /v1/models)", "model", "model_not_found")
         if req.n not in (None, 1):
             raise APIError(400, f"n={req.n} is not supported: send n separate requests (concurrent requests "
                                 "are batched together)", "n")
@@ -431,7 +436,8 @@ class Server:
     def submit(self, req: SamplingRequest, prompt: list[int], options: SamplerOptions, deadline: float) -> Job:
         job = Job(prompt=prompt, options=options, loop=asyncio.get_running_loop(),
                   deadline=deadline, stop=self.stop_sequences(req.stop),
-                  seed=req.seed, stream=req.stream, progress=req.diffusion_progress and req.stream)
+                  seed=req.seed, stream=req.stream, progress=req.diffusion_progress and req.stream,
+                  adapter=self.served[req.model])
         try:
             self.scheduler.submit(job)
         except (QueueFull, ShuttingDown) as e:
@@ -606,9 +612,10 @@ class OpenAICORS(CORSMiddleware):
                         code="cors_refused", headers=headers).response()
 
 
-def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
-    """A FastAPI app serving `model`; the scheduler starts and stops with the app's lifespan."""
-    server = Server(model, tokenizer, config or ServeConfig())
+def create_app(model, tokenizer, config: ServeConfig | None = None, adapters=None) -> FastAPI:
+    """A FastAPI app serving `model` (and with `adapters`, an AdapterSet on it, each adapter under
+    its name); the scheduler starts and stops with the app's lifespan."""
+    server = Server(model, tokenizer, config or ServeConfig(), adapters)
     page = (STATIC / "index.html").read_text(encoding="utf-8").replace("{{page_config}}", json.dumps(
         {"chat": chat_tuned(server.prompts, server.config.model_name), "api_key": server.config.api_key is not None,
          "block_diffusion": server.block_diffusion}))
@@ -678,7 +685,10 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
 
     @app.get("/v1/models", dependencies=v1)
     async def models():
-        return ModelList(data=[ModelCard(id=server.config.model_name, created=now())]).dump()
+        created = now()
+        base = server.config.model_name
+        return ModelList(data=[ModelCard(id=name, created=created, parent=None if adapter is None else base)
+                               for name, adapter in server.served.items()]).dump()
 
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat_completions(request: Request):

@@ -4,6 +4,8 @@ settings, and leaves as soon as its text has ended, its client left, or its dead
 Why it pays: every diffusion step is one forward pass over all the rows, so B rows cost little
 more than one; waiting for a whole batch (hundreds of steps) before starting a request that
 arrived a moment later, or asks another max_tokens, temperature or cfg_scale, wastes that.
+Rows that ask for different LoRA adapters (a server holding several) cannot share a pass: a step
+runs one pass per adapter among its rows, each with that adapter active.
 
 Two halves, one per thread:
 - `Scheduler` (event loop): a bounded FIFO of `Job`s. Before every step it drops cancelled and
@@ -99,6 +101,7 @@ class Job:
     seed: int | None = None
     stream: bool = False                     # post Updates as text is committed (else only the end)
     progress: bool = False                   # with the canvas view (diffusion_progress)
+    adapter: str | None = None               # the LoRA adapter it asks for (None: the base model)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     id: int = field(default_factory=lambda: next(_ids))
     cancelled: bool = False                  # set by the event loop; read by the worker thread
@@ -107,8 +110,10 @@ class Job:
 
     @property
     def key(self) -> Any:
-        """Batch key: a seeded stochastic request runs alone, because batch-mates would draw its noise."""
-        return (self.options, self.id) if self.options.stochastic and self.seed is not None else self.options
+        """Batch key: the adapter and the options; a seeded stochastic request runs alone, because
+        batch-mates would draw its noise."""
+        alone = self.id if self.options.stochastic and self.seed is not None else None
+        return self.adapter, self.options, alone
 
     @property
     def tokens(self) -> int:
@@ -177,8 +182,9 @@ class BatchRunner:
     """Runs rows step by step (`advance`) or a whole-call group (`run`), in the worker thread."""
 
     def __init__(self, model, tokenizer, *, mask_id: int, pad_id: int, eos_id: int | None, end_ids: set[int],
-                 metrics: ServerMetrics, shapes: FixedShapes | None = None):
+                 metrics: ServerMetrics, shapes: FixedShapes | None = None, adapters=None):
         self.model, self.tokenizer = model, tokenizer
+        self.adapters = adapters   # an AdapterSet beside the model (None: the model alone)
         self.shapes = shapes   # what graphed batches are padded to (None: never padded)
         self.mask_id, self.pad_id, self.eos_id, self.end_ids = mask_id, pad_id, eos_id, end_ids
         self.metrics = metrics
@@ -243,8 +249,19 @@ class BatchRunner:
                     eos_last=eos_id is not None, stop_at_eos=eos_id is not None)
 
     def _step(self, live: list[Running]) -> None:
-        """One step of the live rows; if it fails, the rows it did not advance are stepped one by
-        one, so only a row that cannot run fails."""
+        """One step of the live rows: one pass per LoRA adapter among them (the adapter is the
+        model's, active for the whole pass), a single pass without adapters."""
+        by_adapter: dict[str | None, list[Running]] = {}
+        for r in live:
+            by_adapter.setdefault(r.job.adapter, []).append(r)
+        for adapter, rows in by_adapter.items():
+            if self.adapters is not None:
+                self.adapters.activate(adapter)
+            self._pass(rows)
+
+    def _pass(self, live: list[Running]) -> None:
+        """One step of rows that share a pass; if it fails, the rows it did not advance are stepped
+        one by one, so only a row that cannot run fails."""
         before = [r.row.step_index for r in live]
         try:
             step(self.model, [r.row for r in live], self.pad_id)
@@ -288,6 +305,8 @@ class BatchRunner:
     def _generate(self, jobs: list[Job]) -> None:
         started = time.monotonic()
         options = jobs[0].options
+        if self.adapters is not None:   # every row of a whole call asks for the same adapter (Job.key)
+            self.adapters.activate(jobs[0].adapter)
         rows = [RowText(self.tokenizer, self.mask_id, self.end_ids, j.stop) for j in jobs]
         views = [_CanvasView(options, self.mask_id) if j.progress else None for j in jobs]
         ids, attention = self._canvas(jobs, options)
@@ -409,11 +428,14 @@ class Scheduler:
     def snapshot(self) -> list[dict]:
         """The running rows for the live page: which step each is at."""
         now = time.monotonic()
-        out = [{"id": r.job.id, "step": r.row.step_index,
-                "steps": None if r.job.options.parallel else r.job.options.steps, "block": r.row.block, "blocks": r.job.options.gen_length // r.job.options.block_length,
-                "max_tokens": r.job.options.gen_length, "cfg_scale": r.job.options.cfg_scale,
-                "temperature": r.job.options.temperature, "seconds": round(now - r.started, 3)}
-               for r in self.rows if not r.job.done]
+        out = []
+        for r in self.rows:
+            o = r.job.options
+            if not r.job.done:
+                out.append({"id": r.job.id, "step": r.row.step_index, "steps": None if o.parallel else o.steps,
+                            "block": r.row.block, "blocks": o.gen_length // o.block_length,
+                            "max_tokens": o.gen_length, "cfg_scale": o.cfg_scale, "temperature": o.temperature,
+                            "seconds": round(now - r.started, 3)})
         out += [{"id": j.id, "step": None, "steps": None, "max_tokens": j.options.gen_length,
                  "cfg_scale": j.options.cfg_scale, "temperature": j.options.temperature, "whole_call": True}
                 for j in self.group if not j.done]

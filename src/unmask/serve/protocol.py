@@ -164,6 +164,7 @@ class ModelCard(Response):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "unmask"
+    parent: str | None = None   # for a LoRA adapter, the base model it applies to (as vLLM lists them)
 
 
 class ModelList(Response):

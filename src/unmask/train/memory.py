@@ -11,13 +11,16 @@ The formula (`estimate_step_memory`) counts bytes in four parts:
     gradients    4 bytes per trainable parameter (float32)
     optimizer    AdamW's two float32 moments per trainable parameter
     activations  what autograd keeps from the forward pass (`activation_bytes`)
-and the peak is weights + optimizer + the larger of the gradients and the activations plus what
-the backward pass adds at once (the logits' gradient, or a block recomputed under activation
-checkpointing): activations are freed block by block as the backward pass fills the gradients,
-and the optimizer step runs once they are gone. The per-token counts are those of unmask's own
-modules (float32 norms and RoPE, fused q|k|v and gate|up, SDPA without a T×T score matrix), read
-off autograd's saved tensors; tests/test_memory.py checks the formula against measured CPU steps
-of all three layouts (within 10 %, 15 % with activation checkpointing).
+and the peak is weights + optimizer + the larger of the gradients and the most the backward pass
+holds at once. Without activation checkpointing that is the activations plus the logits'
+gradient: activations are freed block by block as the backward pass fills the gradients, and the
+optimizer step runs once they are gone. With it, the larger of the head's phase (the same sum)
+and a block's recomputation, which holds the earlier blocks' inputs, the block's values, its
+backward pass's largest temporary and the gradients already made (`_recompute_bytes`). The
+per-token counts are those of unmask's own modules (float32 norms and RoPE, fused q|k|v and
+gate|up, SDPA without a T×T score matrix), read off autograd's saved tensors; tests/test_memory.py
+checks the formula against measured CPU steps of all three layouts, with and without activation
+checkpointing (within 10 %).
 """
 
 from __future__ import annotations
@@ -124,36 +127,85 @@ def _layer_values(cfg: ModelConfig, moe: bool, shape: StepShape, targets: tuple[
 
 
 def activation_bytes(cfg: ModelConfig, shape: StepShape) -> tuple[int, int]:
-    """(bytes the forward pass leaves for the backward pass, the most the backward pass adds at once).
+    """(bytes the forward pass leaves for the backward pass, the most the backward pass holds at
+    once besides the weights and the optimizer's moments).
 
     Per token: each block's saved values (`_layer_values`), or with activation checkpointing only
-    each block's input, one block's values being recomputed at a time in the backward pass; the
-    head's log-softmax over the vocabulary (float32 whatever the autocast) and the float32
-    gradient of the logits that the backward pass starts from. LoRA on stacked experts adds, per
-    MoE layer, the merged weights W + ΔW that peft materialises; an int8 base (qlora), the float
-    copy of each quantized weight that torchao's matmul makes and autograd keeps.
+    each block's input; the rotary tables; at the positions that get logits (the noisy half of
+    block diffusion's [noisy | clean]) the final norm's input and the head's log-softmax over the
+    vocabulary (float32 whatever the autocast). LoRA on stacked experts adds, per MoE layer, the
+    merged weights W + ΔW that peft materialises; an int8 base (qlora), the float copy of each
+    quantized weight that torchao's matmul makes and autograd keeps.
+
+    Without checkpointing the backward pass adds the float32 gradient of the logits at its start,
+    and frees the saved values as it fills the gradients. With checkpointing it holds, at its
+    largest, either that (the head's phase) or one block recomputed (`_recompute_bytes`).
     """
     targets = _targets(cfg, shape)
     width = 2 if shape.bf16 else 4
+    full = shape.method == "full"
+    positions, with_logits = shape.tokens, shape.batch_size * shape.seq_len
     layers = [_layer_values(cfg, moe, shape, targets) for moe in cfg.moe_layers]
-    head = (3 * cfg.d_model + 1 if shape.method == "full" else 0) + 2 * cfg.rotary_dim + 2
-    blocks = cfg.n_layers * cfg.d_model if shape.activation_checkpointing else sum(layers)
-    saved = shape.tokens * (width * (blocks + head) + 4 * cfg.vocab_size)
-    transient = shape.tokens * max(4 * cfg.vocab_size, width * max(layers) if shape.activation_checkpointing else 0)
-    if shape.method == "qlora":   # torchao's int8 linear keeps the float weight it converts for the backward pass
-        per_block, head_weight, _ = quantized_linears(cfg)
-        saved += width * head_weight
-        if shape.activation_checkpointing:
-            transient += width * max(per_block)
-        else:
-            saved += width * sum(per_block)
+    vocab = 4 * cfg.vocab_size * with_logits
+    rotary = width * positions * (2 * cfg.rotary_dim + 2)
+    head = width * with_logits * (3 * cfg.d_model + 1 if full else cfg.d_model + 1) + vocab
+    if shape.method == "qlora":   # the head's float weight, kept whatever the checkpointing
+        head += width * quantized_linears(cfg)[1]
+    held = _weight_copies(cfg, shape, targets, width)
+    if not shape.activation_checkpointing:
+        saved = width * positions * sum(layers) + sum(held) + rotary + head
+        return int(saved), int(saved + vocab)
+    inputs = width * positions * cfg.d_model
+    saved = cfg.n_layers * inputs + rotary + head
+    return int(saved), int(max(saved + vocab, _recompute_bytes(cfg, shape, layers, held, inputs) + rotary))
+
+
+def _weight_copies(cfg: ModelConfig, shape: StepShape, targets: tuple[str, ...], width: int) -> list[int]:
+    """Bytes of weight-sized tensors each block's forward pass creates and autograd keeps: torchao's
+    float copy of every int8 weight (qlora), and peft's W + ΔW of the adapted stacked experts."""
+    copies = [0] * cfg.n_layers
+    if shape.method == "qlora":
+        copies = [width * n for n in quantized_linears(cfg)[0]]
     if shape.method != "full" and set(EXPERT_TARGETS) & set(targets):
-        copies = sum(t in targets for t in EXPERT_TARGETS) * cfg.n_experts * cfg.expert_hidden_size * cfg.d_model
-        if shape.activation_checkpointing:
-            transient += width * copies
-        else:
-            saved += width * copies * sum(cfg.moe_layers)
-    return int(saved), int(transient)
+        experts = sum(t in targets for t in EXPERT_TARGETS) * cfg.n_experts * cfg.expert_hidden_size * cfg.d_model
+        copies = [c + (width * experts if moe else 0) for c, moe in zip(copies, cfg.moe_layers)]
+    return copies
+
+
+def _recompute_bytes(cfg: ModelConfig, shape: StepShape, layers: list[float], held: list[int], inputs: int) -> int:
+    """The most the backward pass holds while it recomputes a checkpointed block, over the blocks
+    (last to first), but the rotary tables: the inputs of the blocks not done yet; the block's
+    saved values but its input (already kept as the checkpoint's), its weight copies, and the
+    backward pass's largest temporary (the gradient of the SwiGLU hidden, or for full training of
+    an MoE layer the stacked experts' gradient, made whole at once); and the gradients of the
+    blocks and head done so far (measured: tests/test_memory.py)."""
+    width = 2 if shape.bf16 else 4
+    gradients = _gradient_bytes_after(cfg, shape)
+    worst = 0
+    for i, (values, moe) in enumerate(zip(layers, cfg.moe_layers)):
+        hidden = (cfg.shared_expert_hidden_size or 0) if moe else cfg.mlp_hidden_size
+        temporary = width * shape.tokens * hidden
+        if moe and shape.method == "full":
+            temporary = max(temporary, 4 * 3 * cfg.n_experts * cfg.expert_hidden_size * cfg.d_model)
+        block = width * shape.tokens * (values - cfg.d_model) + held[i] + temporary
+        worst = max(worst, (i + 1) * inputs + block + gradients[i])
+    return worst
+
+
+def _gradient_bytes_after(cfg: ModelConfig, shape: StepShape) -> list[int]:
+    """For each block, the gradient bytes the backward pass has made before reaching it: the head's
+    and the later blocks' (full training: their parameters'; LoRA: the adapter's, pro rata)."""
+    L = cfg.n_layers
+    if shape.method != "full":
+        total = 4 * lora_parameters(cfg, shape.lora_rank, _targets(cfg, shape))
+        return [total * (L - 1 - i) // L for i in range(L)]
+    from ..models import MaskedDiffusionLM
+
+    with torch.device("meta"):
+        model = MaskedDiffusionLM(cfg)
+    blocks = [sum(p.numel() for p in b.parameters()) for b in model.blocks]
+    head = sum(p.numel() for p in model.norm.parameters()) + (0 if cfg.tie_embeddings else model.lm_head.weight.numel())
+    return [4 * (head + sum(blocks[i + 1:])) for i in range(L)]
 
 
 def _targets(cfg: ModelConfig, shape: StepShape) -> tuple[str, ...]:
@@ -177,9 +229,9 @@ def estimate_step_memory(cfg: ModelConfig, shape: StepShape) -> StepMemory:
             weights = base * params
         weights += 4 * trainable + buffers
     gradients, optimizer = 4 * trainable, 4 * ADAMW_STATES * trainable
-    saved, transient = activation_bytes(cfg, shape)
+    saved, backward = activation_bytes(cfg, shape)
     return StepMemory(weights=weights, gradients=gradients, optimizer=optimizer, activations=saved,
-                      peak=weights + optimizer + max(saved + transient, gradients))
+                      peak=weights + optimizer + max(backward, gradients))
 
 
 def _count_parameters(cfg: ModelConfig, buffers: bool = False) -> int:
