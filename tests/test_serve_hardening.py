@@ -189,6 +189,7 @@ BAD_DEFAULTS = [
     (["--default-max-tokens", "1000"], "--default-max-tokens"), (["--max-body-bytes", "0"], "--max-body-bytes"),
     (["--shutdown-grace", "-1"], "--shutdown-grace"), (["--api-key", ""], "--api-key"),
     (["--port", "99999"], "--port"), (["--port", "0"], "--port"), (["--dtype", "fp8"], "dtype"),
+    (["--max-batch-tokens", "0"], "--max-batch-tokens"),
 ]
 
 

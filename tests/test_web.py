@@ -99,3 +99,41 @@ def test_page_labels_steps_per_block_for_a_block_diffusion_model(tiny_llada2_che
     with live_server(create_app(*unmask.load(tiny_llada2_checkpoint), ServeConfig(model_name="tiny"))) as url:
         html = httpx.get(url + "/").text
     assert page_state(html)["stepsLabel"] == "steps per block"
+
+
+# What the running-rows panel needs beyond STUB_DOM: a window that loads, fetch answering /rows,
+# and elements that hold children.
+ROWS_STUB = """
+const answer = {queued: 2, rows: [
+  {id: 7, step: 3, steps: 48, block: 0, blocks: 3, max_tokens: 48, cfg_scale: 1, temperature: 0, seconds: 0.5},
+  {id: 8, step: 5, steps: null, block: 1, blocks: 2, max_tokens: 16, cfg_scale: 0, temperature: 0.7, seconds: 0.2},
+  {id: 9, step: null, steps: null, max_tokens: 8, cfg_scale: 0, temperature: 0, whole_call: true}]};
+let onLoad = null;
+const polled = [];
+globalThis.window = {addEventListener: (name, f) => { if (name === "load") onLoad = f; }};
+globalThis.fetch = async (url) => { polled.push(url); return {json: async () => answer}; };
+globalThis.setInterval = () => 0;
+document.createElement = (tag) => ({tag, children: [], appendChild(c) { this.children.push(c); }});
+element("rows").tBodies = [{children: [], replaceChildren(...c) { this.children = c; }}];
+"""
+ROWS_REPORT = """
+const before = element("rows").tBodies[0].children.length;
+onLoad();
+setTimeout(() => console.log(JSON.stringify({before, polled, stats: element("rows-stats").textContent,
+  cells: element("rows").tBodies[0].children.map((tr) => tr.children.map((td) => String(td.textContent)))})), 0);
+"""
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed")
+def test_page_lists_the_running_rows_from_the_server(loaded):
+    """Once loaded, the page polls GET /rows and shows each running row's step of its total."""
+    with live_server(create_app(*loaded, ServeConfig(model_name="tiny"))) as url:
+        html = httpx.get(url + "/").text
+    script = re.search(r"<script>(.*)</script>", html, re.DOTALL).group(1)
+    out = subprocess.run([NODE, "-e", STUB_DOM + ROWS_STUB + script + ROWS_REPORT], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    state = json.loads(out.stdout)
+    assert state["before"] == 0 and state["polled"] == ["/rows"] and state["stats"] == "3 running, 2 waiting"
+    assert state["cells"] == [["7", "3/48", "1/3", "48", "1", "0", "0.5"], ["8", "5", "2/2", "16", "0", "0.7", "0.2"],
+                              ["9", "whole call", "", "8", "0", "0", ""]]

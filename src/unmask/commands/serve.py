@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
 from pathlib import Path
 
@@ -43,7 +44,10 @@ def register(subparsers) -> None:
     p.add_argument("--cuda-graph", action="store_true",
                    help="on a GPU, replay dual-cache steps as CUDA graphs; batches are padded to a few fixed shapes "
                         "(LLaDA models only)")
-    p.add_argument("--max-batch-size", type=int, default=16, help="most requests generated together")
+    p.add_argument("--max-batch-size", type=int, default=16,
+                   help="most rows in one denoising step (requests join and leave between steps)")
+    p.add_argument("--max-batch-tokens", type=int, default=32768,
+                   help="most canvas tokens (prompt + max_tokens, twice when guided) in one step")
     p.add_argument("--batch-window-ms", type=float, default=10.0, help="how long an idle server waits for batch-mates")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds")
@@ -76,6 +80,17 @@ def register(subparsers) -> None:
     p.add_argument("--duration", type=float, default=120.0, help="stop sending after this many seconds (per concurrency)")
     p.add_argument("--allow-remote", action="store_true", help="allow a URL that is not loopback")
     p.add_argument("--api-key", default=None, help="the server's API key; when not given, $UNMASK_API_KEY if set")
+    p.add_argument("--open-loop", action="store_true",
+                   help="requests arrive on their own clock (Poisson at --rate, or a trace's times), "
+                        "streaming; reports throughput, latency and time to first text")
+    p.add_argument("--rate", type=float, default=None, help="--open-loop: arrivals per second (Poisson)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--trace", default=None, metavar="FILE",
+                        help="--open-loop: JSON lines of requests (prompt, max_tokens, temperature, cfg_scale, seed, "
+                             "optionally 'at' seconds)")
+    source.add_argument("--preset", choices=["mixed"], default=None,
+                        help="--open-loop: --requests generated requests with mixed max_tokens/temperature/cfg_scale")
+    p.add_argument("--seed", type=int, default=0, help="--open-loop: seed of the arrivals and the preset")
     p.set_defaults(func=loadtest)
 
 
@@ -109,6 +124,7 @@ def serve(args) -> int:
                          temperature=args.temperature,
                          remasking=args.remasking, cache=args.cache, cuda_graph=args.cuda_graph,
                          max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                         max_batch_tokens=args.max_batch_tokens,
                          batch_window_ms=args.batch_window_ms, timeout_s=args.timeout,
                          max_body_bytes=args.max_body_bytes, header_timeout_s=args.header_timeout,
                          body_timeout_s=args.body_timeout, max_connections=args.max_connections, api_key=api_key,
@@ -230,9 +246,32 @@ def _is_loopback(host: str) -> bool:
 def loadtest(args) -> int:
     from ..serve.loadtest import LoadTest, format_levels, run_levels
 
-    reports = run_levels(LoadTest(url=args.url, requests=args.requests, max_tokens=args.max_tokens,
-                                  prompt=args.prompt, stream=args.stream, duration_s=args.duration,
-                                  allow_remote=args.allow_remote, api_key=_api_key(args), warmup=args.warmup),
-                         args.concurrency)
+    cfg = LoadTest(url=args.url, requests=args.requests, max_tokens=args.max_tokens, prompt=args.prompt,
+                   stream=args.stream, duration_s=args.duration, allow_remote=args.allow_remote,
+                   api_key=_api_key(args), warmup=args.warmup)
+    if args.open_loop or args.trace or args.preset or args.rate is not None:
+        return _open_loop(args, cfg)
+    reports = run_levels(cfg, args.concurrency)
     print(reports[0].format() if len(reports) == 1 else format_levels(reports))
     return 0 if all(r.errors == 0 for r in reports) else 1
+
+
+def _open_loop(args, cfg) -> int:
+    """`unmask loadtest --open-loop`: a trace (a file, or the mixed preset at --rate) sent on its own clock."""
+    from ..serve.loadtest import mixed_trace, read_trace, run_open_loop
+
+    if not args.open_loop:
+        raise ValueError("--rate, --trace and --preset are for --open-loop: add it")
+    if args.rate is not None and not (args.rate > 0 and math.isfinite(args.rate)):
+        raise ValueError(f"--rate must be a positive number of requests per second (got {args.rate})")
+    if args.trace:
+        trace = read_trace(args.trace, args.rate, args.seed)
+    elif args.preset:
+        if args.rate is None:
+            raise ValueError("--preset needs --rate (arrivals per second)")
+        trace = mixed_trace(args.requests, args.rate, args.seed)
+    else:
+        raise ValueError("--open-loop needs --trace FILE or --preset mixed")
+    report = run_open_loop(cfg, trace)
+    print(report.format())
+    return 0 if report.errors == 0 else 1

@@ -101,6 +101,39 @@ def ended_rows(gen: torch.Tensor, mask_id: int, stop_ids: torch.Tensor) -> tuple
     return (first_stop < L) & (first_mask > first_stop), first_stop
 
 
+def choose_tokens(logits: torch.Tensor, candidates: torch.Tensor, options: SamplerOptions,
+                  generator: torch.Generator | None, suppressed: torch.Tensor, last_ids: torch.Tensor | None,
+                  counts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step's decision over a window: (proposal, confidence, chosen), each (B, W).
+
+    logits (B, W, V) are the (guided) logits of the window, `candidates` (B, W) the positions that
+    may be committed. `last_ids` (eos_last) get the lowest confidence so they are decided last;
+    `counts` (B,) is the schedule's count for this step, None for parallel decoding (the options'
+    threshold/factor). Shared by `generate` and the row stepper (rows.py), so a row stepped on
+    its own draws exactly what `generate` draws for it.
+    """
+    if suppressed.numel():
+        logits = forbid_tokens(logits, suppressed)
+    proposal = propose_tokens(logits, options.temperature, generator)
+    confidence = token_confidence(logits, proposal, options.remasking, generator)
+    if last_ids is not None:
+        confidence = confidence.masked_fill(torch.isin(proposal, last_ids), torch.finfo(confidence.dtype).min)
+    confidence = confidence.masked_fill(~candidates, float("-inf"))
+    if counts is None:
+        counts = parallel_counts(confidence, options.threshold, options.factor)
+    return proposal, confidence, select_top(confidence, counts)
+
+
+def fill_ended(gen: torch.Tensor, mask_id: int, stop_ids: torch.Tensor, eos_id: int | None) -> torch.Tensor:
+    """`gen` (B, L) with every position after an ended text's first EOS/EOT set to `eos_id` (stop_at_eos)."""
+    ended, first_stop = ended_rows(gen, mask_id, stop_ids)
+    if not ended.any():
+        return gen
+    cols = torch.arange(gen.shape[1], device=gen.device)
+    fill = ended[:, None] & (cols[None] > first_stop[:, None])
+    return gen.masked_fill(fill, eos_id if eos_id is not None else int(stop_ids[0]))
+
+
 def compiled(model, backend: bool | str):
     """`torch.compile(model)`, built once per model and backend (compiling is the slow part).
 
@@ -315,23 +348,13 @@ def generate(
                                                     prompt_index[rows], mask_id, cfg_scale, mask_a, window,
                                                     span, reuse_uncond, form, t)
             out.forward_passes += 2 if cfg_scale > 0 and form.canvas.adaptive else 1   # A-CFG: two calls in sequence
-            if suppressed.numel():
-                logits = forbid_tokens(logits, suppressed)
-            proposal = propose_tokens(logits, temperature, generator)
-            confidence = token_confidence(logits, proposal, remasking, generator)
-            if eos_last:
-                confidence = confidence.masked_fill(torch.isin(proposal, stop_ids), torch.finfo(confidence.dtype).min)
-            confidence = confidence.masked_fill(~candidates[:, window], float("-inf"))
-            counts = parallel_counts(confidence, threshold, factor) if parallel else schedule[rows, i]
-            chosen = select_top(confidence, counts)
+            proposal, confidence, chosen = choose_tokens(logits, candidates[:, window], options, generator, suppressed,
+                                                         stop_ids if eos_last else None,
+                                                         None if parallel else schedule[rows, i])
             xa[:, window] = torch.where(chosen, proposal, xa[:, window])
             x[rows] = xa
             if stop_at_eos:
-                ended, first_stop = ended_rows(x[:, P:], mask_id, stop_ids)
-                if ended.any():
-                    gen_cols = torch.arange(gen_length, device=device)
-                    fill = ended[:, None] & (gen_cols[None] > first_stop[:, None])
-                    x[:, P:] = x[:, P:].masked_fill(fill, eos_token_id if eos_token_id is not None else int(stop_ids[0]))
+                x[:, P:] = fill_ended(x[:, P:], mask_id, stop_ids, eos_token_id)
             if callback is not None:
                 committed = torch.zeros_like(x, dtype=torch.bool)
                 committed[rows, window] = chosen

@@ -1,4 +1,4 @@
-"""An OpenAI-compatible HTTP server for masked diffusion LMs, with dynamic batching and a live view.
+"""An OpenAI-compatible HTTP server for masked diffusion LMs, with continuous batching and a live view.
 
     from unmask.serve import ServeConfig, create_app
     app = create_app(model, tokenizer, ServeConfig(model_name="tiny"))

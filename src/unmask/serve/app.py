@@ -79,7 +79,9 @@ class ServeConfig:
     remasking: str | None = None     # None: the sampler's default (LLaDA only)
     cache: str | None = None         # LLaDA: the cache of requests that give none (None: off, or dual with cuda_graph)
     cuda_graph: bool = False         # LLaDA: replay dual-cache steps as CUDA graphs (batches padded to fixed shapes)
-    max_batch_size: int = 16
+    max_batch_size: int = 16         # most rows in one step (continuous batching) or one whole call
+    max_batch_tokens: int = 32768    # most canvas tokens in one step (a guided row counts twice)
+    continuous: bool = True          # False: the policy before continuous batching, for measurements only
     max_queue: int = 256
     batch_window_ms: float = 10.0
     timeout_s: float = 300.0
@@ -140,7 +142,8 @@ class ServeConfig:
         (--cuda-graph off CUDA: `SamplerOptions.check`)."""
         positive = {"--max-tokens-limit": self.max_tokens_limit, "--default-max-tokens": self.default_max_tokens,
                     "--block-length": self.block_length, "--max-batch-size": self.max_batch_size,
-                    "--max-queue": self.max_queue, "--max-body-bytes": self.max_body_bytes,
+                    "--max-batch-tokens": self.max_batch_tokens, "--max-queue": self.max_queue,
+                    "--max-body-bytes": self.max_body_bytes,
                     "--max-connections": self.max_connections}
         if self.steps is not None:
             positive["--steps"] = self.steps
@@ -563,7 +566,7 @@ class CountRequests:
     gets for it (`as_api_error`); one that ends as a client error (4xx) is answered here, so it is
     neither counted nor logged as a 500 with a traceback, which stays for real server errors."""
 
-    ROUTES = {"/", "/health", "/version", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
+    ROUTES = {"/", "/health", "/version", "/metrics", "/rows", "/v1/models", "/v1/chat/completions", "/v1/completions"}
 
     def __init__(self, app, metrics: ServerMetrics):
         self.app, self.metrics = app, metrics
@@ -621,7 +624,8 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, adapters=Non
     async def lifespan(app: FastAPI):
         c = server.config
         server.scheduler = Scheduler(server.runner, max_batch_size=c.max_batch_size, max_queue=c.max_queue,
-                                     window_s=c.batch_window_ms / 1000)
+                                     window_s=c.batch_window_ms / 1000, max_batch_tokens=c.max_batch_tokens,
+                                     continuous=c.continuous)
         server.scheduler.start()
         yield
         await server.close()
@@ -672,6 +676,12 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, adapters=Non
     @app.get("/metrics")
     async def metrics():
         return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/rows")
+    async def rows():
+        """The running rows and the step each is at, and how many wait (the live page polls it)."""
+        scheduler = server.scheduler
+        return {"rows": scheduler.snapshot() if scheduler else [], "queued": scheduler.queue_depth if scheduler else 0}
 
     @app.get("/v1/models", dependencies=v1)
     async def models():

@@ -1,29 +1,35 @@
-"""Dynamic batching: concurrent requests with the same sampler settings share one sampler call
-(`generate`, or `block_generate` for a block-diffusion LLaDA2.x model).
+"""Continuous batching: a request joins the running rows at the next denoising step, with its own
+settings, and leaves as soon as its text has ended, its client left, or its deadline passed.
 
-Why it pays: every diffusion step is one forward pass over the whole canvas, so B rows cost
-little more than one on an accelerator. Requests only batch when their sampler options are equal
-(`SamplerOptions` or `BlockOptions`, checked for each request before it is queued) and they ask
-for the same LoRA adapter (a server holding several runs each batch with its rows' adapter); prompts of
-different lengths are left-padded with an attention mask, which leaves each row's result equal to
-running it alone.
+Why it pays: every diffusion step is one forward pass over all the rows, so B rows cost little
+more than one; waiting for a whole batch (hundreds of steps) before starting a request that
+arrived a moment later, or asks another max_tokens, temperature or cfg_scale, wastes that.
+Rows that ask for different LoRA adapters (a server holding several) cannot share a pass: a step
+runs one pass per adapter among its rows, each with that adapter active.
 
 Two halves, one per thread:
-- `Scheduler` (event loop): a bounded FIFO of `Job`s. When idle it waits a short window for
-  companions, then takes the oldest job and up to max_batch_size-1 later jobs with the same key,
-  and hands them to the worker thread. Cancelled and expired jobs are dropped before they start.
-- `BatchRunner` (worker thread): runs the batch; after every step its callback turns each row's
-  canvas into stable text (`RowText`) and posts events to the row's job. A row is done when its
-  text has ended, its client left, or its deadline passed; when every row is done the batch stops
-  early — committed tokens never change, so stopping cannot alter any row's text. If a batch
-  fails anyway, its requests are retried one by one, so only the one that cannot run fails.
-Only one batch runs at a time: a single model instance, and steps already saturate the device.
+- `Scheduler` (event loop): a bounded FIFO of `Job`s. Before every step it drops cancelled and
+  expired jobs and admits waiting ones, oldest first, while the running rows stay within
+  --max-batch-size rows and --max-batch-tokens canvas tokens (a guided row counts twice: it adds
+  an unconditional row). Deadlines are arrival + --timeout, so FIFO is also earliest deadline first.
+- `BatchRunner` (worker thread): `advance` starts the admitted rows (`sampling.rows.Row`, with
+  a generator seeded per request) and runs one step of every row (`sampling.rows.step`): rows of
+  different lengths and settings share the forward pass, and each row's text equals its request
+  run alone (tests/test_rows.py). After the step, each row's canvas becomes stable text
+  (`RowText`) posted to its job.
 
-A CUDA-graphed batch (`cuda_graph` in its options, `unmask serve --cuda-graph`) is padded to one of
-a few fixed shapes (`FixedShapes`), because a graph is captured per (rows, canvas length) and
-replayed only for that shape: without padding, dynamic batching would capture a new graph for
-almost every batch. Other batches are not padded: eager passes take any shape, and finished rows
-drop out of them, so padding would only add work.
+Whole-call groups: a request whose options keep state across a whole sampler call cannot join a
+running step: a KV cache (`cache`, `cuda_graph`), `compile`, a block-diffusion (LLaDA2.x) model,
+and a tensor-parallel server (whose ranks replay whole sampler calls). When such a request reaches
+the head of the queue, the running rows finish first, then it runs as one `generate` /
+`block_generate` call together with the waiting requests of equal options; if that call fails, its
+requests are retried one by one, so only the one that cannot run fails. A CUDA-graphed call is
+padded to one of a few fixed shapes (`FixedShapes`): a graph is captured per (rows, canvas length)
+and replayed only for that shape.
+
+`continuous=False` is the policy before continuous batching (rows start only when nothing runs, and
+only with equal options), kept for measuring the difference (scripts/continuous_vs_static.py).
+Only one step or call runs at a time: a single model instance, and steps already saturate the device.
 """
 
 from __future__ import annotations
@@ -40,7 +46,9 @@ import torch
 import torch.nn.functional as F
 
 from ..sampling import SamplerOptions, StepState, block_generate, generate, is_block_diffusion, left_pad
+from ..sampling.generate import special_ids
 from ..sampling.options import BlockOptions, context_length
+from ..sampling.rows import Row, step, steppable
 from .metrics import ServerMetrics
 from .textstream import Ending, RowText, piece_decoder
 
@@ -107,6 +115,11 @@ class Job:
         alone = self.id if self.options.stochastic and self.seed is not None else None
         return self.adapter, self.options, alone
 
+    @property
+    def tokens(self) -> int:
+        """What the row costs a step: its canvas, twice when guided (an unconditional row)."""
+        return (len(self.prompt) + self.options.gen_length) * (2 if self.options.cfg_scale > 0 else 1)
+
     def post(self, event) -> None:
         """Deliver an event from any thread; the final one marks the job done."""
         self.posted = True
@@ -154,8 +167,19 @@ class _BatchDone(Exception):
     """Raised from the step callback to stop a batch whose rows are all done."""
 
 
+@dataclass(eq=False)
+class Running:
+    """A job's row while it runs: its decoding state, its text so far and its live view."""
+
+    job: Job
+    row: Row
+    text: RowText
+    view: _CanvasView | None
+    started: float = field(default_factory=time.monotonic)
+
+
 class BatchRunner:
-    """Runs a list of jobs as one sampler call, in the worker thread."""
+    """Runs rows step by step (`advance`) or a whole-call group (`run`), in the worker thread."""
 
     def __init__(self, model, tokenizer, *, mask_id: int, pad_id: int, eos_id: int | None, end_ids: set[int],
                  metrics: ServerMetrics, shapes: FixedShapes | None = None, adapters=None):
@@ -167,6 +191,7 @@ class BatchRunner:
         self.piece = piece_decoder(tokenizer)
         self.device = next(model.parameters()).device
         self.sampler, self.end_kwargs = self._sampler(model, eos_id)
+        self.row_kwargs = self._row_kwargs(eos_id)
 
     @staticmethod
     def _sampler(model, eos_id: int | None):
@@ -176,6 +201,86 @@ class BatchRunner:
         if is_block_diffusion(model):
             return block_generate, dict(eos_id=eos_id, eos_early_stop=eos_id is not None)
         return generate, dict(eos_token_id=eos_id, eos_last=eos_id is not None, stop_at_eos=eos_id is not None)
+
+    def steps(self, job: Job) -> bool:
+        """Whether `job` runs as a row that joins the running steps (else in a whole-call group)."""
+        return self.sampler is generate and steppable(job.options)
+
+    def advance(self, running: list[Running], admitted: list[Job]) -> list[Running]:
+        """Start the admitted rows, run one step of every live row, post what each committed;
+        returns the rows still running."""
+        for job in admitted:
+            try:
+                running.append(self._start(job))
+            except Exception as e:   # checked before it was queued; if it fails anyway, it fails alone
+                log.exception("request %d could not start", job.id)
+                job.post(Failed(e))
+        now = time.monotonic()
+        for r in running:
+            if r.job.cancelled:
+                r.job.done = True
+            elif now > r.job.deadline and not r.job.done:
+                r.job.post(Failed(RequestTimeout("generation did not finish within the request timeout")))
+        live = [r for r in running if not r.job.done]
+        if live:
+            started = time.monotonic()
+            self._step(live)
+            tokens = 0
+            for r in live:
+                if not r.job.done:
+                    self._post_row(r)
+                    tokens += r.text.ending.completion_tokens if r.text.ending else 0
+            if self.metrics is not None:
+                self.metrics.record_step(len(live), time.monotonic() - started, tokens)
+        return [r for r in live if not r.job.done]
+
+    def _start(self, job: Job) -> Running:
+        generator = torch.Generator(self.device).manual_seed(job.seed) if job.seed is not None else None
+        row = Row.start(job.prompt, job.options, mask_id=self.mask_id, generator=generator, device=self.device,
+                        **self.row_kwargs)
+        view = _CanvasView(job.options, self.mask_id) if job.progress else None
+        return Running(job, row, RowText(self.tokenizer, self.mask_id, self.end_ids, job.stop), view)
+
+    def _row_kwargs(self, eos_id: int | None) -> dict:
+        """How a stepped row ends its text, as `generate` with `end_kwargs` does (EOS/EOT ids
+        resolved from the model config as `generate` resolves them)."""
+        return dict(eos_token_id=special_ids(self.model, "eos_token_id", eos_id),
+                    eot_token_id=special_ids(self.model, "eot_token_id", None),
+                    eos_last=eos_id is not None, stop_at_eos=eos_id is not None)
+
+    def _step(self, live: list[Running]) -> None:
+        """One step of the live rows: one pass per LoRA adapter among them (the adapter is the
+        model's, active for the whole pass), a single pass without adapters."""
+        by_adapter: dict[str | None, list[Running]] = {}
+        for r in live:
+            by_adapter.setdefault(r.job.adapter, []).append(r)
+        for adapter, rows in by_adapter.items():
+            if self.adapters is not None:
+                self.adapters.activate(adapter)
+            self._pass(rows)
+
+    def _pass(self, live: list[Running]) -> None:
+        """One step of rows that share a pass; if it fails, the rows it did not advance are stepped
+        one by one, so only a row that cannot run fails."""
+        before = [r.row.step_index for r in live]
+        try:
+            step(self.model, [r.row for r in live], self.pad_id)
+        except Exception as e:
+            log.warning("a step of %d rows failed (%s: %s); stepping them one by one", len(live), type(e).__name__, e)
+            for r, n in zip(live, before):
+                if r.row.step_index == n and not r.row.done:
+                    try:
+                        step(self.model, [r.row], self.pad_id)
+                    except Exception as alone:
+                        log.exception("request %d failed", r.job.id)
+                        r.job.post(Failed(alone))
+
+    def _post_row(self, r: Running) -> None:
+        gen, last = r.row.gen.tolist(), r.row.last
+        progress = None
+        if r.view is not None and last is not None:
+            progress = r.view.step(last.step, last.block, gen, last.committed, last.confidence, self.piece)
+        self._post(r.job, r.text, gen, progress, final=r.row.done)
 
     def run(self, jobs: list[Job]) -> None:
         """Generate `jobs` as one batch. Each request was checked before it was queued, but if the
@@ -200,7 +305,7 @@ class BatchRunner:
     def _generate(self, jobs: list[Job]) -> None:
         started = time.monotonic()
         options = jobs[0].options
-        if self.adapters is not None:   # every row of a batch asks for the same adapter (Job.key)
+        if self.adapters is not None:   # every row of a whole call asks for the same adapter (Job.key)
             self.adapters.activate(jobs[0].adapter)
         rows = [RowText(self.tokenizer, self.mask_id, self.end_ids, j.stop) for j in jobs]
         views = [_CanvasView(options, self.mask_id) if j.progress else None for j in jobs]
@@ -223,7 +328,8 @@ class BatchRunner:
                 if now > job.deadline:
                     job.post(Failed(RequestTimeout("generation did not finish within the request timeout")))
                     continue
-                progress = views[r].step(state, gen[r], committed[r], confidence[r], self.piece) if views[r] else None
+                progress = (views[r].step(state.step, state.block, gen[r], committed[r], confidence[r], self.piece)
+                            if views[r] else None)
                 self._post(job, rows[r], gen[r], progress)
             if all(j.done for j in jobs):
                 raise _BatchDone
@@ -271,31 +377,40 @@ class _CanvasView:
         self.mask_id = mask_id
         self.commit_confidence: list[float | None] = [None] * options.gen_length
 
-    def step(self, state: StepState, gen: list[int], committed: torch.Tensor, confidence: torch.Tensor,
+    def step(self, step: int, block: int, gen: list[int], committed: torch.Tensor, confidence: torch.Tensor,
              piece) -> dict:
         newly = committed.nonzero().flatten().tolist()
         for i, c in zip(newly, confidence[newly].tolist()):
             self.commit_confidence[i] = None if c != c else round(min(max(c, 0.0), 1.0), 4)   # c != c: nan
         return {
-            "step": state.step, "block": state.block, "steps": self.steps, "committed": newly,
+            "step": step, "block": block, "steps": self.steps, "committed": newly,
             "tokens": [None if t == self.mask_id else piece(t) for t in gen],
             "confidence": list(self.commit_confidence),
         }
 
 
 class Scheduler:
-    """The bounded queue and the loop that forms batches; lives on the event loop."""
+    """The bounded queue and the loop that admits rows at every step; lives on the event loop."""
 
-    def __init__(self, runner: BatchRunner, *, max_batch_size: int, max_queue: int, window_s: float):
+    def __init__(self, runner: BatchRunner, *, max_batch_size: int, max_queue: int, window_s: float,
+                 max_batch_tokens: int | None = None, continuous: bool = True):
         self.runner = runner
         self.max_batch_size, self.max_queue, self.window_s = max_batch_size, max_queue, window_s
+        self.max_batch_tokens = max_batch_tokens   # None: rows alone bound a step
+        self.continuous = continuous               # False: the equal-options policy (module docstring)
         self.pending: list[Job] = []
-        self.running: list[Job] = []
+        self.rows: list[Running] = []    # stepped rows
+        self.group: list[Job] = []       # the whole-call group running, if any
+        self.joining: list[Job] = []     # admitted at the step that is running (not rows yet)
         self.accepting = True            # False once draining or closing: submit refuses new work
         self.closing = False
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unmask-generate")
         self._task: asyncio.Task | None = None
+
+    @property
+    def running(self) -> list[Job]:
+        return [r.job for r in self.rows] + self.joining + self.group
 
     @property
     def queue_depth(self) -> int:
@@ -309,6 +424,22 @@ class Scheduler:
     def busy(self) -> bool:
         """Whether any accepted request is still waiting or being generated."""
         return bool(self.pending) or self.in_flight > 0
+
+    def snapshot(self) -> list[dict]:
+        """The running rows for the live page: which step each is at."""
+        now = time.monotonic()
+        out = []
+        for r in self.rows:
+            o = r.job.options
+            if not r.job.done:
+                out.append({"id": r.job.id, "step": r.row.step_index, "steps": None if o.parallel else o.steps,
+                            "block": r.row.block, "blocks": o.gen_length // o.block_length,
+                            "max_tokens": o.gen_length, "cfg_scale": o.cfg_scale, "temperature": o.temperature,
+                            "seconds": round(now - r.started, 3)})
+        out += [{"id": j.id, "step": None, "steps": None, "max_tokens": j.options.gen_length,
+                 "cfg_scale": j.options.cfg_scale, "temperature": j.options.temperature, "whole_call": True}
+                for j in self.group if not j.done]
+        return out
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -327,7 +458,7 @@ class Scheduler:
 
     async def close(self) -> None:
         """Refuse new work, end every accepted request with ShuttingDown (so each client gets an
-        answer), stop the running batch, and wait for the worker. Safe to call twice."""
+        answer), stop the running rows, and wait for the worker. Safe to call twice."""
         self.accepting, self.closing = False, True
         for job in self.pending + self.running:
             if not job.done:   # posted before cancelling: the worker drops cancelled rows silently
@@ -342,27 +473,73 @@ class Scheduler:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while not self.closing:
-            await self._wakeup.wait()
             self._drop_dead()
-            if not self.pending:
+            self.rows = [r for r in self.rows if not r.job.done]
+            if not self.rows and not self.pending:
                 self._wakeup.clear()
+                await self._wakeup.wait()
                 continue
-            if self.window_s and len(self.pending) < self.max_batch_size:
-                await asyncio.sleep(self.window_s)
+            if not self.rows and self.window_s and len(self.pending) < self.max_batch_size:
+                await asyncio.sleep(self.window_s)   # idle: a moment for companions to arrive
                 self._drop_dead()
-            batch = self._take_batch()
-            if not batch:
+            if not self.rows and self.pending and not self.runner.steps(self.pending[0]):
+                await self._run_group(loop)
                 continue
-            self.running = batch
+            self.joining = self._admit()
+            if not self.rows and not self.joining:
+                continue
             try:
-                await loop.run_in_executor(self._executor, self.runner.run, batch)
+                self.rows = await loop.run_in_executor(self._executor, self.runner.advance, list(self.rows),
+                                                       self.joining)
             except Exception as e:  # the runner catches its own errors; this is the last guard
-                log.exception("scheduler: batch failed")
-                for job in batch:
+                log.exception("scheduler: step failed")
+                for job in self.running:
                     if not job.done:
                         job.post(Failed(e))
+                self.rows = []
             finally:
-                self.running = []
+                self.joining = []
+
+    def _admit(self) -> list[Job]:
+        """Waiting jobs that join at this step, oldest first, while the rows and their canvas tokens
+        fit; the first that does not fit waits (no overtaking), as does a whole-call job, which
+        waits for the running rows to finish. The equal-options policy admits only when idle."""
+        if not self.continuous and self.rows:
+            return []
+        rows = len(self.rows)
+        tokens = sum(r.job.tokens for r in self.rows)
+        key = self.pending[0].key if self.pending else None
+        admitted = []
+        for job in self.pending:
+            if rows >= self.max_batch_size or not self.runner.steps(job):
+                break
+            if not self.continuous and job.key != key:
+                continue
+            if self.max_batch_tokens is not None and tokens + job.tokens > self.max_batch_tokens and rows:
+                if self.continuous:
+                    break
+                continue
+            admitted.append(job)
+            rows, tokens = rows + 1, tokens + job.tokens
+        chosen = set(map(id, admitted))
+        self.pending = [j for j in self.pending if id(j) not in chosen]
+        return admitted
+
+    async def _run_group(self, loop) -> None:
+        """A whole-call group: the head job and the waiting jobs of equal options, as one sampler call."""
+        key = self.pending[0].key
+        self.group = [j for j in self.pending if j.key == key][: self.max_batch_size]
+        chosen = set(map(id, self.group))
+        self.pending = [j for j in self.pending if id(j) not in chosen]
+        try:
+            await loop.run_in_executor(self._executor, self.runner.run, self.group)
+        except Exception as e:  # the runner catches its own errors; this is the last guard
+            log.exception("scheduler: batch failed")
+            for job in self.group:
+                if not job.done:
+                    job.post(Failed(e))
+        finally:
+            self.group = []
 
     def _drop_dead(self) -> None:
         now, alive = time.monotonic(), []
@@ -374,12 +551,3 @@ class Scheduler:
                 continue
             alive.append(job)
         self.pending = alive
-
-    def _take_batch(self) -> list[Job]:
-        if not self.pending:
-            return []
-        key = self.pending[0].key
-        batch = [j for j in self.pending if j.key == key][: self.max_batch_size]
-        chosen = set(map(id, batch))
-        self.pending = [j for j in self.pending if id(j) not in chosen]
-        return batch

@@ -8,6 +8,12 @@ into a tool for loading someone else's server by accident.
 `run_levels` runs one such test per concurrency (`unmask loadtest --concurrency 1 8 32`), each
 after `warmup` uncounted requests, so a server's one-time costs (a CUDA graph captured for each new
 batch shape) stay out of the throughput it reports: one table row per level.
+
+`run_open_loop` is the open-loop mode (`unmask loadtest --open-loop`): requests arrive on their own
+clock (Poisson arrivals at --rate, or the times a trace file gives), whether or not earlier ones are
+done, as real traffic does; each streams, so the time to first text is measured too. The requests
+come from a trace file (one JSON object a line: prompt, max_tokens, temperature, cfg_scale, seed,
+optionally `at` in seconds) or a preset (`mixed`: mixed max_tokens, temperature and cfg_scale).
 """
 
 from __future__ import annotations
@@ -15,13 +21,18 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import random
 import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from urllib.parse import urlparse
 
 MAX_REQUESTS = 10_000
+TRACE_FIELDS = {"at", "prompt", "max_tokens", "temperature", "cfg_scale", "seed", "steps", "block_length", "guidance"}
+MIXED_PROMPTS = ("Tell me about the river.", "Where does Mira live?", "What is north of the old mill?",
+                 "Describe the bridge.", "Who keeps the lighthouse?", "Name a colour.")
 
 
 @dataclass
@@ -101,8 +112,11 @@ class StreamError(Exception):
     """An error event inside a 200 stream (e.g. a timeout after the headers were sent)."""
 
 
-async def _one(client, cfg: LoadTest, model: str, report: Report) -> None:
-    body = {"model": model, "messages": [{"role": "user", "content": cfg.prompt}], "max_tokens": cfg.max_tokens}
+async def _one(client, cfg: LoadTest, model: str, report: Report, request: dict | None = None) -> None:
+    """Send one chat request (`request`: a trace entry's fields, else cfg's prompt and max_tokens)."""
+    fields = {"prompt": cfg.prompt, "max_tokens": cfg.max_tokens, **(request or {})}
+    fields.pop("at", None)
+    body = {"model": model, "messages": [{"role": "user", "content": fields.pop("prompt")}], **fields}
     started = time.monotonic()
     try:
         if cfg.stream:
@@ -203,3 +217,75 @@ def run_levels(cfg: LoadTest, concurrencies: list[int]) -> list[Report]:
     if not cfg.allow_remote:
         check_loopback(cfg.url)
     return [asyncio.run(_run(replace(cfg, concurrency=c))) for c in concurrencies]
+
+
+def mixed_trace(requests: int, rate: float, seed: int = 0) -> list[dict]:
+    """The `mixed` preset: Poisson arrivals at `rate` per second, each request with its own
+    max_tokens (16, 32 or 64), temperature (0, or 0.7 with a seed) and cfg_scale (0 or 1)."""
+    rng = random.Random(seed)
+    trace, at = [], 0.0
+    for i in range(requests):
+        temperature = rng.choice((0.0, 0.7))
+        entry = {"at": round(at, 4), "prompt": rng.choice(MIXED_PROMPTS), "max_tokens": rng.choice((16, 32, 64)),
+                 "temperature": temperature, "cfg_scale": rng.choice((0.0, 1.0))}
+        if temperature:
+            entry["seed"] = i
+        trace.append(entry)
+        at += rng.expovariate(rate)
+    return trace
+
+
+def read_trace(path: str | Path, rate: float | None, seed: int = 0) -> list[dict]:
+    """A trace file: one JSON object a line with the fields in TRACE_FIELDS (prompt required).
+    Entries without `at` arrive as a Poisson process at `rate` per second."""
+    trace, at, rng = [], 0.0, random.Random(seed)
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+        if not isinstance(entry, dict) or "prompt" not in entry or set(entry) - TRACE_FIELDS:
+            raise ValueError(f"{path}:{n}: each line must be an object with a prompt and only the fields "
+                             f"{', '.join(sorted(TRACE_FIELDS))}")
+        if "at" not in entry:
+            if rate is None:
+                raise ValueError(f"{path}:{n}: no arrival time ('at'): give --rate for Poisson arrivals")
+            entry["at"] = at
+            at += rng.expovariate(rate)
+        trace.append(entry)
+    if not trace:
+        raise ValueError(f"{path}: the trace is empty")
+    return sorted(trace, key=lambda e: e["at"])
+
+
+def run_open_loop(cfg: LoadTest, trace: list[dict]) -> Report:
+    """Send every trace entry at its arrival time (open loop), streaming; the report's wall time runs
+    from the first arrival to the last answer."""
+    if not 1 <= len(trace) <= MAX_REQUESTS:
+        raise ValueError(f"a trace holds between 1 and {MAX_REQUESTS} requests")
+    if not cfg.allow_remote:
+        check_loopback(cfg.url)
+    return asyncio.run(_open_loop(replace(cfg, stream=True), trace))
+
+
+async def _open_loop(cfg: LoadTest, trace: list[dict]) -> Report:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else None
+    limits = httpx.Limits(max_connections=len(trace))
+    async with httpx.AsyncClient(base_url=cfg.url.rstrip("/"), timeout=cfg.request_timeout_s, limits=limits,
+                                 headers=headers) as client:
+        model = await _served_model(client, cfg.url)
+        report = Report(concurrency=0)
+        started = time.monotonic()
+
+        async def arrive(entry: dict) -> None:
+            await asyncio.sleep(max(0.0, started + entry["at"] - time.monotonic()))
+            report.sent += 1
+            await _one(client, cfg, model, report, entry)
+
+        await asyncio.gather(*(arrive(e) for e in trace if e["at"] <= cfg.duration_s))
+        report.wall_s = time.monotonic() - started
+        return report

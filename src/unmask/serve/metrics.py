@@ -8,9 +8,12 @@ from both the event loop and the generation thread, so every metric takes one sh
 from __future__ import annotations
 
 import threading
+import time
+from collections import deque
 from typing import Callable
 
 LOCK = threading.Lock()
+RATE_WINDOW_S = 10.0
 
 
 def _labels(names: tuple[str, ...], values: tuple, extra: str = "") -> str:
@@ -92,18 +95,22 @@ class ServerMetrics:
                                  "Requests whose client went away or timed out before their text was complete")
         self.prompt_tokens = Counter("unmask_prompt_tokens_total", "Prompt tokens processed")
         self.generated_tokens = Counter("unmask_generated_tokens_total", "Completion tokens returned")
-        self.batches = Counter("unmask_batches_total", "Batches run through the sampler")
+        self.batches = Counter("unmask_batches_total", "Sampler steps of the running rows, and whole sampler calls")
         self.queue_depth = Gauge("unmask_queue_depth", "Requests waiting for a batch", queue_depth)
         self.in_flight = Gauge("unmask_requests_in_flight", "Requests in the batch being generated", in_flight)
         self.last_tokens_per_second = 0.0
-        self.tokens_per_second = Gauge("unmask_tokens_per_second", "Completion tokens per second of the last batch that returned text",
+        self._recent: deque[tuple[float, float, int]] = deque()   # (when, step seconds, tokens finished)
+        self.tokens_per_second = Gauge("unmask_tokens_per_second",
+                                       "Completion tokens per second of the recent steps (or the last whole call)",
                                        lambda: self.last_tokens_per_second)
         self.latency = Histogram("unmask_request_latency_seconds", "Time from request to its last byte",
                                  LATENCY_BUCKETS, ("endpoint",))
         self.first_token = Histogram("unmask_time_to_first_token_seconds",
                                      "Streaming: time from request to the first committed text", LATENCY_BUCKETS)
-        self.batch_size = Histogram("unmask_batch_size", "Requests per sampler batch", (1, 2, 4, 8, 16, 32, 64))
-        self.batch_seconds = Histogram("unmask_batch_duration_seconds", "Wall time of one sampler batch",
+        self.batch_size = Histogram("unmask_batch_size", "Rows per sampler step (or per whole sampler call)",
+                                    (1, 2, 4, 8, 16, 32, 64))
+        self.batch_seconds = Histogram("unmask_batch_duration_seconds",
+                                       "Wall time of one sampler step (or whole sampler call)",
                                        LATENCY_BUCKETS)
 
     def record_batch(self, size: int, seconds: float, tokens: int) -> None:
@@ -113,6 +120,22 @@ class ServerMetrics:
         self.generated_tokens.inc(tokens)
         if tokens and seconds > 0:   # a batch whose rows were all cancelled says nothing about speed
             self.last_tokens_per_second = tokens / seconds
+
+    def record_step(self, rows: int, seconds: float, tokens: int) -> None:
+        """One continuous-batching step of `rows` rows, in which rows totalling `tokens` completion
+        tokens finished. Tokens per second is over the steps of the last RATE_WINDOW_S seconds:
+        rows finish at different steps, so one step alone says nothing about speed."""
+        self.batches.inc()
+        self.batch_size.observe(rows)
+        self.batch_seconds.observe(seconds)
+        self.generated_tokens.inc(tokens)
+        now = time.monotonic()
+        self._recent.append((now, seconds, tokens))
+        while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
+            self._recent.popleft()
+        busy, done = sum(s for _, s, _ in self._recent), sum(t for _, _, t in self._recent)
+        if done and busy > 0:
+            self.last_tokens_per_second = done / busy
 
     def render(self) -> str:
         lines = []

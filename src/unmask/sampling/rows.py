@@ -1,0 +1,204 @@
+"""Per-row decoding state for continuous batching: every row carries its own canvas, block, step,
+schedule, settings and random generator, and `step(rows)` advances each of them by one denoising
+step of its own. Rows may join and leave between steps, so a server can admit a request at the
+next step instead of waiting for a whole batch to finish.
+
+The guarantee is `generate`'s: a row's text equals that request run alone through `generate`
+(same options, same seed). What makes it hold:
+- the decision of a step (propose, score, commit) is `generate`'s own `choose_tokens`, run on each
+  row's own window with the row's own generator, so a row draws exactly the noise it would alone;
+- rows of different canvas lengths share one forward pass, left-padded with an attention mask
+  (padding is never attended to, positions count real tokens only), and each row reads the logits
+  of its own window [first masked position, end of its block). The mask is passed even when no
+  row is padded, as the server always passed one to `generate`: the attention kernel with a mask
+  may round differently from the one without, and a request alone keeps the text it had;
+- only guided rows add an unconditional row (their own guidance form and weight); the guided logits
+  are mixed per row;
+- a row's block ends after its own steps per block (or when it has nothing left to commit), and the
+  row ends after its last block, or when its text has ended (stop_at_eos), as in `generate`.
+
+What shares a pass: every row whose options have no cache, no CUDA graph and no compile (the
+remasking rule, temperature, threshold/factor, cfg scale and guidance form may all differ). A row
+guided by A-CFG (an adaptive canvas) runs its two passes on its own, because its unconditional
+canvas depends on its conditional pass. Cached modes and LLaDA2.x block diffusion are not stepped
+here (`steppable` says which options are).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .generate import choose_tokens, ended_rows, fill_ended, left_pad
+from .guidance import forward_logits, guided_logits, unmasked_fraction
+from .options import SamplerOptions
+from .schedule import transfer_schedule
+
+
+def steppable(options) -> bool:
+    """Whether rows with these options can be advanced by `step` (LLaDA options without a cache,
+    a CUDA graph or compile: those keep state across a whole call)."""
+    return (isinstance(options, SamplerOptions) and options.cache is None and not options.cuda_graph
+            and not options.compile)
+
+
+@dataclass
+class StepResult:
+    """What one step did to one row (for streaming and the live view)."""
+
+    step: int                   # the row's step index, from 0
+    block: int                  # the block it decoded in
+    committed: torch.Tensor     # (G,) bool over the generated part: committed at this step
+    confidence: torch.Tensor    # (G,) float: each proposal's score this step (nan where none)
+
+
+@dataclass(eq=False)
+class Row:
+    """One request's decoding state. Build it with `Row.start`; `step` advances it."""
+
+    options: SamplerOptions
+    x: torch.Tensor                      # (T,) canvas: prompt, then gen_length positions
+    prompt_length: int
+    mask_id: int
+    prompt_index: torch.Tensor           # (T,) bool: prompt tokens (the condition)
+    generated: torch.Tensor              # (T,) bool: what guidance schedules count as the text
+    generator: torch.Generator | None
+    suppressed: torch.Tensor             # ids never proposed
+    stop_ids: torch.Tensor               # EOS/EOT ids
+    eos_id: int | None
+    eos_last: bool = False
+    stop_at_eos: bool = False
+    block: int = 0                       # current block index
+    block_step: int = 0                  # steps taken in the current block
+    step_index: int = 0                  # steps taken in all
+    schedule: torch.Tensor | None = None # (steps per block,) commits per step in the current block
+    done: bool = False
+    last: StepResult | None = field(default=None, repr=False)
+
+    @classmethod
+    def start(cls, prompt: list[int] | torch.Tensor, options: SamplerOptions, *, mask_id: int,
+              generator: torch.Generator | None = None, suppress_tokens: list[int] | None = None,
+              eos_token_id: int | None = None, eot_token_id: int | None = None, eos_last: bool = False,
+              stop_at_eos: bool = False, device: torch.device | str = "cpu") -> Row:
+        """A row at its first step. `options` must be checked (and `steppable`); the keywords are
+        `generate`'s."""
+        if not steppable(options):
+            raise ValueError("this row's options keep state across a whole call (a cache, cuda_graph or compile): "
+                             "run it through generate")
+        prompt = torch.as_tensor(prompt, dtype=torch.long, device=device).flatten()
+        P = prompt.numel()
+        x = torch.cat([prompt, torch.full((options.gen_length,), mask_id, dtype=torch.long, device=device)])
+        prompt_index = x != mask_id
+        stop_ids = torch.tensor([i for i in (eos_token_id, eot_token_id) if i is not None], dtype=torch.long,
+                                device=device)
+        if (eos_last or stop_at_eos) and stop_ids.numel() == 0:
+            raise ValueError("eos_last/stop_at_eos need an EOS id: pass eos_token_id")
+        row = cls(options, x, P, mask_id, prompt_index, ~prompt_index, generator,
+                  torch.tensor(suppress_tokens or [], dtype=torch.long, device=device), stop_ids, eos_token_id,
+                  eos_last, stop_at_eos)
+        row._begin_block()
+        row._settle()
+        return row
+
+    @property
+    def gen(self) -> torch.Tensor:
+        """(gen_length,) the generated part of the canvas."""
+        return self.x[self.prompt_length:]
+
+    @property
+    def block_end(self) -> int:
+        return self.prompt_length + (self.block + 1) * self.options.block_length
+
+    def candidates(self) -> torch.Tensor:
+        """(T,) bool: the masked positions this step may commit (infilling masks in the prompt too)."""
+        c = self.x == self.mask_id
+        c[self.block_end:] = False
+        return c
+
+    def _begin_block(self) -> None:
+        per_block = self.options.steps_per_block
+        start = self.block_end - self.options.block_length
+        if per_block is not None:
+            self.schedule = transfer_schedule((self.x[start:self.block_end] == self.mask_id).sum().view(1),
+                                              per_block)[0]
+        self.block_step = 0
+
+    def _settle(self) -> None:
+        """Move to the next block while the current one has no step left (as `generate`'s block
+        loop does); the row is done after its last block or once its text has ended."""
+        per_block, blocks = self.options.steps_per_block, self.options.gen_length // self.options.block_length
+        while not self.done:
+            if (per_block is None or self.block_step < per_block) and self.candidates().any():
+                return
+            ended = self.stop_at_eos and bool(ended_rows(self.gen[None], self.mask_id, self.stop_ids)[0][0])
+            if ended or self.block + 1 >= blocks:
+                self.done = True
+                return
+            self.block += 1
+            self._begin_block()
+
+    def _decide(self, logits: torch.Tensor, window: slice, candidates: torch.Tensor) -> None:
+        """Commit this step's tokens from the (guided) logits (W, V) of `window`."""
+        counts = None if self.options.parallel else self.schedule[self.block_step].view(1)
+        proposal, confidence, chosen = choose_tokens(logits[None], candidates[None, window], self.options,
+                                                     self.generator, self.suppressed,
+                                                     self.stop_ids if self.eos_last else None, counts)
+        self.x[window] = torch.where(chosen[0], proposal[0], self.x[window])
+        if self.stop_at_eos:
+            self.x[self.prompt_length:] = fill_ended(self.gen[None], self.mask_id, self.stop_ids, self.eos_id)[0]
+        committed = torch.zeros_like(self.x, dtype=torch.bool)
+        committed[window] = chosen[0]
+        score = torch.full(self.x.shape, float("nan"), device=self.x.device)
+        score[window] = confidence[0].float().masked_fill(confidence[0] == float("-inf"), float("nan"))
+        P = self.prompt_length
+        self.last = StepResult(self.step_index, self.block, committed[P:], score[P:])
+        self.block_step += 1
+        self.step_index += 1
+        self._settle()
+
+
+@torch.no_grad()
+def step(model, rows: list[Row], pad_id: int = 0) -> None:
+    """Advance every row that is not done by one denoising step of its own (one forward pass for
+    all of them, plus the extra passes of A-CFG rows). Rows are independent: each one's result is
+    what `generate` gives for it alone."""
+    live = [r for r in rows if not r.done]
+    adaptive = [r for r in live if r.options.cfg_scale > 0 and r.options.form.canvas.adaptive]
+    shared = [r for r in live if r not in adaptive]
+    for row in adaptive:   # its unconditional canvas needs its conditional pass first
+        window, candidates = _window(row)
+        t = unmasked_fraction(row.x[None], row.generated[None], row.mask_id)
+        logits = guided_logits(model, row.x[None], row.prompt_index[None], row.mask_id, row.options.cfg_scale,
+                               torch.ones_like(row.x[None]), window, guidance=row.options.form, t=t)
+        row._decide(logits[0], window, candidates)
+    if shared:
+        _shared_step(model, shared, pad_id)
+
+
+def _window(row: Row) -> tuple[slice, torch.Tensor]:
+    candidates = row.candidates()
+    return slice(int(candidates.nonzero()[0]), row.block_end), candidates
+
+
+def _shared_step(model, rows: list[Row], pad_id: int) -> None:
+    """One pass over the rows' canvases, left-padded to one width, and their unconditional twins."""
+    guided = [r for r in rows if r.options.cfg_scale > 0]
+    canvases = [r.x for r in rows] + [r.options.form.unconditional(r.x, r.prompt_index, r.mask_id) for r in guided]
+    ids, attention = left_pad([c.tolist() for c in canvases], pad_id)
+    width = ids.shape[1]
+    ids, attention = ids.to(rows[0].x.device), attention.to(rows[0].x.device)
+    windows = [_window(r) for r in rows]
+    offsets = [width - r.x.numel() for r in rows]
+    lo = min(o + w.start for o, (w, _) in zip(offsets, windows))
+    hi = max(o + w.stop for o, (w, _) in zip(offsets, windows))
+    logits = forward_logits(model, ids, attention, slice(lo, hi))
+    uncond_of = {id(r): len(rows) + k for k, r in enumerate(guided)}   # batch index of each twin
+    for n, (row, offset, (window, candidates)) in enumerate(zip(rows, offsets, windows)):
+        cols = slice(offset + window.start - lo, offset + window.stop - lo)   # the row's window in the logits
+        row_logits = logits[n, cols]
+        if id(row) in uncond_of:
+            t = unmasked_fraction(row.x[None], row.generated[None], row.mask_id)
+            uncond = logits[uncond_of[id(row)], cols]
+            row_logits = row.options.form.mix(row_logits[None], uncond[None], row.options.cfg_scale, t)[0]
+        row._decide(row_logits, window, candidates)
