@@ -37,7 +37,7 @@ import torch
 
 from ..models.transformer import KVCache
 from .cuda_graph import graphed
-from .guidance import DEFAULT, Guidance, branch_logits, forward_logits, guided_logits, unmasked_fraction
+from .guidance import DEFAULT, Guidance, Guided, branch_logits, forward_logits, guided_logits, unmasked_fraction
 from .noise import forbid_tokens, propose_tokens
 from .options import SamplerOptions
 from .remasking import parallel_counts, select_top, token_confidence
@@ -154,8 +154,8 @@ def cached_logits(runner, block_cache: BlockCache | None, refresh: bool, new_cac
                   x: torch.Tensor, rows: torch.Tensor, prompt_index: torch.Tensor, mask_id: int, cfg_scale: float,
                   attention_mask: torch.Tensor | None, window: slice, span: slice,
                   reuse_uncond: bool, guidance: Guidance = DEFAULT,
-                  t: torch.Tensor | None = None) -> tuple[torch.Tensor, BlockCache]:
-    """One cached step's (guided) logits over `window`, and the block cache it leaves.
+                  t: torch.Tensor | None = None) -> tuple[Guided, BlockCache]:
+    """One cached step's `Guided` logits over `window`, and the block cache it leaves.
 
     At a refresh the whole canvas runs into a new cache (`new_cache(n_rows)`); otherwise `span` runs
     against the cache. With `reuse_uncond` and guidance, a refresh computes both branches, keeps the
@@ -177,10 +177,20 @@ def cached_logits(runner, block_cache: BlockCache | None, refresh: bool, new_cac
         conditional = new_cache(rows.numel())
         conditional.copy_rows(block_cache.kv, torch.arange(rows.numel(), device=rows.device))
         block_cache = BlockCache(conditional, rows, False, uncond, window.start)
-        return guidance.mix(cond, uncond, cfg_scale, t), block_cache
+        return guidance.step(cond, uncond, cfg_scale, t), block_cache
     cond = forward_logits(runner, x, attention_mask, window, block_cache.kv, span)
     uncond = block_cache.uncond[:, window.start - block_cache.uncond_start:]
-    return guidance.mix(cond, uncond, cfg_scale, t), block_cache
+    return guidance.step(cond, uncond, cfg_scale, t), block_cache
+
+
+def unmasking_scores(guided: Guided, proposal: torch.Tensor, rule: str,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """The remasking rule's score of each position, which decides what is committed: that of the
+    proposal under the guided logits, or, for a normalised form, that of the conditional model's
+    own top token under its logits (the unguided rate; `unmask.sampling.guidance`)."""
+    if not guided.normalized:
+        return token_confidence(guided.logits, proposal, rule, generator)
+    return token_confidence(guided.rate, propose_tokens(guided.rate, 0.0), rule, generator)
 
 
 @torch.no_grad()
@@ -303,7 +313,7 @@ def generate(
             mask_a = None if attention_mask is None else attention_mask[rows]
             t = unmasked_fraction(xa, generated[rows], mask_id)
             if cache is None:
-                logits = guided_logits(runner, xa, prompt_index[rows], mask_id, cfg_scale, mask_a, window,
+                guided = guided_logits(runner, xa, prompt_index[rows], mask_id, cfg_scale, mask_a, window,
                                        guidance=form, t=t)
             else:
                 refresh = block_cache is None or (cache_refresh != "block" and i % cache_refresh == 0)
@@ -311,14 +321,14 @@ def generate(
                     span = slice(0, x.shape[1])
                 else:
                     span = slice(block_start, x.shape[1] if cache == "prefix" else block_end)
-                logits, block_cache = cached_logits(runner, block_cache, refresh, new_cache, xa, rows,
+                guided, block_cache = cached_logits(runner, block_cache, refresh, new_cache, xa, rows,
                                                     prompt_index[rows], mask_id, cfg_scale, mask_a, window,
                                                     span, reuse_uncond, form, t)
             out.forward_passes += 2 if cfg_scale > 0 and form.canvas.adaptive else 1   # A-CFG: two calls in sequence
             if suppressed.numel():
-                logits = forbid_tokens(logits, suppressed)
-            proposal = propose_tokens(logits, temperature, generator)
-            confidence = token_confidence(logits, proposal, remasking, generator)
+                guided = Guided(*(forbid_tokens(logits, suppressed) for logits in guided))   # in place: ties stay
+            proposal = propose_tokens(guided.logits, temperature, generator)
+            confidence = unmasking_scores(guided, proposal, remasking, generator)
             if eos_last:
                 confidence = confidence.masked_fill(torch.isin(proposal, stop_ids), torch.finfo(confidence.dtype).min)
             confidence = confidence.masked_fill(~candidates[:, window], float("-inf"))
