@@ -114,6 +114,39 @@ def test_permissive_parallel_decoding_fills_a_block_per_step(dense, mode):
     assert out.forward_passes == out.steps == 4 and not (out.sequences == MASK).any()
 
 
+class PrefersMask(torch.nn.Module):
+    """The dense fixture with the mask token's logit raised where a position's best other id falls
+    below the middle of the vocabulary: there the guided or plain argmax is the mask itself."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, x, **kwargs):
+        out = self.inner(x, **kwargs)
+        prefer = out.logits.argmax(-1) < 190
+        out.logits[..., MASK] = torch.where(prefer, out.logits.max(-1).values + 5.0, out.logits[..., MASK])
+        return out
+
+
+@pytest.mark.parametrize("mode", [dict(threshold=0.9), dict(factor=1.0), dict(threshold=0.9, cfg_scale=2.0),
+                                  dict(threshold=0.9, cfg_scale=2.0, guidance="norm")])
+def test_parallel_decoding_never_proposes_the_mask(dense, mode):
+    """A block decoded by threshold/factor runs until no mask is left, so a proposed mask would
+    "commit" nothing, forever: the mask is never proposed there (a fixed schedule keeps the
+    reference's behaviour)."""
+    model = PrefersMask(dense)
+    prompt = torch.randint(0, 380, (2, 5), generator=torch.Generator().manual_seed(9))
+
+    def bounded(state):   # fail rather than hang: a block of 8 never needs more than 8 steps
+        assert state.step < 32, "parallel decoding did not end"
+
+    out = unmask.generate(model, prompt, **KW, **mode, mask_id=MASK, callback=bounded, return_dict_in_generate=True)
+    assert not (out.sequences == MASK).any()
+    exact = unmask.generate(model, prompt, **KW, mask_id=MASK)
+    assert (exact[:, 5:] == MASK).any()   # the reference algorithm leaves the "committed" masks
+
+
 def test_parallel_counts():
     conf = torch.tensor([[0.99, 0.9, 0.7, 0.2], [0.3, float("-inf"), 0.1, float("-inf")]])
     assert parallel_counts(conf, threshold=0.8).tolist() == [2, 1]  # at least one, even below τ

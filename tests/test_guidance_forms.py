@@ -51,11 +51,15 @@ def span_columns(prompt_columns: list[int], start, stop) -> list[int]:
 
 
 @torch.no_grad()
-def plain_guided(model, prompt, steps, gen_length, block_length, w, schedule="constant", span=None, acfg=None):
+def plain_guided(model, prompt, steps, gen_length, block_length, w, schedule="constant", span=None, acfg=None,
+                 norm=False, threshold=None):
     """SPEC.md §3 (batch 1, temperature 0, low_confidence) with w_t = w · s(t), t = unmasked fraction
     of the generated positions before the step; the unconditional canvas masks the prompt columns
     `span` selects (all when None), or, for A-CFG (acfg = ρ), keeps the prompt and re-masks the
-    ⌈ρ·n⌉ committed generated tokens whose top conditional probability is lowest."""
+    ⌈ρ·n⌉ committed generated tokens whose top conditional probability is lowest. `norm` (Rojas et
+    al.): positions are ranked by the conditional model's top probability, tokens are the guided
+    argmax. `threshold` τ: a block step commits every position scoring >= τ (at least one) until
+    the block is full, instead of the schedule's counts."""
     P = prompt.shape[1]
     x = torch.full((1, P + gen_length), MASK, dtype=torch.long)
     x[0, :P] = prompt[0]
@@ -67,7 +71,9 @@ def plain_guided(model, prompt, steps, gen_length, block_length, w, schedule="co
         start, end = P + b * block_length, P + (b + 1) * block_length
         n = sum(int(x[0, j] == MASK) for j in range(start, end))
         counts = [n // per_block + (1 if s < n % per_block else 0) for s in range(per_block)]
-        for s in range(per_block):
+        for s in (range(per_block) if threshold is None else range(block_length)):
+            if not any(x[0, j] == MASK for j in range(start, end)):
+                break
             t = sum(int(x[0, j] != MASK) for j in generated) / len(generated)
             w_t = w * schedule_factor(schedule, t)
             cond = model(x).logits
@@ -86,17 +92,20 @@ def plain_guided(model, prompt, steps, gen_length, block_length, w, schedule="co
                 logits = uncond + (w_t + 1) * (cond - uncond)
             else:
                 logits = cond
-            probs = torch.softmax(logits, -1)
-            scored = sorted(((float(probs[0, j].max()), j, int(logits[0, j].argmax()))
+            rate = torch.softmax(cond if norm else logits, -1)
+            scored = sorted(((float(rate[0, j].max()), j, int(logits[0, j].argmax()))
                              for j in range(end) if x[0, j] == MASK), key=lambda c: -c[0])
-            for _, j, token in scored[:counts[s]]:
+            count = counts[s] if threshold is None else max(1, sum(c[0] >= threshold for c in scored))
+            for _, j, token in scored[:count]:
                 x[0, j] = token
     return x
 
 
 @torch.no_grad()
-def plain_block_guided(model, prompt, gen_length, b, steps, w, schedule="constant", span=None, mask_id=None):
-    """LLaDA2 block decoding (batch 1, no cache, schedule counts only) guided by a form."""
+def plain_block_guided(model, prompt, gen_length, b, steps, w, schedule="constant", span=None, mask_id=None,
+                       norm=False):
+    """LLaDA2 block decoding (batch 1, no cache, schedule counts only) guided by a form; `norm`
+    ranks positions by the conditional model's top probability."""
     P = prompt.shape[1]
     total = -(-(P + gen_length) // b) * b
     x = torch.full((1, total), mask_id, dtype=torch.long)
@@ -121,6 +130,8 @@ def plain_block_guided(model, prompt, gen_length, b, steps, w, schedule="constan
             uncond = model(un[:, :e], **kw).logits[0, s:e]
             logits = uncond + (w_t + 1) * (cond - uncond)
             confidence, tokens = torch.softmax(logits.float(), -1).max(-1)
+            if norm:
+                confidence = torch.softmax(cond.float(), -1).max(-1).values
             candidates = x[0, s:e] == mask_id
             confidence = torch.where(candidates, confidence, torch.tensor(float("-inf")))
             transfer = torch.zeros(b, dtype=torch.bool)
@@ -138,11 +149,14 @@ def plain_block_guided(model, prompt, gen_length, b, steps, w, schedule="constan
     ("span:0:-4", Constant(), PromptSpan(0, -4)),
     ("linear, span:-3:", Linear(), PromptSpan(-3, None)),
     ("acfg:0.5,interval:0:0.5", Interval(0, 0.5), LowConfidence(0.5)),
+    ("norm", Constant(), WholePrompt()),
+    ("span:0:-4, norm, linear", Linear(), PromptSpan(0, -4)),
 ])
 def test_spec_parses_and_round_trips(spec, schedule, canvas):
     g = Guidance.parse(spec)
-    assert (g.schedule, g.canvas) == (schedule, canvas)
+    assert (g.schedule, g.canvas, g.normalized) == (schedule, canvas, "norm" in spec)
     assert Guidance.parse(str(g)) == g
+    assert Guidance.parse(g.short()) == g
 
 
 @pytest.mark.parametrize("spec,message", [
@@ -155,6 +169,8 @@ def test_spec_parses_and_round_trips(spec, schedule, canvas):
     ("span:2", "span:START:STOP"),
     ("acfg:0", "(0, 1]"),
     ("linear:2", "takes no arguments"),
+    ("norm,norm", "'norm' once"),
+    ("norm:1", "without arguments"),
 ])
 def test_bad_specs_are_option_errors_naming_guidance(spec, message):
     with pytest.raises(OptionError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")) as e:
@@ -271,6 +287,32 @@ def test_forms_run_with_threshold_decoding(dense, spec):
     assert not (out.sequences[:, 8:] == MASK).any() and out.steps <= 16
 
 
+@pytest.mark.parametrize("spec,schedule,span", [("norm", "constant", None), ("linear,span:0:-3,norm", "linear", (0, -3))])
+@pytest.mark.parametrize("threshold", [None, 0.02])
+def test_normalized_forms_token_identical_to_plain_reference(dense, spec, schedule, span, threshold):
+    """Rojas et al.'s normalisation: positions ranked (and, with a threshold, counted) by the
+    conditional model's confidence, tokens from the guided logits; with and without a cache
+    refreshed every step."""
+    prompt = torch.randint(0, 380, (1, 9), generator=torch.Generator().manual_seed(12))
+    for w in (1.0, 3.0):
+        ref = plain_guided(dense, prompt, 8, 16, 8, w, schedule, span, norm=True, threshold=threshold)
+        for cache in (None, "dual"):
+            out = unmask.generate(dense, prompt, steps=8, gen_length=16, block_length=8, cfg_scale=w, guidance=spec,
+                                  threshold=threshold, cache=cache, cache_refresh=1, mask_id=MASK)
+            assert torch.equal(out, ref), (spec, w, cache)
+    assert not torch.equal(ref, plain_guided(dense, prompt, 8, 16, 8, 3.0, schedule, span, threshold=threshold))
+
+
+def test_normalized_threshold_decoding_unmasks_at_the_unguided_rate(dense):
+    """With a threshold, the steps a normalised form takes are those of unguided decoding's
+    confidences; plain guidance sharpens them and commits more per step (Rojas et al.'s effect)."""
+    prompt = torch.randint(0, 380, (3, 9), generator=torch.Generator().manual_seed(13))
+    kw = dict(gen_length=32, block_length=32, threshold=0.02, mask_id=MASK, return_dict_in_generate=True)
+    steps = {spec: unmask.generate(dense, prompt, cfg_scale=4.0, guidance=spec, **kw).steps
+             for spec in ("constant", "norm")}
+    assert steps["constant"] < steps["norm"]
+
+
 def test_a_form_changes_the_text_only_through_guidance(dense):
     """w = 0 turns every form off; at w > 0 the forms differ from one another on this prompt."""
     prompt = torch.randint(0, 380, (1, 9), generator=torch.Generator().manual_seed(6))
@@ -295,6 +337,17 @@ def test_block_forms_token_identical_to_plain_reference(llada2, spec, schedule, 
                              guidance=spec, cache=cache)
         ref = plain_block_guided(llada2, prompt, 12, 4, 4, 1.5, schedule, span, mask_id=mask_id)
         assert out[0, :ref.shape[1]].tolist() == ref[0].tolist()
+
+
+def test_block_normalized_form_token_identical_to_plain_reference(llada2):
+    mask_id = llada2.config.mask_token_id
+    prompt = torch.randint(0, 200, (1, 6), generator=torch.Generator().manual_seed(14))
+    ref = plain_block_guided(llada2, prompt, 12, 4, 4, 3.0, "linear", None, mask_id=mask_id, norm=True)
+    for cache in (False, True):
+        out = block_generate(llada2, prompt, gen_length=12, block_length=4, steps=4, threshold=None, cfg_scale=3.0,
+                             guidance="linear,norm", cache=cache)
+        assert out[0, :ref.shape[1]].tolist() == ref[0].tolist()
+    assert not torch.equal(ref, plain_block_guided(llada2, prompt, 12, 4, 4, 3.0, "linear", None, mask_id=mask_id))
 
 
 def test_block_batched_rows_equal_rows_alone(llada2):
@@ -364,6 +417,8 @@ def test_scoring_refuses_a_pmi_typo_and_acfg(dense):
         score_requests(dense, [Request([1, 2], [3])], cfg_scales=["pmj"], mask_id=MASK)
     with pytest.raises(OptionError, match="scoring has none"):
         score_requests(dense, [Request([1, 2], [3])], cfg_scales=[1.0], guidance="acfg:0.5", mask_id=MASK)
+    with pytest.raises(OptionError, match="drop 'norm'"):
+        score_requests(dense, [Request([1, 2], [3])], cfg_scales=[1.0], guidance="norm", mask_id=MASK)
 
 
 # ---- entry points: the form travels through the shared options ----

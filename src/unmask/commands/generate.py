@@ -118,7 +118,8 @@ def add_sampling_args(p: argparse.ArgumentParser, gen_length: int = 64) -> None:
     p.add_argument("--cfg-scale", type=float, default=None, help="unsupervised CFG weight w (default: 0, off)")
     p.add_argument("--guidance", default=None, metavar="FORM",
                    help="the form of CFG: a schedule (constant, linear, interval:LO:HI) and/or an unconditional "
-                        "canvas (prompt, span:START:STOP, acfg:RATIO), e.g. 'linear,span:0:-4' (docs/guidance.md)")
+                        "canvas (prompt, span:START:STOP, acfg:RATIO), and 'norm' to keep the unguided unmasking rate, "
+                        "e.g. 'linear,span:0:-4' or 'linear,norm' (docs/guidance.md)")
     p.add_argument("--remasking", default=None, choices=list(REMASKING_RULES),
                    help="which positions to commit each step (default: low_confidence)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from ..models.transformer import KVCache
 from . import vocab_parallel
 from .generate import GenerationOutput, StepState, resolve_mask_id, special_ids
-from .guidance import DEFAULT, Guidance, is_native, unmasked_fraction
+from .guidance import DEFAULT, Guidance, Guided, is_native, unguided, unmasked_fraction
 from .options import BlockOptions, OptionError
 from .schedule import transfer_schedule
 
@@ -189,19 +189,19 @@ class _Runner:
         self.kept_uncond: torch.Tensor | None = None     # reuse_uncond: the block's first-step logits
         self.kept_rows: torch.Tensor | None = None
 
-    def logits(self, run: torch.Tensor, block: int, first_step: bool) -> torch.Tensor:
-        """Guided (or plain) logits (n, b, V) of the rows `run` over block `block`'s columns."""
+    def logits(self, run: torch.Tensor, block: int, first_step: bool) -> Guided:
+        """`Guided` (or plain) logits (n, b, V) of the rows `run` over block `block`'s columns."""
         w = self.opts.cfg_scale
         cond = self._forward(self.branches[0], run, block, first_step)
         if w == 0:
-            return cond
+            return unguided(cond)
         form = self.opts.form
         if self.opts.reuse_uncond and not first_step:
             uncond = vocab_parallel.take_rows(self.kept_uncond, torch.searchsorted(self.kept_rows, run))
         else:
             uncond = self._forward(self.branches[1], run, block, first_step)
             self.kept_uncond, self.kept_rows = uncond, run
-        return form.mix(cond, uncond, w, self._unmasked_fraction(run))
+        return form.step(cond, uncond, w, self._unmasked_fraction(run))
 
     def _columns_before(self, run: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """(n, W) bool: the columns before each row's prompt end (+ offset)."""
@@ -312,8 +312,10 @@ def block_generate(
             run = live.nonzero().squeeze(1) if cache else in_block.any(1).nonzero().squeeze(1)
             if not in_block[run].any():
                 break
-            logits = runner.logits(run, block, first_step=i == 0)
-            tokens, confidence = sample_tokens(logits, temperature, top_k, top_p, generator)
+            guided = runner.logits(run, block, first_step=i == 0)
+            tokens, confidence = sample_tokens(guided.logits, temperature, top_k, top_p, generator)
+            if guided.normalized:   # the unguided rate: the conditional model's confidence in its own top token
+                confidence = sample_tokens(guided.rate, 0.0, None, None, None)[1]
             candidates = in_block[run]
             confidence = confidence.masked_fill(~candidates, float("-inf"))
             chosen = threshold_commit(confidence, count, threshold)

@@ -37,7 +37,7 @@ import torch
 
 from ..models.transformer import KVCache
 from .cuda_graph import graphed
-from .guidance import DEFAULT, Guidance, branch_logits, forward_logits, guided_logits, unmasked_fraction
+from .guidance import DEFAULT, Guidance, Guided, branch_logits, forward_logits, guided_logits, unmasked_fraction
 from .noise import forbid_tokens, propose_tokens
 from .options import SamplerOptions
 from .remasking import parallel_counts, select_top, token_confidence
@@ -101,21 +101,44 @@ def ended_rows(gen: torch.Tensor, mask_id: int, stop_ids: torch.Tensor) -> tuple
     return (first_stop < L) & (first_mask > first_stop), first_stop
 
 
-def choose_tokens(logits: torch.Tensor, candidates: torch.Tensor, options: SamplerOptions,
+def unmasking_scores(guided: Guided, proposal: torch.Tensor, rule: str,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """The remasking rule's score of each position, which decides what is committed: that of the
+    proposal under the guided logits, or, for a normalised form, that of the conditional model's
+    own top token under its logits (the unguided rate; `unmask.sampling.guidance`)."""
+    if not guided.normalized:
+        return token_confidence(guided.logits, proposal, rule, generator)
+    return token_confidence(guided.rate, propose_tokens(guided.rate, 0.0), rule, generator)
+
+
+def never_proposed(suppress_tokens: list[int] | None, mask_id: int, options: SamplerOptions,
+                   device) -> torch.Tensor:
+    """The ids a step never proposes: `suppress_tokens`, and under parallel decoding the mask itself.
+
+    Why the mask: guided logits can rank the mask token first (uncond + (w + 1)(cond - uncond) moves
+    it as any other id). The reference proposes it then, and the "committed" position stays masked;
+    a fixed schedule moves on and ends anyway, but a threshold/factor block runs until no mask is
+    left, so a row whose best proposal is the mask would never end.
+    """
+    ids = list(suppress_tokens or []) + ([mask_id] if options.parallel else [])
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def choose_tokens(guided: Guided, candidates: torch.Tensor, options: SamplerOptions,
                   generator: torch.Generator | None, suppressed: torch.Tensor, last_ids: torch.Tensor | None,
                   counts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step's decision over a window: (proposal, confidence, chosen), each (B, W).
 
-    logits (B, W, V) are the (guided) logits of the window, `candidates` (B, W) the positions that
-    may be committed. `last_ids` (eos_last) get the lowest confidence so they are decided last;
-    `counts` (B,) is the schedule's count for this step, None for parallel decoding (the options'
-    threshold/factor). Shared by `generate` and the row stepper (rows.py), so a row stepped on
+    `guided` holds the (guided) logits (B, W, V) of the window and those that score the positions
+    (`unmasking_scores`), `candidates` (B, W) the positions that may be committed. `last_ids`
+    (eos_last) get the lowest confidence so they are decided last; `counts` (B,) is the schedule's
+    count for this step, None for parallel decoding (the options' threshold/factor). Shared by `generate` and the row stepper (rows.py), so a row stepped on
     its own draws exactly what `generate` draws for it.
     """
     if suppressed.numel():
-        logits = forbid_tokens(logits, suppressed)
-    proposal = propose_tokens(logits, options.temperature, generator)
-    confidence = token_confidence(logits, proposal, options.remasking, generator)
+        guided = Guided(*(forbid_tokens(logits, suppressed) for logits in guided))   # in place: shared stays shared
+    proposal = propose_tokens(guided.logits, options.temperature, generator)
+    confidence = unmasking_scores(guided, proposal, options.remasking, generator)
     if last_ids is not None:
         confidence = confidence.masked_fill(torch.isin(proposal, last_ids), torch.finfo(confidence.dtype).min)
     confidence = confidence.masked_fill(~candidates, float("-inf"))
@@ -187,8 +210,8 @@ def cached_logits(runner, block_cache: BlockCache | None, refresh: bool, new_cac
                   x: torch.Tensor, rows: torch.Tensor, prompt_index: torch.Tensor, mask_id: int, cfg_scale: float,
                   attention_mask: torch.Tensor | None, window: slice, span: slice,
                   reuse_uncond: bool, guidance: Guidance = DEFAULT,
-                  t: torch.Tensor | None = None) -> tuple[torch.Tensor, BlockCache]:
-    """One cached step's (guided) logits over `window`, and the block cache it leaves.
+                  t: torch.Tensor | None = None) -> tuple[Guided, BlockCache]:
+    """One cached step's `Guided` logits over `window`, and the block cache it leaves.
 
     At a refresh the whole canvas runs into a new cache (`new_cache(n_rows)`); otherwise `span` runs
     against the cache. With `reuse_uncond` and guidance, a refresh computes both branches, keeps the
@@ -210,10 +233,10 @@ def cached_logits(runner, block_cache: BlockCache | None, refresh: bool, new_cac
         conditional = new_cache(rows.numel())
         conditional.copy_rows(block_cache.kv, torch.arange(rows.numel(), device=rows.device))
         block_cache = BlockCache(conditional, rows, False, uncond, window.start)
-        return guidance.mix(cond, uncond, cfg_scale, t), block_cache
+        return guidance.step(cond, uncond, cfg_scale, t), block_cache
     cond = forward_logits(runner, x, attention_mask, window, block_cache.kv, span)
     uncond = block_cache.uncond[:, window.start - block_cache.uncond_start:]
-    return guidance.mix(cond, uncond, cfg_scale, t), block_cache
+    return guidance.step(cond, uncond, cfg_scale, t), block_cache
 
 
 @torch.no_grad()
@@ -307,7 +330,7 @@ def generate(
     prompt_index = (x != mask_id) & valid
     generated = valid & ~prompt_index   # what guidance schedules count as the text (infilling masks included)
     options.check_for_model(model, P, mask_id, prompt_masked=bool(((x[:, :P] == mask_id) & valid[:, :P]).any()))
-    suppressed = torch.tensor(suppress_tokens or [], dtype=torch.long, device=device)
+    suppressed = never_proposed(suppress_tokens, mask_id, options, device)
     runner = graphed(model, compiled(model, compile)) if cuda_graph else compiled(model, compile)
     if cuda_graph:  # the graphs' caches live across blocks and calls
         new_cache = functools.partial(runner.kv_cache, total=x.shape[1])
@@ -336,7 +359,7 @@ def generate(
             mask_a = None if attention_mask is None else attention_mask[rows]
             t = unmasked_fraction(xa, generated[rows], mask_id)
             if cache is None:
-                logits = guided_logits(runner, xa, prompt_index[rows], mask_id, cfg_scale, mask_a, window,
+                guided = guided_logits(runner, xa, prompt_index[rows], mask_id, cfg_scale, mask_a, window,
                                        guidance=form, t=t)
             else:
                 refresh = block_cache is None or (cache_refresh != "block" and i % cache_refresh == 0)
@@ -344,11 +367,11 @@ def generate(
                     span = slice(0, x.shape[1])
                 else:
                     span = slice(block_start, x.shape[1] if cache == "prefix" else block_end)
-                logits, block_cache = cached_logits(runner, block_cache, refresh, new_cache, xa, rows,
+                guided, block_cache = cached_logits(runner, block_cache, refresh, new_cache, xa, rows,
                                                     prompt_index[rows], mask_id, cfg_scale, mask_a, window,
                                                     span, reuse_uncond, form, t)
             out.forward_passes += 2 if cfg_scale > 0 and form.canvas.adaptive else 1   # A-CFG: two calls in sequence
-            proposal, confidence, chosen = choose_tokens(logits, candidates[:, window], options, generator, suppressed,
+            proposal, confidence, chosen = choose_tokens(guided, candidates[:, window], options, generator, suppressed,
                                                          stop_ids if eos_last else None,
                                                          None if parallel else schedule[rows, i])
             xa[:, window] = torch.where(chosen, proposal, xa[:, window])

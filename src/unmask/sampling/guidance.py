@@ -13,15 +13,29 @@ the samplers or the scorer (docs/guidance.md has each source and formula):
   `PromptSpan` (only a span of the prompt's tokens masked), `LowConfidence` (A-CFG: the prompt
   kept and the lowest-confidence generated tokens re-masked, from this step's conditional pass).
 
+A third, optional part changes *when* positions unmask rather than *what* they become:
+
+- **norm** (Rojas et al., ICLR 2026, arXiv 2507.08965): guidance tilts the token distribution to
+  p_w ∝ p_c^(1+w) p_u^(−w), whose mass sums to Z_w ≥ 1 before normalising; samplers that let that
+  mass set the unmasking rate unmask too fast while the canvas is mostly masked. Their fix keeps
+  the rate of the unguided model and uses the guided distribution only for which token a position
+  becomes. In unmask's samplers the rate is the remasking rule's score (which positions are
+  committed, and under threshold/factor decoding how many), so a normalised form scores each
+  position by the conditional model's own top token, and proposes the token from the guided
+  logits. With the fixed transfer schedule the count per step is already guidance-free; what
+  changes is which positions the count goes to.
+
 A form is written as a short spec, e.g. "linear", "interval:0.5:1", "span:0:-4", "acfg:0.7",
-"linear,span:-8:" (one schedule and one canvas, comma-separated; defaults "constant,prompt").
-The spec is what the options, the CLI, the server and the lm-eval adapter carry.
+"linear,span:-8:", "linear,norm" (at most one schedule, one canvas and "norm", comma-separated;
+defaults "constant,prompt"). The spec is what the options, the CLI, the server and the lm-eval
+adapter carry.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -132,9 +146,26 @@ class LowConfidence:
         return f"acfg:{self.ratio:g}"
 
 
+class Guided(NamedTuple):
+    """One step's logits under guidance: `logits` propose the tokens, `rate` is scored by the
+    remasking rule to decide which positions unmask. One tensor, except for a normalised form."""
+
+    logits: torch.Tensor
+    rate: torch.Tensor
+
+    @property
+    def normalized(self) -> bool:
+        return self.rate is not self.logits
+
+
+def unguided(logits: torch.Tensor) -> Guided:
+    return Guided(logits, logits)
+
+
 @dataclass(frozen=True)
 class Guidance:
-    """A form of classifier-free guidance: a schedule of the weight and an unconditional canvas.
+    """A form of classifier-free guidance: a schedule of the weight, an unconditional canvas, and
+    whether the unmasking rate is the unguided model's (`normalized`, spec "norm").
 
     Frozen and hashable (the server batches requests with equal options); `str(g)` is its spec
     and `Guidance.parse(str(g)) == g`.
@@ -142,6 +173,7 @@ class Guidance:
 
     schedule: Constant | Linear | Interval = field(default_factory=Constant)
     canvas: WholePrompt | PromptSpan | LowConfidence = field(default_factory=WholePrompt)
+    normalized: bool = False
 
     @classmethod
     def parse(cls, spec: "str | Guidance | None") -> Guidance:
@@ -152,11 +184,16 @@ class Guidance:
         if not isinstance(spec, str):
             raise GuidanceError(f"guidance must be a spec string such as 'linear' or 'span:0:-4' (got {spec!r})")
         schedule = canvas = None
+        normalized = False
         for part in (p.strip() for p in spec.split(",")):
             if not part:
                 continue
             name, *args = part.split(":")
-            if name in SCHEDULES:
+            if name == "norm":
+                if args or normalized:
+                    raise GuidanceError(f"guidance {spec!r}: write 'norm' once and without arguments")
+                normalized = True
+            elif name in SCHEDULES:
                 if schedule is not None:
                     raise GuidanceError(f"guidance {spec!r} names two schedules ({schedule}, {part}): keep one")
                 schedule = SCHEDULES[name](args, part)
@@ -167,16 +204,18 @@ class Guidance:
                 canvas = CANVASES[name](args, part)
             else:
                 raise GuidanceError(f"unknown guidance part {part!r}: schedules are constant, linear, "
-                                    "interval:LO:HI; unconditional canvases are prompt, span:START:STOP, acfg:RATIO")
-        return cls(schedule or Constant(), canvas or WholePrompt())
+                                    "interval:LO:HI; unconditional canvases are prompt, span:START:STOP, acfg:RATIO; "
+                                    "'norm' keeps the unguided unmasking rate")
+        return cls(schedule or Constant(), canvas or WholePrompt(), normalized)
 
     def __str__(self) -> str:
-        return f"{self.schedule},{self.canvas}"
+        return f"{self.schedule},{self.canvas}" + (",norm" if self.normalized else "")
 
     def short(self) -> str:
         """The spec without its default parts ("prompt" for the seed's form): a column label that
         still parses back to this form."""
         parts = [str(p) for p, default in ((self.schedule, Constant()), (self.canvas, WholePrompt())) if p != default]
+        parts += ["norm"] if self.normalized else []
         return ",".join(parts) or str(self.canvas)
 
     def weights(self, w: float, t: torch.Tensor) -> torch.Tensor:
@@ -189,6 +228,11 @@ class Guidance:
             return mix_guidance(cond, uncond, w)
         gain = (self.weights(w, t).double() + 1).to(cond.dtype)   # w_t + 1 rounded once, as a Python float would be
         return uncond + gain.view(-1, *([1] * (cond.dim() - 1))) * (cond - uncond)
+
+    def step(self, cond: torch.Tensor, uncond: torch.Tensor, w: float, t: torch.Tensor | None) -> Guided:
+        """A sampling step's `Guided` logits: the mix, and the conditional logits as the rate when normalised."""
+        mixed = self.mix(cond, uncond, w, t)
+        return Guided(mixed, cond if self.normalized else mixed)
 
     def unconditional(self, x: torch.Tensor, prompt_index: torch.Tensor, mask_id: int) -> torch.Tensor:
         """The static unconditional canvas (WholePrompt, PromptSpan)."""
@@ -261,8 +305,8 @@ def mix_guidance(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float) -> 
 def guided_logits(model, x: torch.Tensor, prompt_index: torch.Tensor, mask_id: int, cfg_scale: float,
                   attention_mask: torch.Tensor | None = None, logits_slice: slice | None = None,
                   kv_cache=None, span: slice | None = None, guidance: Guidance = DEFAULT,
-                  t: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits for canvas x, guided when cfg_scale > 0 (conditional and unconditional rows in one pass).
+                  t: torch.Tensor | None = None) -> Guided:
+    """`Guided` logits for canvas x, guided when cfg_scale > 0 (conditional and unconditional rows in one pass).
 
     With `kv_cache`, only the canvas columns `span` run through the model and the rest are read from
     the cache; the unconditional rows are extra batch rows of the same cache (rows B..2B-1).
@@ -271,14 +315,14 @@ def guided_logits(model, x: torch.Tensor, prompt_index: torch.Tensor, mask_id: i
     first and the unconditional one after it (it needs the conditional confidences), without a cache.
     """
     if cfg_scale <= 0:
-        return forward_logits(model, x, attention_mask, logits_slice, kv_cache, span)
+        return unguided(forward_logits(model, x, attention_mask, logits_slice, kv_cache, span))
     if guidance.canvas.adaptive:
         cond, uncond = low_confidence_branches(model, x, prompt_index, mask_id, guidance.canvas, attention_mask,
                                                logits_slice)
     else:
         cond, uncond = branch_logits(model, x, prompt_index, mask_id, attention_mask, logits_slice, kv_cache, span,
                                      guidance)
-    return guidance.mix(cond, uncond, cfg_scale, t)
+    return guidance.step(cond, uncond, cfg_scale, t)
 
 
 def branch_logits(model, x: torch.Tensor, prompt_index: torch.Tensor, mask_id: int,

@@ -280,11 +280,15 @@ def check_guidance(spec) -> Guidance:
 
 
 def check_scoring_guidance(spec) -> Guidance:
-    """A guidance form for likelihood scoring: A-CFG needs a text being generated, which scoring has not."""
+    """A guidance form for likelihood scoring: A-CFG needs a text being generated, and 'norm' changes
+    when positions unmask, which scoring never does."""
     form = check_guidance(spec)
     if form.canvas.adaptive:
         raise OptionError("guidance", "acfg re-masks tokens of a text being generated; likelihood scoring has none: "
                                       "use the prompt or a span as the unconditional canvas")
+    if form.normalized:
+        raise OptionError("guidance", "'norm' changes which positions unmask while sampling; likelihood scoring "
+                                      "unmasks nothing: drop 'norm' from the form")
     return form
 
 

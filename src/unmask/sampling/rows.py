@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .generate import choose_tokens, ended_rows, fill_ended, left_pad
-from .guidance import forward_logits, guided_logits, unmasked_fraction
+from .generate import choose_tokens, ended_rows, fill_ended, left_pad, never_proposed
+from .guidance import Guided, forward_logits, guided_logits, unguided, unmasked_fraction
 from .options import SamplerOptions
 from .schedule import transfer_schedule
 
@@ -95,7 +95,7 @@ class Row:
         if (eos_last or stop_at_eos) and stop_ids.numel() == 0:
             raise ValueError("eos_last/stop_at_eos need an EOS id: pass eos_token_id")
         row = cls(options, x, P, mask_id, prompt_index, ~prompt_index, generator,
-                  torch.tensor(suppress_tokens or [], dtype=torch.long, device=device), stop_ids, eos_token_id,
+                  never_proposed(suppress_tokens, mask_id, options, device), stop_ids, eos_token_id,
                   eos_last, stop_at_eos)
         row._begin_block()
         row._settle()
@@ -138,10 +138,10 @@ class Row:
             self.block += 1
             self._begin_block()
 
-    def _decide(self, logits: torch.Tensor, window: slice, candidates: torch.Tensor) -> None:
-        """Commit this step's tokens from the (guided) logits (W, V) of `window`."""
+    def _decide(self, guided: Guided, window: slice, candidates: torch.Tensor) -> None:
+        """Commit this step's tokens from the `Guided` logits (1, W, V) of `window`."""
         counts = None if self.options.parallel else self.schedule[self.block_step].view(1)
-        proposal, confidence, chosen = choose_tokens(logits[None], candidates[None, window], self.options,
+        proposal, confidence, chosen = choose_tokens(guided, candidates[None, window], self.options,
                                                      self.generator, self.suppressed,
                                                      self.stop_ids if self.eos_last else None, counts)
         self.x[window] = torch.where(chosen[0], proposal[0], self.x[window])
@@ -169,9 +169,9 @@ def step(model, rows: list[Row], pad_id: int = 0) -> None:
     for row in adaptive:   # its unconditional canvas needs its conditional pass first
         window, candidates = _window(row)
         t = unmasked_fraction(row.x[None], row.generated[None], row.mask_id)
-        logits = guided_logits(model, row.x[None], row.prompt_index[None], row.mask_id, row.options.cfg_scale,
+        guided = guided_logits(model, row.x[None], row.prompt_index[None], row.mask_id, row.options.cfg_scale,
                                torch.ones_like(row.x[None]), window, guidance=row.options.form, t=t)
-        row._decide(logits[0], window, candidates)
+        row._decide(guided, window, candidates)
     if shared:
         _shared_step(model, shared, pad_id)
 
@@ -196,9 +196,10 @@ def _shared_step(model, rows: list[Row], pad_id: int) -> None:
     uncond_of = {id(r): len(rows) + k for k, r in enumerate(guided)}   # batch index of each twin
     for n, (row, offset, (window, candidates)) in enumerate(zip(rows, offsets, windows)):
         cols = slice(offset + window.start - lo, offset + window.stop - lo)   # the row's window in the logits
-        row_logits = logits[n, cols]
+        row_logits = logits[n, cols][None]
         if id(row) in uncond_of:
             t = unmasked_fraction(row.x[None], row.generated[None], row.mask_id)
-            uncond = logits[uncond_of[id(row)], cols]
-            row_logits = row.options.form.mix(row_logits[None], uncond[None], row.options.cfg_scale, t)[0]
-        row._decide(row_logits, window, candidates)
+            uncond = logits[uncond_of[id(row)], cols][None]
+            row._decide(row.options.form.step(row_logits, uncond, row.options.cfg_scale, t), window, candidates)
+        else:
+            row._decide(unguided(row_logits), window, candidates)
