@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from ..models.transformer import KVCache
 from . import vocab_parallel
 from .generate import GenerationOutput, StepState, resolve_mask_id, special_ids
-from .guidance import DEFAULT, Guidance, Guided, is_native, unguided, unmasked_fraction
+from .guidance import DEFAULT, Guidance, Guided, is_native, unmasked_fraction
 from .options import BlockOptions, OptionError
 from .schedule import transfer_schedule
 
@@ -194,7 +194,7 @@ class _Runner:
         w = self.opts.cfg_scale
         cond = self._forward(self.branches[0], run, block, first_step)
         if w == 0:
-            return unguided(cond)
+            return Guided(cond)
         form = self.opts.form
         if self.opts.reuse_uncond and not first_step:
             uncond = vocab_parallel.take_rows(self.kept_uncond, torch.searchsorted(self.kept_rows, run))

@@ -136,7 +136,7 @@ def choose_tokens(guided: Guided, candidates: torch.Tensor, options: SamplerOpti
     its own draws exactly what `generate` draws for it.
     """
     if suppressed.numel():
-        guided = Guided(*(forbid_tokens(logits, suppressed) for logits in guided))   # in place: shared stays shared
+        guided = guided.apply(lambda logits: forbid_tokens(logits, suppressed))
     proposal = propose_tokens(guided.logits, options.temperature, generator)
     confidence = unmasking_scores(guided, proposal, options.remasking, generator)
     if last_ids is not None:

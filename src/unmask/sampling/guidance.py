@@ -147,19 +147,20 @@ class LowConfidence:
 
 
 class Guided(NamedTuple):
-    """One step's logits under guidance: `logits` propose the tokens, `rate` is scored by the
-    remasking rule to decide which positions unmask. One tensor, except for a normalised form."""
+    """One step's logits under guidance: `logits` propose the tokens and, unless `rate` is given
+    (a normalised form: the conditional logits), are also what the remasking rule scores to decide
+    which positions unmask."""
 
     logits: torch.Tensor
-    rate: torch.Tensor
+    rate: torch.Tensor | None = None
 
     @property
     def normalized(self) -> bool:
-        return self.rate is not self.logits
+        return self.rate is not None
 
-
-def unguided(logits: torch.Tensor) -> Guided:
-    return Guided(logits, logits)
+    def apply(self, fn) -> Guided:
+        """`fn` applied to each tensor held (e.g. forbidding token ids in both)."""
+        return Guided(fn(self.logits), None if self.rate is None else fn(self.rate))
 
 
 @dataclass(frozen=True)
@@ -231,8 +232,7 @@ class Guidance:
 
     def step(self, cond: torch.Tensor, uncond: torch.Tensor, w: float, t: torch.Tensor | None) -> Guided:
         """A sampling step's `Guided` logits: the mix, and the conditional logits as the rate when normalised."""
-        mixed = self.mix(cond, uncond, w, t)
-        return Guided(mixed, cond if self.normalized else mixed)
+        return Guided(self.mix(cond, uncond, w, t), cond if self.normalized else None)
 
     def unconditional(self, x: torch.Tensor, prompt_index: torch.Tensor, mask_id: int) -> torch.Tensor:
         """The static unconditional canvas (WholePrompt, PromptSpan)."""
@@ -315,7 +315,7 @@ def guided_logits(model, x: torch.Tensor, prompt_index: torch.Tensor, mask_id: i
     first and the unconditional one after it (it needs the conditional confidences), without a cache.
     """
     if cfg_scale <= 0:
-        return unguided(forward_logits(model, x, attention_mask, logits_slice, kv_cache, span))
+        return Guided(forward_logits(model, x, attention_mask, logits_slice, kv_cache, span))
     if guidance.canvas.adaptive:
         cond, uncond = low_confidence_branches(model, x, prompt_index, mask_id, guidance.canvas, attention_mask,
                                                logits_slice)

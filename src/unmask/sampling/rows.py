@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .generate import choose_tokens, ended_rows, fill_ended, left_pad, never_proposed
-from .guidance import Guided, forward_logits, guided_logits, unguided, unmasked_fraction
+from .guidance import Guided, forward_logits, guided_logits, unmasked_fraction
 from .options import SamplerOptions
 from .schedule import transfer_schedule
 
@@ -202,4 +202,4 @@ def _shared_step(model, rows: list[Row], pad_id: int) -> None:
             uncond = logits[uncond_of[id(row)], cols][None]
             row._decide(row.options.form.step(row_logits, uncond, row.options.cfg_scale, t), window, candidates)
         else:
-            row._decide(unguided(row_logits), window, candidates)
+            row._decide(Guided(row_logits), window, candidates)
