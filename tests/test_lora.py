@@ -17,6 +17,7 @@ from unmask.models.adapters import (adapter_base, adapter_tensors, attach_adapte
                                     lora_config, merge_adapter, model_tensors)
 from unmask.train import TrainConfig  # noqa: E402
 from unmask.train.trainer import Trainer, train  # noqa: E402
+from resume_check import whole_and_resumed  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -94,11 +95,7 @@ def test_lora_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, base, sf
     def cfg(run: str, **kw) -> TrainConfig:
         return lora_run(tmp_path / run, base, sft_data, grad_accum=2, **kw)
 
-    whole = train(cfg("a"))
-    first = train(cfg("b", stop_at=4))
-    rest = train(cfg("b", resume="auto"))
-    assert first.losses == {s: whole.losses[s] for s in range(1, 5)}
-    assert rest.losses == {s: whole.losses[s] for s in range(5, 9)}  # bit-exact, not approx
+    whole, _, rest = whole_and_resumed(cfg)
     assert rest.evals[8] == whole.evals[8]
     a = (tmp_path / "a" / "step-000008" / "adapter_model.safetensors").read_bytes()
     assert a == (tmp_path / "b" / "step-000008" / "adapter_model.safetensors").read_bytes()
@@ -174,11 +171,7 @@ def test_qlora_trains_on_an_int8_base_resumes_exactly_and_loads_on_the_float_bas
 
     trainer = Trainer(cfg("probe"))
     assert type(trainer.core.blocks[0].attn.qkv).__name__ == "TorchaoLoraLinear"  # LoRA over torchao's int8 linear
-    whole = train(cfg("a"))
-    first = train(cfg("b", stop_at=4))
-    rest = train(cfg("b", resume="auto"))
-    assert first.losses == {s: whole.losses[s] for s in range(1, 5)}
-    assert rest.losses == {s: whole.losses[s] for s in range(5, 9)}
+    whole_and_resumed(cfg)
     assert not torch.allclose(_logits(load_model(base, adapter=tmp_path / "a")), _logits(load_model(base)), atol=1e-4)
     with pytest.raises(ValueError, match="add --lora"):
         TrainConfig(data=[str(sft_data)], tokenizer=str(base), init_from=str(base), sft=True, lora_quantize="int8")

@@ -19,6 +19,8 @@ from unmask.train.data import BatchStream, Rows, build_rows, pack, read_records
 from unmask.train.objective import document_attention
 from unmask.train.trainer import Trainer, train
 
+from resume_check import whole_and_resumed
+
 torch.set_num_threads(1)
 
 SPECIALS = ["<|endoftext|>", "<|mask|>", "<|user|>", "<|assistant|>", "<|eot|>"]
@@ -264,12 +266,9 @@ def test_document_attention_and_tied_embeddings_train_and_load_back(tmp_path, to
 
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, tokenizer_dir, corpus):
-    whole = train(tiny(tmp_path / "a", tokenizer_dir, corpus, grad_accum=2))
-    first = train(tiny(tmp_path / "b", tokenizer_dir, corpus, grad_accum=2, stop_at=4))
+    whole, first, rest = whole_and_resumed(lambda run, **kw: tiny(tmp_path / run, tokenizer_dir, corpus,
+                                                                  grad_accum=2, **kw))
     assert first.step == 4 and first.checkpoint.name == "step-000004"
-    rest = train(tiny(tmp_path / "b", tokenizer_dir, corpus, grad_accum=2, resume="auto"))
-    assert first.losses == {s: whole.losses[s] for s in range(1, 5)}
-    assert rest.losses == {s: whole.losses[s] for s in range(5, 9)}  # bit-exact, not approx
     assert rest.evals[8] == whole.evals[8]
 
 
@@ -542,11 +541,7 @@ def test_llada2_block_diffusion_resume_reproduces_the_uninterrupted_run_exactly(
     def cfg(run: str, **kw) -> TrainConfig:
         return llada2(tmp_path / run, tokenizer_dir, corpus, grad_accum=2, doc_attention=True, **kw)
 
-    whole = train(cfg("a"))
-    first = train(cfg("b", stop_at=4))
-    rest = train(cfg("b", resume="auto"))
-    assert first.losses == {s: whole.losses[s] for s in range(1, 5)}
-    assert rest.losses == {s: whole.losses[s] for s in range(5, 9)}  # bit-exact, not approx
+    whole, _, rest = whole_and_resumed(cfg)
     assert rest.evals[8] == whole.evals[8]
 
 

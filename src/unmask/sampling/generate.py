@@ -89,6 +89,14 @@ def resolve_mask_id(model, given: int | None) -> int:
     return mask_id
 
 
+def stop_token_ids(eos_token_id: int | None, eot_token_id: int | None, needed: bool, device) -> torch.Tensor:
+    """The EOS/EOT ids as a tensor; an error when they are `needed` (eos_last, stop_at_eos) and there are none."""
+    ids = torch.tensor([i for i in (eos_token_id, eot_token_id) if i is not None], dtype=torch.long, device=device)
+    if needed and ids.numel() == 0:
+        raise ValueError("eos_last/stop_at_eos need an EOS id: the model config has none, pass eos_token_id")
+    return ids
+
+
 def ended_rows(gen: torch.Tensor, mask_id: int, stop_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows whose generated text has ended: an EOS/EOT with nothing masked before it.
 
@@ -315,9 +323,7 @@ def generate(
     device = prompt.device
     eos_token_id = special_ids(model, "eos_token_id", eos_token_id)
     eot_token_id = special_ids(model, "eot_token_id", eot_token_id)
-    stop_ids = torch.tensor([i for i in (eos_token_id, eot_token_id) if i is not None], device=device)
-    if (eos_last or stop_at_eos) and stop_ids.numel() == 0:
-        raise ValueError("eos_last/stop_at_eos need an EOS id: the model config has none, pass eos_token_id")
+    stop_ids = stop_token_ids(eos_token_id, eot_token_id, eos_last or stop_at_eos, device)
 
     x = torch.full((B, P + gen_length), mask_id, dtype=torch.long, device=device)
     x[:, :P] = prompt

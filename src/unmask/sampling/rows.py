@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .generate import choose_tokens, ended_rows, fill_ended, left_pad, never_proposed
+from .generate import choose_tokens, ended_rows, fill_ended, left_pad, never_proposed, stop_token_ids
 from .guidance import Guided, forward_logits, guided_logits, unmasked_fraction
 from .options import SamplerOptions
 from .schedule import transfer_schedule
@@ -90,10 +90,7 @@ class Row:
         P = prompt.numel()
         x = torch.cat([prompt, torch.full((options.gen_length,), mask_id, dtype=torch.long, device=device)])
         prompt_index = x != mask_id
-        stop_ids = torch.tensor([i for i in (eos_token_id, eot_token_id) if i is not None], dtype=torch.long,
-                                device=device)
-        if (eos_last or stop_at_eos) and stop_ids.numel() == 0:
-            raise ValueError("eos_last/stop_at_eos need an EOS id: pass eos_token_id")
+        stop_ids = stop_token_ids(eos_token_id, eot_token_id, eos_last or stop_at_eos, device)
         row = cls(options, x, P, mask_id, prompt_index, ~prompt_index, generator,
                   never_proposed(suppress_tokens, mask_id, options, device), stop_ids, eos_token_id,
                   eos_last, stop_at_eos)

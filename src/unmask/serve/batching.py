@@ -120,6 +120,15 @@ class Job:
         """What the row costs a step: its canvas, twice when guided (an unconditional row)."""
         return (len(self.prompt) + self.options.gen_length) * (2 if self.options.cfg_scale > 0 else 1)
 
+    def abandoned(self, now: float) -> bool:
+        """Whether nobody waits for the job's rows any more: it is done, or now ends it (its client
+        left, or its deadline passed: the client gets the timeout)."""
+        if self.cancelled:
+            self.done = True
+        elif now > self.deadline and not self.done:
+            self.post(Failed(RequestTimeout("generation did not finish within the request timeout")))
+        return self.done
+
     def post(self, event) -> None:
         """Deliver an event from any thread; the final one marks the job done."""
         self.posted = True
@@ -216,12 +225,7 @@ class BatchRunner:
                 log.exception("request %d could not start", job.id)
                 job.post(Failed(e))
         now = time.monotonic()
-        for r in running:
-            if r.job.cancelled:
-                r.job.done = True
-            elif now > r.job.deadline and not r.job.done:
-                r.job.post(Failed(RequestTimeout("generation did not finish within the request timeout")))
-        live = [r for r in running if not r.job.done]
+        live = [r for r in running if not r.job.abandoned(now)]
         if live:
             started = time.monotonic()
             self._step(live)
@@ -320,13 +324,7 @@ class BatchRunner:
             confidence = state.confidence[:n, start:]
             now = time.monotonic()
             for r, job in enumerate(jobs):
-                if job.done:
-                    continue
-                if job.cancelled:
-                    job.done = True
-                    continue
-                if now > job.deadline:
-                    job.post(Failed(RequestTimeout("generation did not finish within the request timeout")))
+                if job.abandoned(now):
                     continue
                 progress = (views[r].step(state.step, state.block, gen[r], committed[r], confidence[r], self.piece)
                             if views[r] else None)
