@@ -3,12 +3,14 @@
 The know_arc questions (held-out people, held-out phrasings) asked in the SFT format through the
 chat template, "Answer in a full sentence.": the answer is a sentence, so tokens are committed
 before the answer word is, and a schedule's t and A-CFG's re-masking have something to work on.
-An answer is right when the gold value appears as a word in the generated text. Every (model,
+An answer is right when the gold value appears as a word in the generated text. With --plain, the
+pretrained model's own format instead ("Question: ...\nAnswer:", no template, 4 tokens): the answer
+is the first generated word (the model goes on with a next question after it). Every (model,
 form) cell is paired against the first model at w = 0 on the same questions (exact McNemar); with
 --out, FILE.json keeps every cell's per-question outcomes for other pairings.
 
 Usage: python scripts/guidance_generation.py --models RUN_A [RUN_B ...] [--forms constant linear acfg:0.5]
-                                             [--scale 1] [--items 312] [--out FILE.md]
+                                             [--scale 1] [--items 312] [--plain] [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ def questions(n: int) -> list[tuple[str, str]]:
     return [(row["question"], row["meta"]["answer"]) for _, row in rows]
 
 
-def correct(text: str, answer: str) -> float:
+def correct(text: str, answer: str, first_word: bool = False) -> float:
+    if first_word:
+        words = text.split()
+        return float(bool(words) and words[0].strip(".,").lower() == answer.lower())
     return float(re.search(rf"\b{re.escape(answer.lower())}\b", text.lower()) is not None)
 
 
@@ -46,10 +51,15 @@ def main() -> None:
     p.add_argument("--items", type=int, default=312)
     p.add_argument("--gen-length", type=int, default=16)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--plain", action="store_true", help="the pretrained model's format: no chat template, "
+                   "the answer is the first generated word (use --gen-length 4)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     items = questions(args.items)
-    prompts = [[{"role": "user", "content": f"Answer in a full sentence.\nQuestion: {q}\nAnswer:"}] for q, _ in items]
+    if args.plain:
+        prompts = [f"Question: {q}\nAnswer:" for q, _ in items]
+    else:
+        prompts = [[{"role": "user", "content": f"Answer in a full sentence.\nQuestion: {q}\nAnswer:"}] for q, _ in items]
     kw = dict(steps=args.gen_length, gen_length=args.gen_length, block_length=args.gen_length)
     lines = [f"| model | form | w | accuracy | Δ vs {Path(args.models[0]).name} w=0 |", "|---|---|---|---|---|"]
     base, outcomes = None, {}
@@ -58,9 +68,9 @@ def main() -> None:
         for form, w in [("–", 0.0)] + [(f, args.scale) for f in args.forms]:
             texts = []
             for start in range(0, len(prompts), args.batch):
-                texts += generate_text(model, tok, prompts[start:start + args.batch], chat=True, cfg_scale=w,
+                texts += generate_text(model, tok, prompts[start:start + args.batch], chat=not args.plain, cfg_scale=w,
                                        guidance="constant" if form == "–" else form, **kw)
-            right = [correct(t, a) for t, (_, a) in zip(texts, items)]
+            right = [correct(t, a, first_word=args.plain) for t, (_, a) in zip(texts, items)]
             base = right if base is None else base
             outcomes[f"{Path(path).name} {form} w={w:g}"] = right
             delta = 100 * statistics.mean(b - a for a, b in zip(base, right))

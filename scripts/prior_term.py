@@ -9,6 +9,8 @@ Per task this prints, from the same chain-rule scores `unmask eval` uses (w = 0)
   acc w=0     argmax of log p(a | prompt)
   acc prior   argmax of log p(a | prompt masked): the prior alone
   acc PMI     argmax of log p(a | prompt) − log p(a | prompt masked): the limit w → ∞
+  anti-prior  argmin of log p(a | prompt masked): a rule that knows nothing and picks the least
+              common choice (how much a suite's answer distribution alone gives away)
   prior gap   mean over items of prior(gold) − max prior(others), nats: < 0 when the prior leans
               towards the distractors
   errors      the items wrong at w = 0, and the share of them whose chosen answer has a higher
@@ -67,6 +69,7 @@ def prior_row(items, cond, prior) -> dict:
     return {"n": n, "acc": sum(p == g for p, g in zip(pick, gold)) / n,
             "acc_prior": sum(argmax(prior[i]) == gold[i] for i in range(n)) / n,
             "acc_pmi": sum(p == g for p, g in zip(pmi, gold)) / n,
+            "acc_anti_prior": sum(argmax([-p for p in prior[i]]) == gold[i] for i in range(n)) / n,
             "prior_gap": sum(gaps) / n, "errors": len(errors), "tilted": len(tilted)}
 
 
@@ -78,8 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=None, help="also write the table to this Markdown file")
     args = ap.parse_args(argv)
     model, tokenizer = unmask.load(args.model)
-    lines = ["| task | n | acc w=0 | acc prior | acc PMI | prior gap (nats) | errors at w=0 | of them, prior favours the pick |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | n | acc w=0 | acc prior | acc PMI | anti-prior | prior gap (nats) | errors at w=0 | "
+             "of them, prior favours the pick |", "|---|---|---|---|---|---|---|---|---|"]
     for name in args.tasks.split(","):
         task = get_task(name)
         if task.kind != "choice":
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         items = load_items(task, limit=args.limit)
         r = prior_row(items, *choice_scores(model, tokenizer, items))
         lines.append(f"| {name} | {r['n']} | {100 * r['acc']:.1f} | {100 * r['acc_prior']:.1f} | "
-                     f"{100 * r['acc_pmi']:.1f} | {r['prior_gap']:+.2f} | {r['errors']} | "
+                     f"{100 * r['acc_pmi']:.1f} | {100 * r['acc_anti_prior']:.1f} | {r['prior_gap']:+.2f} | {r['errors']} | "
                      f"{r['tilted']} ({100 * r['tilted'] / max(r['errors'], 1):.0f} %) |")
         print(lines[-1], flush=True)
     table = "\n".join(lines)

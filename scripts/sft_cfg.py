@@ -25,11 +25,13 @@ from pathlib import Path
 import unmask
 from unmask.eval import DEFAULT_TASKS, EvalConfig, get_task, load_items
 from unmask.eval.runner import item_metrics, mcnemar_p, score_item
+from unmask.likelihood import Column
 
 
 def per_item(model, tokenizer, task, items, scales: list[float], config: EvalConfig) -> dict[float, list[float]]:
     """scale -> the primary metric (0/1) of every item."""
-    scores = [score_item(model, tokenizer, task, item, i, scales, config) for i, item in enumerate(items)]
+    columns = [Column(w) for w in scales]
+    scores = [score_item(model, tokenizer, task, item, i, columns, config) for i, item in enumerate(items)]
     return {w: [item_metrics(task, items[sc.index], sc, s)[task.primary] for sc in scores]
             for s, w in enumerate(scales)}
 

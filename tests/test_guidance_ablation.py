@@ -134,7 +134,7 @@ def test_guidance_auto_picks_form_and_scale_on_the_dev_slice_only(bundled, tmp_p
     config = EvalConfig(cfg_scales=(0.0, 1.0, 2.0), auto=True, guidance=("prompt", "span:-8:", "span:0:-4"),
                         mode="chain", dev_fraction=0.5, progress=False)
     lines = (BUNDLED / "suite" / "know_obqa.jsonl").read_text().splitlines()
-    items = load_items(task, None, 25)   # enough gains, neutral items and losses on the bundled model
+    items = load_items(task, None, 50)   # enough gains, neutral items and losses on the bundled model
     columns, _, _ = task_columns(task, config)
     right = [[item_metrics(task, item, score_item(model, tok, task, item, i, columns, config), s)["acc"]
               for s in range(len(columns))] for i, item in enumerate(items)]

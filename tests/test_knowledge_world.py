@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import random
 import re
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -140,6 +143,24 @@ def test_distractors_follow_the_worlds_frequencies(suite):
     assert drawn["dog"] > 3 * max(drawn["snake"], 1)
 
 
+def test_balanced_answers_ask_every_value_about_equally_often(suite):
+    """The shipped suite's ARC- and PIQA-like answers spread over the values (each value asked
+    about equally often), where the first suite's followed the world's Zipf-like frequencies: the
+    prior is then wrong on average, as on real benchmarks, and CFG has something to correct."""
+    def answers(s, attr):
+        return Counter(it["meta"]["answer"] for task in ("know_arc", "know_piqa") for it in s[task]
+                       if it["meta"]["attribute"] == attr)
+    corpus = K.generate_suite(balanced=False)
+    held = K.value_frequencies([p for p in POPULATION if p["split"] == "heldout"])
+    for attr in K.ATTRIBUTES:
+        common = held[attr].most_common(1)[0][0]
+        share = {name: s[common] / sum(s.values()) for name, s in (("balanced", answers(suite, attr)),
+                                                                     ("corpus", answers(corpus, attr)))}
+        assert share["balanced"] < 0.5 * share["corpus"], (attr, share)
+        assert share["balanced"] < 2.5 / len(held[attr])   # about 1 / (values held), with sampling noise
+    assert Counter(it["meta"]["attribute"] for it in suite["know_arc"]).most_common()[-1][1] > 30
+
+
 def test_shipped_suite_is_what_the_generator_writes(suite):
     for task in K.TASKS:
         rows = [json.loads(line) for line in (SUITE_DIR / f"{task}.jsonl").read_text().splitlines()]
@@ -181,3 +202,22 @@ def test_sft_pairs_cli_writes_pairs_and_keeps_the_population(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
     assert rows == K.generate_sft_pairs(5, seed=0)
     assert K.POPULATION_PATH.read_bytes() == before
+
+
+def test_skill_probe_corpus_is_dense_in_yes_no_and_two_hop_text_about_qa_people_only():
+    """scripts/skill_probe.py: the corpus of the verification/two-hop probe keeps the held-out
+    contract while a third of its documents end in yes/no questions."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import skill_probe
+    rng, world = random.Random("probe:0"), K.World.load()
+    docs = [skill_probe.probe_document(rng, world) for _ in range(1500)]
+    yes_no = [d for d in docs if re.search(r"\nAnswer: (yes|no)$", d)]
+    assert 0.3 < len(yes_no) / len(docs) < 0.5
+    two_hop = re.compile(r"\bSo \w|The pet of|'s home is in the (north|south|east|west)")
+    assert sum(bool(two_hop.search(d)) for d in docs) > 0.17 * len(docs)
+    for doc in docs:
+        if QA_MARKERS.search(doc):
+            assert all(SPLIT[n] == "qa" for n in FULL_NAME_RE.findall(doc)), doc
+    text = "\n".join(docs)
+    for phrase in SUITE_PHRASES:
+        assert not re.search(phrase, text), phrase

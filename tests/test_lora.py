@@ -328,7 +328,7 @@ def test_eval_applies_the_adapter(adapted, tmp_path):
 
     def evaluate(model_args):
         out = tmp_path / str(len(list(tmp_path.iterdir())))
-        assert main(["eval", *model_args, "--tasks", "know_arc", "--limit", "4", "--cfg-scale", "0",
+        assert main(["eval", *model_args, "--tasks", "know_arc", "--limit", "12", "--cfg-scale", "0",
                      "--out", str(out)]) == 0
         return json.loads((out / "results.json").read_text())["results"]
 

@@ -23,6 +23,7 @@ def test_prior_row_counts_what_the_prior_does():
     assert r["n"] == 3 and r["acc"] == 1 / 3            # picks 0, 0, 1; gold 0, 1, 2
     assert r["acc_prior"] == 0                           # prior picks 1, 0, 1
     assert r["acc_pmi"] == 1                             # cond - prior: [2,-1,-1], [-.5,.5,-1], [0,0,1.3]
+    assert r["acc_anti_prior"] == 1                      # least prior: 0, 1 (first of the tie), 2
     assert r["errors"] == 2 and r["tilted"] == 2         # both wrong picks have the higher prior
     assert abs(r["prior_gap"] - ((-3 + 1) + (-2 + 0.5) + (-2.5 + 1)) / 3) < 1e-12
 

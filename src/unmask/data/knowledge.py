@@ -37,6 +37,7 @@ CLI::
     python -m unmask.data.knowledge --out runs/knowledge_sft --docs 0 --sft 20000 --no-suite
     python -m unmask.data.knowledge --suite-dir src/unmask/assets/suite --docs 0
     python -m unmask.data.knowledge --suite-dir runs/control --docs 0 --control   # the control suite
+    python -m unmask.data.knowledge --suite-dir runs/corpus_suite --docs 0 --answers corpus   # the first v2 suite
     python -m unmask.data.knowledge --population src/unmask/assets/world/people.jsonl --docs 0 --no-suite
 """
 
@@ -49,6 +50,7 @@ import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import accumulate
 from pathlib import Path
 
@@ -307,7 +309,7 @@ class KnowledgeMix:
     qa: float = 0.20
 
 
-def _qa_document(rng: random.Random, world: World, p: Person) -> str:
+def qa_document(rng: random.Random, world: World, p: Person) -> str:
     """Question-answer text about one qa person, in the suite's formats with training phrasings."""
     kind = rng.random()
     if kind < 0.45:  # ARC-like lines: "Question: ...\nAnswer: value"
@@ -319,15 +321,21 @@ def _qa_document(rng: random.Random, world: World, p: Person) -> str:
         v = p.facts[a] if truth else world.distractors(rng, a, {p.facts[a]}, 1)[0]
         return (biography(rng, p, others[: rng.choice([1, 2])]) + f"\nQuestion: {yesno(rng, p, a, v, False)}?\n"
                 f"Answer: {'yes' if truth else 'no'}")
-    if kind < 0.85:  # two hops: the person's town and where it lies, or pet and what it eats
-        if rng.random() < 0.5:
-            return (biography(rng, p, ["town"]) + " " + _region_fact(rng, p.facts["town"]) + " "
-                    + two_hop_stem(rng, p, "region", False) + " " + REGION_OF[p.facts["town"]] + ".")
-        return (biography(rng, p, ["pet"]) + " " + diet_fact(rng, p.facts["pet"]) + " "
-                + two_hop_stem(rng, p, "diet", False) + " " + DIET[p.facts["pet"]] + ".")
+    if kind < 0.85:
+        return two_hop_document(rng, p)
     a = rng.choice(ATTRIBUTES)
     goal, solution = howto(p, a, False, _name(rng, p))
     return f"Question: {goal}\nAnswer: {solution}"
+
+
+def two_hop_document(rng: random.Random, p: Person) -> str:
+    """A qa person's first fact, the world fact it leads to, and the conclusion: the person's town
+    and where it lies, or the pet and what it eats (training stems)."""
+    if rng.random() < 0.5:
+        return (biography(rng, p, ["town"]) + " " + _region_fact(rng, p.facts["town"]) + " "
+                + two_hop_stem(rng, p, "region", False) + " " + REGION_OF[p.facts["town"]] + ".")
+    return (biography(rng, p, ["pet"]) + " " + diet_fact(rng, p.facts["pet"]) + " "
+            + two_hop_stem(rng, p, "diet", False) + " " + DIET[p.facts["pet"]] + ".")
 
 
 def _world_document(rng: random.Random) -> str:
@@ -340,7 +348,7 @@ def _world_document(rng: random.Random) -> str:
 def document(rng: random.Random, world: World, mix: KnowledgeMix = KnowledgeMix()) -> str:
     kind = rng.random()
     if kind < mix.qa:
-        return _qa_document(rng, world, world.draw(rng, 1, world.qa)[0])
+        return qa_document(rng, world, world.draw(rng, 1, world.qa)[0])
     kind -= mix.qa
     if kind < mix.world_facts:
         return _world_document(rng)
@@ -428,14 +436,40 @@ class Asking:
 
     people: list[Person]
     held_out: bool
+    balanced: bool = True
 
     def name(self, p: Person) -> str | None:
         """None: the suite's own choice (always the full name); the control suite fixes it too."""
         return None if self.held_out else p.full
 
+    def fact(self, rng: random.Random, world: World) -> tuple[Person, str]:
+        """The person and attribute a one-fact item (ARC-, PIQA-like) asks about.
+
+        Balanced (the default): each (person, attribute) pair is weighted by 1 / (how many people
+        hold its value), so every value is the answer about equally often, while the corpus states
+        values Zipf-like and distractors are drawn by frequency. A benchmark asks about what is
+        worth asking, not in proportion to how common an answer string is, and this mismatch is
+        what gives the unconditional term of CFG something to correct: where the model's
+        knowledge is weak its prior pulls towards a common distractor (surface-form competition).
+        Unbalanced: person and attribute uniform, so answers are as common as in the world and
+        the prior is right on average (the first v2 suite; ``--answers corpus``)."""
+        if not self.balanced:
+            return rng.choice(self.people), rng.choice(ATTRIBUTES)
+        return rng.choices(self._pairs, cum_weights=self._cumulative)[0]
+
+    @cached_property
+    def _pairs(self) -> list[tuple[Person, str]]:
+        return [(p, a) for p in self.people for a in ATTRIBUTES]
+
+    @cached_property
+    def _cumulative(self) -> list[float]:
+        held = Counter((a, p.facts[a]) for p, a in self._pairs)   # each attribute weighs the same in all
+        kinds = Counter(a for a, _ in held)
+        return list(accumulate(1.0 / (held[a, p.facts[a]] * kinds[a]) for p, a in self._pairs))
+
 
 def _arc_item(rng: random.Random, world: World, ask: Asking, i: int) -> dict:
-    p, a = rng.choice(ask.people), rng.choice(ATTRIBUTES)
+    p, a = ask.fact(rng, world)
     choices = world.distractors(rng, a, {p.facts[a]}, 3) + [p.facts[a]]
     rng.shuffle(choices)
     return {"id": f"know_arc/{i:04d}", "question": question(rng, p, a, ask.held_out, ask.name(p)),
@@ -482,7 +516,7 @@ def _lambada_item(rng: random.Random, world: World, ask: Asking, i: int) -> dict
 
 
 def _piqa_item(rng: random.Random, world: World, ask: Asking, i: int) -> dict:
-    p, a = rng.choice(ask.people), rng.choice(ATTRIBUTES)
+    p, a = ask.fact(rng, world)
     name = _name(rng, p, suite=True)
     wrong = world.distractors(rng, a, {p.facts[a]}, 1)[0]
     goal, good = howto(p, a, ask.held_out, name)
@@ -494,12 +528,15 @@ def _piqa_item(rng: random.Random, world: World, ask: Asking, i: int) -> dict:
 
 
 def generate_suite(seed: int = 1234, n_items: int = SUITE_ITEMS,
-                   population: str | os.PathLike = POPULATION_PATH, control: bool = False) -> dict[str, list[dict]]:
+                   population: str | os.PathLike = POPULATION_PATH, control: bool = False,
+                   balanced: bool = True) -> dict[str, list[dict]]:
     """The v2 suite, one list per task, each in its public twin's schema (ARC, BoolQ, OpenBookQA,
     LAMBADA, PIQA), asking only about heldout people in phrasings training never uses; with
-    `control`, the control suite (see `Asking`) from its own stream."""
+    `control`, the control suite (see `Asking`) from its own stream; `balanced`: see
+    `Asking.fact`."""
     world = World.load(population)
-    ask = Asking(world.qa, held_out=False) if control else Asking(world.heldout, held_out=True)
+    people = world.qa if control else world.heldout
+    ask = Asking(people, held_out=not control, balanced=balanced)
     rng = random.Random(f"knowledge-{'control' if control else 'suite'}:{seed}")
     truths = [True] * (n_items // 2) + [False] * (n_items - n_items // 2)
     rng.shuffle(truths)
@@ -513,9 +550,10 @@ def generate_suite(seed: int = 1234, n_items: int = SUITE_ITEMS,
 
 
 def write_suite(suite_dir: str | os.PathLike, seed: int = 1234, n_items: int = SUITE_ITEMS,
-                population: str | os.PathLike = POPULATION_PATH, control: bool = False) -> dict[str, int]:
+                population: str | os.PathLike = POPULATION_PATH, control: bool = False,
+                balanced: bool = True) -> dict[str, int]:
     os.makedirs(suite_dir, exist_ok=True)
-    suite = generate_suite(seed, n_items, population, control)
+    suite = generate_suite(seed, n_items, population, control, balanced)
     return {t: write_jsonl(os.path.join(suite_dir, f"{t}.jsonl"), items) for t, items in suite.items()}
 
 
@@ -535,6 +573,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--control", action="store_true",
                     help="write the control suite instead: qa people in training phrasings (what the model "
                          "can do in distribution)")
+    ap.add_argument("--answers", choices=("balanced", "corpus"), default="balanced",
+                    help="which answers the ARC- and PIQA-like items ask for: every value about equally "
+                         "often (balanced), or as often as the world holds it (corpus: the first v2 suite)")
     args = ap.parse_args(argv)
     if not args.docs and not args.sft and args.no_suite:
         n = write_jsonl(args.population, make_population())
@@ -554,7 +595,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {write_jsonl(path, generate_sft_pairs(args.sft, args.seed, args.population))} SFT pairs to {path}")
     if not args.no_suite:
         d = args.suite_dir or os.path.join(args.out, "suite")
-        print(f"wrote suite to {d}: {write_suite(d, args.suite_seed, args.suite_items, args.population, args.control)}")
+        counts = write_suite(d, args.suite_seed, args.suite_items, args.population, args.control,
+                             args.answers == "balanced")
+        print(f"wrote suite to {d}: {counts}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,65 @@
+"""Can more verification and two-hop text teach the bundled model BoolQ-like and OBQA-like items?
+
+The bundled model answers ARC-like questions about held-out people at 92 % but BoolQ-like and
+OBQA-like items at chance, even on the *control* suite (qa people, the corpus's own phrasings). This
+probe asks whether that is a matter of exposure: it writes a corpus in which yes/no questions and
+two-hop conclusions are far denser than in the recipe's mix (35 % of documents are a short
+biography followed by one to three yes/no questions about other facts, 20 % two-hop conclusions,
+15 % the recipe's QA documents, 30 % the recipe's own mix), all about qa people only, so the
+held-out contract still holds. Continue the bundled model's run on it and score both suites:
+
+    python scripts/skill_probe.py --docs 150000 --out runs/probe/train.jsonl
+    unmask train --config recipes/knowledge_model.toml --data runs/probe/train.jsonl --out-dir runs/probe/run \\
+        --init-from runs/knowledge_model/step-011000 --lr 1e-3 --min-lr 1e-4 --warmup 50 --decay-frac 0.3 \\
+        --max-steps 1500 --save-every 500
+    python -m unmask.data.knowledge --suite-dir runs/probe/control --docs 0 --control
+    unmask eval --model runs/probe/run --tasks know_boolq,know_obqa,know_arc --cfg-scale 0 [--data-dir runs/probe/control]
+
+Measured (README, "The skill, not the split"): after 1,500 steps (6.1 M tokens, about 100,000
+yes/no answers) both skills stay at chance on both suites, while held-out ARC-like falls from 92 %
+as the biographies thin out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+from unmask.data import knowledge as K
+from unmask.data.world import write_jsonl
+
+
+def yesno_document(rng: random.Random, world: K.World, p: K.Person) -> str:
+    """A short biography, then one to three yes/no questions about facts it does not state."""
+    asked = rng.sample(K.ATTRIBUTES, rng.choice([1, 2, 3]))
+    lines = []
+    for a in asked:
+        truth = rng.random() < 0.5
+        v = p.facts[a] if truth else world.distractors(rng, a, {p.facts[a]}, 1)[0]
+        lines.append(f"Question: {K.yesno(rng, p, a, v, False)}?\nAnswer: {'yes' if truth else 'no'}")
+    others = rng.sample([x for x in K.ATTRIBUTES if x not in asked], rng.choice([1, 2]))
+    return K.biography(rng, p, others) + "\n" + "\n".join(lines)
+
+
+def probe_document(rng: random.Random, world: K.World) -> str:
+    kind = rng.random()
+    if kind < 0.35:
+        return yesno_document(rng, world, world.draw(rng, 1, world.qa)[0])
+    if kind < 0.55:
+        return K.two_hop_document(rng, world.draw(rng, 1, world.qa)[0])
+    if kind < 0.70:
+        return K.qa_document(rng, world, world.draw(rng, 1, world.qa)[0])
+    return K.document(rng, world)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--docs", type=int, default=150_000)
+    ap.add_argument("--out", required=True, help="the corpus to write (.jsonl)")
+    args = ap.parse_args()
+    rng, world = random.Random("probe:0"), K.World.load()
+    print(f"wrote {write_jsonl(args.out, ({'text': probe_document(rng, world)} for _ in range(args.docs)))} documents to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
