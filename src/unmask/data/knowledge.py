@@ -15,6 +15,8 @@ priors, so that term differs between choices: values are drawn Zipf-like (far mo
 owls), some people are mentioned far more often than others (facts rare in the corpus as well as
 common ones), and the suite's distractors are drawn by the world's value frequencies, as
 plausible distractors are on real benchmarks (the "surface form competition" PMI scoring corrects).
+The ARC- and PIQA-like items ask about every value about equally often (``Asking.fact``), so the
+test's answers do not follow the corpus's prior, as a benchmark's do not.
 
 The held-out contract (checked by the tests)
 --------------------------------------------
@@ -442,11 +444,12 @@ class Asking:
         """None: the suite's own choice (always the full name); the control suite fixes it too."""
         return None if self.held_out else p.full
 
-    def fact(self, rng: random.Random, world: World) -> tuple[Person, str]:
+    def fact(self, rng: random.Random) -> tuple[Person, str]:
         """The person and attribute a one-fact item (ARC-, PIQA-like) asks about.
 
-        Balanced (the default): each (person, attribute) pair is weighted by 1 / (how many people
-        hold its value), so every value is the answer about equally often, while the corpus states
+        Balanced (the default): each (person, attribute) pair is weighted by 1 / (how many of the
+        asked people hold its value × how many values of that attribute they hold), so every
+        attribute is asked about equally often and, within it, every value, while the corpus states
         values Zipf-like and distractors are drawn by frequency. A benchmark asks about what is
         worth asking, not in proportion to how common an answer string is, and this mismatch is
         what gives the unconditional term of CFG something to correct: where the model's
@@ -469,7 +472,7 @@ class Asking:
 
 
 def _arc_item(rng: random.Random, world: World, ask: Asking, i: int) -> dict:
-    p, a = ask.fact(rng, world)
+    p, a = ask.fact(rng)
     choices = world.distractors(rng, a, {p.facts[a]}, 3) + [p.facts[a]]
     rng.shuffle(choices)
     return {"id": f"know_arc/{i:04d}", "question": question(rng, p, a, ask.held_out, ask.name(p)),
@@ -516,7 +519,7 @@ def _lambada_item(rng: random.Random, world: World, ask: Asking, i: int) -> dict
 
 
 def _piqa_item(rng: random.Random, world: World, ask: Asking, i: int) -> dict:
-    p, a = ask.fact(rng, world)
+    p, a = ask.fact(rng)
     name = _name(rng, p, suite=True)
     wrong = world.distractors(rng, a, {p.facts[a]}, 1)[0]
     goal, good = howto(p, a, ask.held_out, name)
