@@ -22,6 +22,7 @@ import statistics
 from pathlib import Path
 
 import unmask
+from unmask.bench import answer_matches
 from unmask.eval import get_task
 from unmask.eval.tasks import find_data_file, read_rows
 from unmask.eval.runner import mcnemar_p
@@ -38,8 +39,7 @@ def questions(n: int) -> list[tuple[str, str]]:
 
 def correct(text: str, answer: str, first_word: bool = False) -> float:
     if first_word:
-        words = text.split()
-        return float(bool(words) and words[0].strip(".,").lower() == answer.lower())
+        return float(answer_matches(text, answer))
     return float(re.search(rf"\b{re.escape(answer.lower())}\b", text.lower()) is not None)
 
 
