@@ -35,7 +35,7 @@ def yesno_document(rng: random.Random, world: K.World, p: K.Person) -> str:
     lines = []
     for a in asked:
         truth = rng.random() < 0.5
-        v = p.facts[a] if truth else world.distractors(rng, a, {p.facts[a]}, 1)[0]
+        v = world.asked_value(rng, p, a, truth)
         lines.append(f"Question: {K.yesno(rng, p, a, v, False)}?\nAnswer: {'yes' if truth else 'no'}")
     others = rng.sample([x for x in K.ATTRIBUTES if x not in asked], rng.choice([1, 2]))
     return K.biography(rng, p, others) + "\n" + "\n".join(lines)

@@ -168,6 +168,10 @@ class World:
             pool.remove(v)
         return out
 
+    def asked_value(self, rng: random.Random, p: Person, attr: str, truth: bool) -> str:
+        """The value a yes/no question about ``p``'s ``attr`` names: the true one, or a distractor."""
+        return p.facts[attr] if truth else self.distractors(rng, attr, {p.facts[attr]}, 1)[0]
+
 
 # ---------------------------------------------------------------------------
 # Templates (v1's fact templates and questions are reused; these are v2's own)
@@ -320,7 +324,7 @@ def qa_document(rng: random.Random, world: World, p: Person) -> str:
     if kind < 0.70:  # BoolQ-like: a short passage, then a yes/no question
         a, *others = rng.sample(ATTRIBUTES, 3)
         truth = rng.random() < 0.5
-        v = p.facts[a] if truth else world.distractors(rng, a, {p.facts[a]}, 1)[0]
+        v = world.asked_value(rng, p, a, truth)
         return (biography(rng, p, others[: rng.choice([1, 2])]) + f"\nQuestion: {yesno(rng, p, a, v, False)}?\n"
                 f"Answer: {'yes' if truth else 'no'}")
     if kind < 0.85:
@@ -403,7 +407,7 @@ def sft_pair(rng: random.Random, world: World) -> dict:
         answer = p.facts[a] if style == "word" else _answer_sentence(rng, p, a, name)
     elif kind < 0.85:
         truth = rng.random() < 0.5
-        v = p.facts[a] if truth else world.distractors(rng, a, {p.facts[a]}, 1)[0]
+        v = world.asked_value(rng, p, a, truth)
         q = _cap(yesno(rng, p, a, v, False, name)) + "?"
         answer = ("yes" if truth else "no") if style == "word" else \
             ("Yes. " if truth else "No. ") + _answer_sentence(rng, p, a, name)
@@ -483,7 +487,7 @@ def _arc_item(rng: random.Random, world: World, ask: Asking, i: int) -> dict:
 def _boolq_item(rng: random.Random, world: World, ask: Asking, i: int, truth: bool) -> dict:
     p = rng.choice(ask.people)
     a, *others = rng.sample(ATTRIBUTES, 3)
-    v = p.facts[a] if truth else world.distractors(rng, a, {p.facts[a]}, 1)[0]
+    v = world.asked_value(rng, p, a, truth)
     return {"idx": i, "question": yesno(rng, p, a, v, ask.held_out, ask.name(p)), "passage": biography(rng, p, others[: rng.choice([1, 2])]),
             "answer": truth, "meta": {"person": p.full, "attribute": a, "asked_value": v, "true_value": p.facts[a]}}
 
