@@ -8,7 +8,7 @@ import pytest
 import unmask
 from unmask.eval import EvalConfig, get_task, load_items
 from unmask.eval.runner import evaluate
-from unmask.models import DEFAULT_MODEL_DIR
+from unmask.eval.tasks import SUITE_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import sft_cfg  # noqa: E402
@@ -19,7 +19,7 @@ def test_per_item_agrees_with_unmask_eval(name, tmp_path):
     """Per-item outcomes at each w average to `unmask eval`'s accuracy on the same items, for a
     choice task and a cloze task (judged by the sampler at that w)."""
     model, tok = unmask.load()
-    lines = (DEFAULT_MODEL_DIR.parent / "suite" / f"{name}.jsonl").read_text().splitlines()[:6]
+    lines = (SUITE_DIR / f"{name}.jsonl").read_text().splitlines()[:6]
     (tmp_path / f"{name}.jsonl").write_text("".join(line + "\n" for line in lines))
     task = get_task(name)
     config = EvalConfig(cfg_scales=(0.0, 2.0), mode="chain", progress=False)
