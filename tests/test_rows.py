@@ -10,7 +10,7 @@ import torch
 import unmask
 from unmask.models import load_model
 from unmask.sampling import SamplerOptions
-from unmask.sampling.rows import Row, step, steppable
+from unmask.sampling.rows import Row, measure_pass_overhead, pass_groups, step, steppable
 
 DATA = Path(__file__).parent / "data"
 MASK, EOS, EOT = 383, 381, 380
@@ -27,7 +27,7 @@ def alone(model, prompt, options, seed, **end):
     return x[0, len(prompt):].tolist()
 
 
-def run_continuous(model, requests, max_rows=None, **end):
+def run_continuous(model, requests, max_rows=None, pass_overhead=None, **end):
     """Run (prompt, options, seed, admit_at_step) requests through `step`, admitting each at its
     step (and while fewer than max_rows run); returns each row's generated tokens."""
     waiting = sorted(range(len(requests)), key=lambda i: requests[i][3])
@@ -40,7 +40,7 @@ def run_continuous(model, requests, max_rows=None, **end):
             prompt, options, seed, _ = requests[i]
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
             running[i] = Row.start(prompt, options, mask_id=MASK, generator=generator, **end)
-        step(model, list(running.values()), pad_id=EOS)
+        step(model, list(running.values()), pad_id=EOS, pass_overhead=pass_overhead)
         for i in [i for i, r in running.items() if r.done]:
             out[i] = running.pop(i).gen.tolist()
         clock += 1
@@ -78,6 +78,70 @@ def test_rows_equal_generate_alone_with_mixed_settings_and_random_admission(mode
     got = run_continuous(model, reqs)
     for (prompt, options, seed, _), tokens in zip(reqs, got):
         assert tokens == alone(model, prompt, options, seed), options
+
+
+@pytest.mark.parametrize("pass_overhead", [0.0, 12.0])
+def test_rows_split_into_passes_by_width_equal_generate_alone(model, pass_overhead):
+    """Rows run in several passes (grouped by canvas width, `pass_groups`) keep their text."""
+    reqs = requests_for(4, 0.8)
+    got = run_continuous(model, reqs, pass_overhead=pass_overhead)
+    for (prompt, options, seed, _), tokens in zip(reqs, got):
+        assert tokens == alone(model, prompt, options, seed), options
+
+
+def partitions(items):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in partitions(rest):
+        yield [[first]] + part
+        for k in range(len(part)):
+            yield part[:k] + [[first] + part[k]] + part[k + 1:]
+
+
+def pass_cost(groups, widths, weights, overhead):
+    return sum(overhead + max(widths[i] for i in g) * sum(weights[i] for i in g) for g in groups)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pass_groups_is_the_cheapest_of_all_partitions(seed):
+    rng = random.Random(seed)
+    n = rng.randrange(1, 7)
+    widths = [rng.randrange(8, 200) for _ in range(n)]
+    weights = [rng.choice((1, 2)) for _ in range(n)]
+    overhead = rng.choice((0.0, 10.0, 60.0, 500.0))
+    groups = pass_groups(widths, weights, overhead)
+    assert sorted(i for g in groups for i in g) == list(range(n))
+    cheapest = min(pass_cost(p, widths, weights, overhead) for p in partitions(list(range(n))))
+    assert pass_cost(groups, widths, weights, overhead) == pytest.approx(cheapest)
+
+
+def test_pass_groups_shares_one_pass_when_passes_are_dear_and_splits_when_padding_is():
+    widths, weights = [32, 40, 160, 170], [1, 2, 1, 1]
+    assert pass_groups(widths, weights, 10_000) == [[0, 1, 2, 3]]
+    assert sorted(map(sorted, pass_groups(widths, weights, 20))) == [[0, 1], [2, 3]]
+
+
+class TimedModel(torch.nn.Module):
+    """A stand-in whose forward takes `fixed` seconds plus `per_token` per input token."""
+
+    def __init__(self, fixed, per_token):
+        super().__init__()
+        self.fixed, self.per_token = fixed, per_token
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, attention_mask=None):
+        import time
+        from types import SimpleNamespace
+
+        time.sleep(self.fixed + self.per_token * x.numel())
+        return SimpleNamespace(logits=torch.zeros(*x.shape, 4))
+
+
+def test_measure_pass_overhead_finds_the_fixed_cost_in_tokens():
+    overhead = measure_pass_overhead(TimedModel(fixed=0.02, per_token=1e-4), repeats=3)
+    assert 150 < overhead < 260   # 0.02 s / 1e-4 s per token = 200 tokens
 
 
 def test_rows_equal_generate_alone_with_eos_handling_and_a_row_cap(model):

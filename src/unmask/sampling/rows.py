@@ -26,6 +26,7 @@ here (`steppable` says which options are).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -156,10 +157,14 @@ class Row:
 
 
 @torch.no_grad()
-def step(model, rows: list[Row], pad_id: int = 0) -> None:
+def step(model, rows: list[Row], pad_id: int = 0, pass_overhead: float | None = None) -> None:
     """Advance every row that is not done by one denoising step of its own (one forward pass for
     all of them, plus the extra passes of A-CFG rows). Rows are independent: each one's result is
-    what `generate` gives for it alone."""
+    what `generate` gives for it alone.
+
+    `pass_overhead`: what one more forward pass costs, in canvas tokens (`measure_pass_overhead`).
+    With it, rows of very different canvas lengths run in separate passes when the padding a shared
+    pass would compute costs more than the extra pass (`pass_groups`); None: one pass."""
     live = [r for r in rows if not r.done]
     adaptive = [r for r in live if r.options.cfg_scale > 0 and r.options.form.canvas.adaptive]
     shared = [r for r in live if r not in adaptive]
@@ -169,8 +174,66 @@ def step(model, rows: list[Row], pad_id: int = 0) -> None:
         guided = guided_logits(model, row.x[None], row.prompt_index[None], row.mask_id, row.options.cfg_scale,
                                torch.ones_like(row.x[None]), window, guidance=row.options.form, t=t)
         row._decide(guided, window, candidates)
-    if shared:
-        _shared_step(model, shared, pad_id)
+    if pass_overhead is None:
+        groups = [list(range(len(shared)))] if shared else []
+    else:
+        widths = [r.x.numel() for r in shared]
+        weights = [2 if r.options.cfg_scale > 0 else 1 for r in shared]   # a guided row adds its twin
+        groups = pass_groups(widths, weights, pass_overhead)
+    for group in groups:
+        _shared_step(model, [shared[i] for i in group], pad_id)
+
+
+def pass_groups(widths: list[int], weights: list[int], overhead: float) -> list[list[int]]:
+    """Split rows into forward passes at the least cost, a pass costing `overhead` plus its padded
+    canvas: (its widest canvas) x (its rows, `weights` each). Returns lists of row indices.
+
+    Why: on a CPU a pass costs about its padded tokens, so a 32-token canvas run in a pass padded to
+    a 128-token one costs four times its own; a GPU's pass costs nearly the same at any size (a
+    large overhead), so there everything shares one pass. Sorted by width, the best split is
+    contiguous, found exactly by dynamic programming over the split points (n is a batch: small)."""
+    order = sorted(range(len(widths)), key=lambda i: widths[i])
+    best = [0.0] + [float("inf")] * len(order)   # best[j]: least cost of the j narrowest rows
+    cut = [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        weight = 0
+        for i in range(j - 1, -1, -1):   # the last pass holds order[i:j]; its widest is order[j - 1]
+            weight += weights[order[i]]
+            cost = best[i] + overhead + widths[order[j - 1]] * weight
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(order)
+    while j:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
+@torch.no_grad()
+def measure_pass_overhead(model, pad_id: int = 0, width: int = 64, repeats: int = 5) -> float:
+    """What one forward pass costs beyond its tokens, in canvas tokens: the fixed part `a` of a
+    pass's time (a + b x tokens) over the per-token part `b`, from the fastest of `repeats` timings
+    of one row and of eight rows of `width` tokens. Host work, kernel launches and small matrices
+    make `a`: on the bundled model it is 50-150 tokens on a 2-core CPU; on a GPU, thousands."""
+    device = next(model.parameters()).device
+
+    def seconds(rows: int) -> float:
+        ids = torch.full((rows, width), pad_id, dtype=torch.long, device=device)
+        attention = torch.ones_like(ids)
+        best = float("inf")
+        for _ in range(repeats + 1):   # the first is a warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            forward_logits(model, ids, attention, slice(0, width))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    one, eight = seconds(1), seconds(8)
+    per_token = max(eight - one, 1e-9) / (7 * width)
+    return max(one / per_token - width, 0.0)
 
 
 def _window(row: Row) -> tuple[slice, torch.Tensor]:

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from ..sampling import SamplerOptions, StepState, block_generate, generate, is_block_diffusion, left_pad
 from ..sampling.generate import special_ids
 from ..sampling.options import BlockOptions, context_length
-from ..sampling.rows import Row, step, steppable
+from ..sampling.rows import Row, measure_pass_overhead, step, steppable
 from .metrics import ServerMetrics
 from .textstream import Ending, RowText, piece_decoder
 
@@ -201,6 +201,7 @@ class BatchRunner:
         self.device = next(model.parameters()).device
         self.sampler, self.end_kwargs = self._sampler(model, eos_id)
         self.row_kwargs = self._row_kwargs(eos_id)
+        self.pass_overhead: float | None = None   # measured at the first step (`_pass`)
 
     @staticmethod
     def _sampler(model, eos_id: int | None):
@@ -264,11 +265,16 @@ class BatchRunner:
             self._pass(rows)
 
     def _pass(self, live: list[Running]) -> None:
-        """One step of rows that share a pass; if it fails, the rows it did not advance are stepped
-        one by one, so only a row that cannot run fails."""
+        """One step of rows that share a pass (or a few passes, when their canvas lengths differ so
+        much that the padding would cost more than another pass: `sampling.rows.pass_groups`, with
+        the pass overhead measured on this model at the first step); if it fails, the rows it did
+        not advance are stepped one by one, so only a row that cannot run fails."""
+        if self.pass_overhead is None:
+            self.pass_overhead = measure_pass_overhead(self.model, self.pad_id)
+            log.info("a forward pass costs about %.0f canvas tokens beyond its rows' own", self.pass_overhead)
         before = [r.row.step_index for r in live]
         try:
-            step(self.model, [r.row for r in live], self.pad_id)
+            step(self.model, [r.row for r in live], self.pad_id, self.pass_overhead)
         except Exception as e:
             log.warning("a step of %d rows failed (%s: %s); stepping them one by one", len(live), type(e).__name__, e)
             for r, n in zip(live, before):
