@@ -11,8 +11,11 @@ Prints every run's report and the ratios continuous / static over all runs of ea
 runs each policy N times, in alternating order, so a drift in a shared machine's load hits both):
 throughput (target >= 1.5), p95 latency (target <= 0.7), and the 5xx count (target 0).
 
-    OMP_NUM_THREADS=1 python3 scripts/continuous_vs_static.py --rate 4 --requests 60
-    OMP_NUM_THREADS=1 python3 scripts/continuous_vs_static.py --trace trace.jsonl --rate 4
+    python3 scripts/continuous_vs_static.py --rate 6 --requests 60 --repeats 2
+    python3 scripts/continuous_vs_static.py --trace trace.jsonl --rate 4
+
+The servers take PyTorch's default threads (all cores); set OMP_NUM_THREADS to change that. The
+table in docs/serve.md was measured with the first command on an idle 2-core machine.
 """
 
 from __future__ import annotations

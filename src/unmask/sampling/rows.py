@@ -18,7 +18,9 @@ The guarantee is `generate`'s: a row's text equals that request run alone throug
   row ends after its last block, or when its text has ended (stop_at_eos), as in `generate`.
 
 What shares a pass: every row whose options have no cache, no CUDA graph and no compile (the
-remasking rule, temperature, threshold/factor, cfg scale and guidance form may all differ). A row
+remasking rule, temperature, threshold/factor, cfg scale and guidance form may all differ), unless
+their canvas lengths differ so much that padding them to one width costs more than another pass
+(`pass_groups`, given the model's `measure_pass_overhead`). A row
 guided by A-CFG (an adaptive canvas) runs its two passes on its own, because its unconditional
 canvas depends on its conditional pass. Cached modes and LLaDA2.x block diffusion are not stepped
 here (`steppable` says which options are).
