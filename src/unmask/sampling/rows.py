@@ -216,7 +216,8 @@ def measure_pass_overhead(model, pad_id: int = 0, width: int = 64, repeats: int 
     """What one forward pass costs beyond its tokens, in canvas tokens: the fixed part `a` of a
     pass's time (a + b x tokens) over the per-token part `b`, from the fastest of `repeats` timings
     of one row and of eight rows of `width` tokens. Host work, kernel launches and small matrices
-    make `a`: on the bundled model it is 50-150 tokens on a 2-core CPU; on a GPU, thousands."""
+    make `a`: on the bundled model it is about 50-250 tokens on a 2-core CPU (1-2 threads); a GPU's
+    pass costs nearly the same at any size, so there it should be far larger."""
     device = next(model.parameters()).device
 
     def seconds(rows: int) -> float:
