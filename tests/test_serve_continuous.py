@@ -91,6 +91,39 @@ def test_a_later_request_with_other_settings_joins_the_running_rows(loaded):
     assert done_b.ending.text == alone_text(loaded, short_prompt, short, seed=7)
 
 
+@pytest.mark.parametrize("timing", ["measured", "fails"])
+def test_the_runner_times_a_pass_once_and_serves_either_way(loaded, monkeypatch, timing):
+    """The first step measures the pass overhead (which splits rows of very different lengths into
+    passes); if the timing cannot run, rows share one pass. Texts equal their requests alone."""
+    import unmask.serve.batching as batching
+
+    calls = []
+
+    def timed(model, pad_id):
+        calls.append(pad_id)
+        if timing == "fails":
+            raise RuntimeError("no timing here")
+        return 0.0   # every width its own pass
+
+    monkeypatch.setattr(batching, "measure_pass_overhead", timed)
+    tokenizer = loaded[1]
+    prompts = [tokenizer("Mira").input_ids, tokenizer("Where does Mira live? Tell me more.").input_ids]
+    options = [SamplerOptions(steps=8, gen_length=8, block_length=8), LONG]
+
+    async def body(scheduler, job):
+        jobs = [job(p, o) for p, o in zip(prompts, options)]
+        for j in jobs:
+            scheduler.submit(j)
+        events = [await asyncio.wait_for(j.events.get(), 60) for j in jobs]
+        return events, scheduler.runner.pass_overhead
+
+    events, overhead = scenario(loaded, body)
+    assert calls == [EOS]
+    assert overhead == (0.0 if timing == "measured" else None)
+    for event, prompt, o in zip(events, prompts, options):
+        assert isinstance(event, Finished) and event.ending.text == alone_text(loaded, prompt, o)
+
+
 def test_the_equal_options_policy_waits_for_the_running_rows(loaded):
     """The policy before continuous batching (the measurement's baseline): a request with other
     settings starts only once the running rows are done."""

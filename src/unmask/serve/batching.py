@@ -201,7 +201,8 @@ class BatchRunner:
         self.device = next(model.parameters()).device
         self.sampler, self.end_kwargs = self._sampler(model, eos_id)
         self.row_kwargs = self._row_kwargs(eos_id)
-        self.pass_overhead: float | None = None   # measured at the first step (`_pass`)
+        self.pass_overhead: float | None = None   # measured at the first step (`_pass`); None: one pass
+        self.overhead_measured = False
 
     @staticmethod
     def _sampler(model, eos_id: int | None):
@@ -269,9 +270,13 @@ class BatchRunner:
         much that the padding would cost more than another pass: `sampling.rows.pass_groups`, with
         the pass overhead measured on this model at the first step); if it fails, the rows it did
         not advance are stepped one by one, so only a row that cannot run fails."""
-        if self.pass_overhead is None:
-            self.pass_overhead = measure_pass_overhead(self.model, self.pad_id)
-            log.info("a forward pass costs about %.0f canvas tokens beyond its rows' own", self.pass_overhead)
+        if not self.overhead_measured:
+            self.overhead_measured = True
+            try:
+                self.pass_overhead = measure_pass_overhead(self.model, self.pad_id)
+                log.info("a forward pass costs about %.0f canvas tokens beyond its rows' own", self.pass_overhead)
+            except Exception:   # a model that cannot run the timing batch still serves, in one pass a step
+                log.exception("could not time a forward pass; every step's rows share one pass")
         before = [r.row.step_index for r in live]
         try:
             step(self.model, [r.row for r in live], self.pad_id, self.pass_overhead)
