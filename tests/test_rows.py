@@ -2,7 +2,9 @@
 `generate`, whatever its batch mates and whenever it joined."""
 
 import random
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -132,9 +134,6 @@ class TimedModel(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, x, attention_mask=None):
-        import time
-        from types import SimpleNamespace
-
         time.sleep(self.fixed + self.per_token * x.numel())
         return SimpleNamespace(logits=torch.zeros(*x.shape, 4))
 

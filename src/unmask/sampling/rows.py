@@ -191,8 +191,8 @@ def pass_groups(widths: list[int], weights: list[int], overhead: float) -> list[
     canvas: (its widest canvas) x (its rows, `weights` each). Returns lists of row indices.
 
     Why: on a CPU a pass costs about its padded tokens, so a 32-token canvas run in a pass padded to
-    a 128-token one costs four times its own; a GPU's pass costs nearly the same at any size (a
-    large overhead), so there everything shares one pass. Sorted by width, the best split is
+    a 128-token one costs four times its own; a GPU's pass costs nearly the same at any size, so
+    there the overhead should be large and everything share one pass (not measured). Sorted by width, the best split is
     contiguous, found exactly by dynamic programming over the split points (n is a batch: small)."""
     order = sorted(range(len(widths)), key=lambda i: widths[i])
     best = [0.0] + [float("inf")] * len(order)   # best[j]: least cost of the j narrowest rows
