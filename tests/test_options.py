@@ -160,3 +160,10 @@ def test_device_cuda_without_cuda_is_one_line():
 def test_load_model_takes_dtype_aliases(tmp_path):
     model = load_model(DATA / "llada-dense-tiny", dtype="bf16")
     assert model.dtype is torch.bfloat16
+
+
+def test_a_guided_request_runs_two_canvas_rows_in_both_families():
+    from unmask.sampling.options import BlockOptions
+
+    assert SamplerOptions().canvas_rows == 1 and SamplerOptions(cfg_scale=0.5).canvas_rows == 2
+    assert BlockOptions().canvas_rows == 1 and BlockOptions(cfg_scale=1.0).canvas_rows == 2

@@ -50,6 +50,12 @@ class GuidedOptions:
         """The guidance form (schedule, unconditional canvas) named by `guidance`."""
         return Guidance.parse(self.guidance)
 
+    @property
+    def canvas_rows(self) -> int:
+        """How many canvas rows a request runs in a forward pass: two when guided (its unconditional
+        twin), else one. What batching budgets and pass splitting count."""
+        return 2 if self.cfg_scale > 0 else 1
+
 
 @dataclass(frozen=True)
 class SamplerOptions(GuidedOptions):

@@ -180,8 +180,7 @@ def step(model, rows: list[Row], pad_id: int = 0, pass_overhead: float | None = 
         groups = [list(range(len(shared)))] if shared else []
     else:
         widths = [r.x.numel() for r in shared]
-        weights = [2 if r.options.cfg_scale > 0 else 1 for r in shared]   # a guided row adds its twin
-        groups = pass_groups(widths, weights, pass_overhead)
+        groups = pass_groups(widths, [r.options.canvas_rows for r in shared], pass_overhead)
     for group in groups:
         _shared_step(model, [shared[i] for i in group], pad_id)
 

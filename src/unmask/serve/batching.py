@@ -118,7 +118,7 @@ class Job:
     @property
     def tokens(self) -> int:
         """What the row costs a step: its canvas, twice when guided (an unconditional row)."""
-        return (len(self.prompt) + self.options.gen_length) * (2 if self.options.cfg_scale > 0 else 1)
+        return (len(self.prompt) + self.options.gen_length) * self.options.canvas_rows
 
     def abandoned(self, now: float) -> bool:
         """Whether nobody waits for the job's rows any more: it is done, or now ends it (its client
