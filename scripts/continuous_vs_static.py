@@ -13,6 +13,11 @@ throughput (target >= 1.5), p95 latency (target <= 0.7), and the 5xx count (targ
 
     python3 scripts/continuous_vs_static.py --rate 6 --requests 60 --repeats 2
     python3 scripts/continuous_vs_static.py --trace trace.jsonl --rate 4
+    python3 scripts/continuous_vs_static.py --shape llada2-small --rate 4 --requests 40 --repeats 2   # LLaDA2.x
+
+`--shape` serves a random-weight model of an `unmask bench` shape with the bundled tokenizer (as
+scripts/serve_speed.py does): its text is noise, but its steps cost what a trained model's do, and
+`llada2-small` is the block-diffusion (LLaDA2.x layout, MoE) model the size of the bundled one.
 
 The servers take PyTorch's default threads (all cores); set OMP_NUM_THREADS to change that. The
 table in docs/serve.md was measured with the first command on an idle 2-core machine.
@@ -23,29 +28,36 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 
+from unmask.bench import SHAPES
 from unmask.serve.loadtest import LoadTest, Report, mixed_trace, percentile, read_trace, run_open_loop
 
 
-def serve(model_dir: str | None, config, urls, stop) -> None:
+def serve(model_dir: str | None, shape: str | None, config, urls, stop) -> None:
     """The child process: load the model, serve it on a free loopback port, report the URL, wait."""
     import unmask
+    from unmask.bench import SHAPES, random_model
+    from unmask.models.loading import load_tokenizer
     from unmask.serve import create_app
     from unmask.serve.lifecycle import serve_in_thread
 
-    model, tokenizer = unmask.load(model_dir) if model_dir else unmask.load()
+    if shape is not None:
+        model, tokenizer = random_model(SHAPES[shape]), load_tokenizer(None)
+    else:
+        model, tokenizer = unmask.load(model_dir) if model_dir else unmask.load()
     with serve_in_thread(create_app(model, tokenizer, config)) as url:
         urls.put(url)
         stop.wait()
 
 
-def served(model_dir: str | None, trace: list[dict], continuous: bool, max_batch_size: int) -> Report:
+def served(model_dir: str | None, shape: str | None, trace: list[dict], continuous: bool,
+           max_batch_size: int) -> Report:
     from unmask.serve import ServeConfig
 
     config = ServeConfig(model_name="bench", max_batch_size=max_batch_size, continuous=continuous,
                          max_tokens_limit=max(e.get("max_tokens", 64) for e in trace))
     spawn = multiprocessing.get_context("spawn")
     urls, stop = spawn.Queue(), spawn.Event()
-    child = spawn.Process(target=serve, args=(model_dir, config, urls, stop))
+    child = spawn.Process(target=serve, args=(model_dir, shape, config, urls, stop))
     child.start()
     try:
         return run_open_loop(LoadTest(url=urls.get(timeout=300)), trace)
@@ -60,7 +72,10 @@ def server_errors(report: Report) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
+    model.add_argument("--shape", choices=list(SHAPES), default=None,
+                       help="a random-weight model of this bench shape, with the bundled tokenizer")
     p.add_argument("--rate", type=float, default=4.0, help="arrivals per second")
     p.add_argument("--requests", type=int, default=60, help="requests of the mixed preset")
     p.add_argument("--trace", default=None, help="a trace file instead of the mixed preset")
@@ -75,7 +90,7 @@ def main() -> None:
     reports: dict[str, list[Report]] = {name: [] for name in policies}
     for r in range(args.repeats):   # alternating order (S C, C S, ...): a drift in the machine's load hits both
         for name in (list(policies) if r % 2 == 0 else list(policies)[::-1]):
-            report = served(args.model, trace, policies[name], args.max_batch_size)
+            report = served(args.model, args.shape, trace, policies[name], args.max_batch_size)
             reports[name].append(report)
             print(f"## {name} (run {r + 1}){' (equal options, admit when idle)' if name == 'static' else ''}\n"
                   f"{report.format()}\n")

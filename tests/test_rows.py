@@ -91,6 +91,40 @@ def test_rows_split_into_passes_by_width_equal_generate_alone(model, pass_overhe
         assert tokens == alone(model, prompt, options, seed), options
 
 
+CACHED = [
+    SamplerOptions(steps=8, gen_length=16, block_length=8, cache="prefix"),
+    SamplerOptions(steps=16, gen_length=16, block_length=4, cache="dual", cfg_scale=1.0),
+    SamplerOptions(steps=12, gen_length=24, block_length=8, cache="dual", cfg_scale=2.0, reuse_uncond=True,
+                   guidance="linear"),
+    SamplerOptions(steps=16, gen_length=32, block_length=16, cache="prefix", cache_refresh=3, cfg_scale=0.5,
+                   reuse_uncond=True),
+    SamplerOptions(gen_length=16, block_length=8, cache="dual", threshold=0.2, cache_refresh=2),
+    SamplerOptions(steps=8, gen_length=16, block_length=8, cfg_scale=1.0, guidance="span:0:-2", cache="dual"),
+    SamplerOptions(steps=8, gen_length=16, block_length=8),   # no cache: its own pass, the same step
+    SamplerOptions(steps=8, gen_length=8, block_length=8, cfg_scale=1.0),
+]
+
+
+@pytest.mark.parametrize("dtype, temperature, pass_overhead", [(torch.float64, 0.0, None),
+                                                               (torch.float64, 0.8, 12.0),
+                                                               (torch.float32, 0.0, None)])
+def test_cached_rows_equal_generate_alone(dtype, temperature, pass_overhead):
+    """Prefix and dual caches (refreshed per block or every N steps, reuse_uncond, guidance forms,
+    threshold decoding) stepped per row, each against its own cache, beside rows without one,
+    joining at random steps: each text equals `generate(cache=...)` for the row alone."""
+    model = load_model(DATA / "llada-dense-tiny", dtype=dtype)
+    rng = random.Random(7 + int(temperature * 10))
+    reqs = []
+    for k, options in enumerate(CACHED):
+        if temperature:
+            options = SamplerOptions(**{**options.kwargs(), "temperature": temperature})
+        prompt = [rng.randrange(0, 380) for _ in range(rng.randrange(1, 24))]
+        reqs.append((prompt, options.check(), 100 + k if temperature else None, rng.randrange(0, 10)))
+    got = run_continuous(model, reqs, pass_overhead=pass_overhead)
+    for (prompt, options, seed, _), tokens in zip(reqs, got):
+        assert tokens == alone(model, prompt, options, seed), options
+
+
 def partitions(items):
     if not items:
         yield []
@@ -173,8 +207,13 @@ def test_a_row_takes_generates_step_count(model):
     assert n == row.step_index == out.steps == 8
 
 
-def test_only_stateless_options_are_stepped():
+def test_graphs_and_compile_are_not_stepped():
+    """Caches are stepped (each row keeps its own); a CUDA graph or a compiled call is fixed for a
+    whole call."""
     assert steppable(SamplerOptions(cfg_scale=1.0, threshold=0.9, guidance="acfg:0.5"))
-    assert not steppable(SamplerOptions(cache="prefix"))
+    assert steppable(SamplerOptions(cache="prefix")) and steppable(SamplerOptions(cache="dual", reuse_uncond=True,
+                                                                                  cfg_scale=1.0))
+    assert not steppable(SamplerOptions(cache="dual", cuda_graph=True))
+    assert not steppable(SamplerOptions(compile=True))
     with pytest.raises(ValueError, match="run it through generate"):
-        Row.start([1], SamplerOptions(cache="dual"), mask_id=MASK)
+        Row.start([1], SamplerOptions(cache="dual", cuda_graph=True), mask_id=MASK)

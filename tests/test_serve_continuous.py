@@ -12,6 +12,7 @@ import torch
 import unmask
 from serve_fixtures import live_server
 from unmask.sampling import SamplerOptions
+from unmask.sampling.options import BlockOptions
 from unmask.serve import ServeConfig, create_app
 from unmask.serve.batching import BatchRunner, Failed, Finished, Job, Scheduler
 from unmask.serve.metrics import ServerMetrics
@@ -124,6 +125,39 @@ def test_the_runner_times_a_pass_once_and_serves_either_way(loaded, monkeypatch,
         assert isinstance(event, Finished) and event.ending.text == alone_text(loaded, prompt, o)
 
 
+def test_llada2_requests_join_the_running_rows_too(tiny_llada2_checkpoint):
+    """Block diffusion (LLaDA2.x) is stepped per row as well (`sampling.block_rows`): a request with
+    other max_tokens, block length, threshold and cfg_scale joins a running one at the next step,
+    the live view shows both rows' blocks, and each text equals its request alone."""
+    loaded = unmask.load(tiny_llada2_checkpoint)
+    model, tokenizer = loaded
+    long = BlockOptions(gen_length=64, block_length=8, steps=8, threshold=None, cfg_scale=1.0).check()
+    short = BlockOptions(gen_length=16, block_length=4, steps=2, threshold=0.05).check()
+    prompts = [tokenizer("Where does Mira live?").input_ids, tokenizer("Mira").input_ids]
+
+    async def body(scheduler, job):
+        a = job(prompts[0], long)
+        scheduler.submit(a)
+        await until(lambda: scheduler.rows and scheduler.rows[0].row.step_index >= 3)
+        b = job(prompts[1], short)
+        scheduler.submit(b)
+        await until(lambda: len(scheduler.rows) == 2)
+        view = scheduler.snapshot()
+        done_b = await asyncio.wait_for(b.events.get(), 60)
+        a_running = not a.done
+        return view, a_running, done_b, await asyncio.wait_for(a.events.get(), 60)
+
+    view, a_running, done_b, done_a = scenario(loaded, body)
+    assert a_running, "the short request waited for the long one"
+    # blocks on each row's own grid: the 21-token prompt ends in block 2 of 8 tokens, its text in block 10
+    assert [(v["blocks"], v["steps"]) for v in view] == [(9, None), (4, None)] and view[0]["block"] >= 1
+    for event, prompt, options in ((done_a, prompts[0], long), (done_b, prompts[1], short)):
+        x = unmask.block_generate(model, torch.tensor([prompt]), **options.kwargs(), mask_id=MASK, eos_id=EOS,
+                                  eos_early_stop=True)
+        expected = RowText(tokenizer, MASK, {EOT, EOS}, []).update(x[0, len(prompt):].tolist(), final=True) or ""
+        assert isinstance(event, Finished) and event.ending.text == expected
+
+
 def test_the_equal_options_policy_waits_for_the_running_rows(loaded):
     """The policy before continuous batching (the measurement's baseline): a request with other
     settings starts only once the running rows are done."""
@@ -184,15 +218,35 @@ def test_the_token_budget_holds_a_request_until_rows_finish(loaded):
     assert waiting == []
 
 
-def test_cached_requests_run_as_a_whole_call_group_after_the_rows(loaded):
-    """A dual-cache request cannot join a step: it waits for the running rows, then runs as one
-    sampler call, and equals its request alone."""
+def test_a_cached_request_joins_the_running_rows(loaded):
+    """A dual-cache request (with reuse_uncond) joins running uncached rows at the next step, keeps
+    its own cache (`sampling.rows.cached_pass`), and equals its request alone."""
     tokenizer = loaded[1]
-    cached = SamplerOptions(steps=16, gen_length=16, block_length=8, cache="dual")
+    cached = SamplerOptions(steps=16, gen_length=16, block_length=8, cache="dual", cfg_scale=1.0, reuse_uncond=True)
     prompt = tokenizer("Tom").input_ids
 
     async def body(scheduler, job):
         a, b = job(tokenizer("Mira").input_ids, LONG), job(prompt, cached)
+        scheduler.submit(a)
+        await until(lambda: scheduler.rows and scheduler.rows[0].row.step_index >= 2)
+        scheduler.submit(b)
+        b_event = await asyncio.wait_for(b.events.get(), 60)
+        return not a.done, b_event
+
+    a_running, b_event = scenario(loaded, body)
+    assert a_running, "the cached request waited for the running rows"
+    assert b_event.ending.text == alone_text(loaded, prompt, cached)
+
+
+def test_a_compiled_request_runs_as_a_whole_call_group_after_the_rows(loaded):
+    """A compiled call is fixed for a whole call, so it cannot join a step: it waits for the
+    running rows, then runs as one sampler call, and equals its request alone."""
+    tokenizer = loaded[1]
+    compiled = SamplerOptions(steps=16, gen_length=16, block_length=8, compile="eager")
+    prompt = tokenizer("Tom").input_ids
+
+    async def body(scheduler, job):
+        a, b = job(tokenizer("Mira").input_ids, LONG), job(prompt, compiled)
         scheduler.submit(a)
         await until(lambda: scheduler.rows and scheduler.rows[0].row.step_index >= 2)
         scheduler.submit(b)
@@ -201,7 +255,7 @@ def test_cached_requests_run_as_a_whole_call_group_after_the_rows(loaded):
 
     first, b_done_before, b_event = scenario(loaded, body)
     assert isinstance(first, Finished) and not b_done_before
-    assert b_event.ending.text == alone_text(loaded, prompt, cached)
+    assert b_event.ending.text == alone_text(loaded, prompt, compiled)
 
 
 def test_a_row_that_cannot_start_fails_alone(loaded):

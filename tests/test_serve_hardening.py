@@ -94,10 +94,14 @@ def test_an_infill_request_that_cannot_run_fails_alone(url):
     assert "infilling" in assert_error(replies[7], 400, "cache")["message"]
 
 
-def test_a_failing_batch_is_retried_one_request_at_a_time(loaded, caplog):
-    """If a batch fails in the worker anyway, each request is retried alone: only the culprit fails."""
+@pytest.mark.parametrize("stepped", [True, False])
+def test_a_failing_batch_is_retried_one_request_at_a_time(loaded, caplog, stepped):
+    """If a request reaches the worker unchecked anyway, only it fails: a stepped row fails at its
+    start (the sampler's own check), a whole call (here a compiled one) is retried request by
+    request."""
     model, tokenizer = loaded
-    options = SamplerOptions(steps=8, gen_length=8, block_length=8, cache="dual")
+    options = SamplerOptions(steps=8, gen_length=8, block_length=8, cache="dual",
+                             compile=False if stepped else "eager")
     good = [tokenizer(f"Where is {name}?").input_ids for name in ("Mira", "Tom", "Ada")]
     culprit = tokenizer("Mira ").input_ids + [383] + tokenizer(" lives").input_ids   # a mask: dual cache refuses
 
@@ -118,7 +122,8 @@ def test_a_failing_batch_is_retried_one_request_at_a_time(loaded, caplog):
         events = asyncio.run(scenario())
     assert [type(e) for e in events] == [Finished, Finished, Finished, Failed]
     assert "infilling" in str(events[-1].error)
-    assert any("batch of 4 failed" in r.getMessage() and "retrying 4" in r.getMessage() for r in caplog.records)
+    retried = any("batch of 4 failed" in r.getMessage() and "retrying 4" in r.getMessage() for r in caplog.records)
+    assert retried != stepped
 
 
 # --- 2. special tokens in user text ---------------------------------------------------------------

@@ -58,6 +58,14 @@ SHAPES: dict[str, ModelConfig] = {
                                expert_hidden_size=32, n_groups=4, topk_groups=2, routed_scale=2.5, norm_topk_prob=True,
                                expert_bias=True, shared_expert_hidden_size=32, moe_layers=[False, True, True],
                                mask_token_id=511, eos_token_id=509, pad_token_id=510),
+    # the bundled model's size (and its tokenizer's ids) in the block-diffusion layout: serving measurements
+    "llada2-small": ModelConfig(layout="llada2_moe", vocab_size=2048, d_model=128, n_layers=4, n_heads=4,
+                                n_kv_heads=2, mlp_hidden_size=352, max_seq_len=512, rope_theta=600000.0,
+                                norm_eps=1e-6, qk_norm=True, partial_rotary_factor=0.5, router="sigmoid",
+                                n_experts=8, experts_per_token=2, expert_hidden_size=64, n_groups=2, topk_groups=1,
+                                routed_scale=2.5, norm_topk_prob=True, expert_bias=True,
+                                shared_expert_hidden_size=64, moe_layers=[False, True, True, True],
+                                mask_token_id=1, eos_token_id=0, eot_token_id=5, pad_token_id=0),
     **PRESETS,
 }
 

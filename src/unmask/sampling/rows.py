@@ -17,13 +17,19 @@ The guarantee is `generate`'s: a row's text equals that request run alone throug
 - a row's block ends after its own steps per block (or when it has nothing left to commit), and the
   row ends after its last block, or when its text has ended (stop_at_eos), as in `generate`.
 
-What shares a pass: every row whose options have no cache, no CUDA graph and no compile (the
-remasking rule, temperature, threshold/factor, cfg scale and guidance form may all differ), unless
-their canvas lengths differ so much that padding them to one width costs more than another pass
-(`pass_groups`, given the model's `measure_pass_overhead`). A row
-guided by A-CFG (an adaptive canvas) runs its two passes on its own, because its unconditional
-canvas depends on its conditional pass. Cached modes and LLaDA2.x block diffusion are not stepped
-here (`steppable` says which options are).
+What shares a pass: every row without a cache (the remasking rule, temperature, threshold/factor,
+cfg scale and guidance form may all differ), unless their canvas lengths differ so much that
+padding them to one width costs more than another pass (`pass_groups`, given the model's
+`measure_pass_overhead`). A row guided by A-CFG (an adaptive canvas) runs its two passes on its
+own, because its unconditional canvas depends on its conditional pass.
+
+Rows in a cache mode ('prefix', 'dual'; any refresh interval, reuse_uncond) keep their own cache:
+at a refresh the row's whole canvas runs and its keys/values become the row's cache; other steps
+run the row's span (block to the end, or the block) against it. They share `cached_pass`es with
+one another (a scratch cache stacks each row's cached columns, a per-row mask hides the span's
+stale columns), and run beside the uncached rows' pass in the same step. A CUDA graph or compile
+fixes a whole call's shapes, so those rows are not stepped (`steppable`); LLaDA2.x block diffusion
+is stepped by `block_rows`, with the same `cached_pass`.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..models.transformer import KVCache
 from .generate import choose_tokens, ended_rows, fill_ended, left_pad, never_proposed, stop_token_ids
 from .guidance import Guided, forward_logits, guided_logits, unmasked_fraction
 from .options import SamplerOptions
@@ -40,10 +47,9 @@ from .schedule import transfer_schedule
 
 
 def steppable(options) -> bool:
-    """Whether rows with these options can be advanced by `step` (LLaDA options without a cache,
-    a CUDA graph or compile: those keep state across a whole call)."""
-    return (isinstance(options, SamplerOptions) and options.cache is None and not options.cuda_graph
-            and not options.compile)
+    """Whether rows with these options can be advanced by `step`: LLaDA options without a CUDA graph
+    or compile (a graph's shapes and a compiled call are fixed for a whole call)."""
+    return isinstance(options, SamplerOptions) and not options.cuda_graph and not options.compile
 
 
 @dataclass
@@ -78,6 +84,9 @@ class Row:
     schedule: torch.Tensor | None = None # (steps per block,) commits per step in the current block
     done: bool = False
     last: StepResult | None = field(default=None, repr=False)
+    caches: list = field(default_factory=lambda: [None, None])   # cache modes: (keys, values) per branch
+    kept_uncond: torch.Tensor | None = None   # reuse_uncond: the refresh's unconditional logits
+    uncond_start: int = 0                     # the column they start at
 
     @classmethod
     def start(cls, prompt: list[int] | torch.Tensor, options: SamplerOptions, *, mask_id: int,
@@ -87,7 +96,7 @@ class Row:
         """A row at its first step. `options` must be checked (and `steppable`); the keywords are
         `generate`'s."""
         if not steppable(options):
-            raise ValueError("this row's options keep state across a whole call (a cache, cuda_graph or compile): "
+            raise ValueError("this row's options keep state across a whole call (cuda_graph or compile): "
                              "run it through generate")
         prompt = torch.as_tensor(prompt, dtype=torch.long, device=device).flatten()
         P = prompt.numel()
@@ -107,6 +116,21 @@ class Row:
         return self.x[self.prompt_length:]
 
     @property
+    def blocks(self) -> int:
+        """How many blocks the row decodes (for the live view)."""
+        return self.options.gen_length // self.options.block_length
+
+    @property
+    def block_number(self) -> int:
+        """Which of them it is in, from 0."""
+        return self.block
+
+    @property
+    def total_steps(self) -> int | None:
+        """Its steps in all; None for threshold/factor decoding, which takes what it needs."""
+        return None if self.options.parallel else self.options.steps
+
+    @property
     def block_end(self) -> int:
         return self.prompt_length + (self.block + 1) * self.options.block_length
 
@@ -115,6 +139,44 @@ class Row:
         c = self.x == self.mask_id
         c[self.block_end:] = False
         return c
+
+    @property
+    def refreshes(self) -> bool:
+        """Whether this step refreshes the row's cache (the whole canvas runs): at a block's first
+        step, and every `cache_refresh` steps when that is a number, as `generate` does."""
+        every = self.options.cache_refresh
+        return self.block_step == 0 or (every != "block" and self.block_step % every == 0)
+
+    def runs(self, branch: int) -> bool:
+        """Whether this step runs the branch (the unconditional one only when guided, and with
+        reuse_uncond only at a refresh)."""
+        guided = self.options.cfg_scale > 0
+        return branch == 0 or (guided and not (self.options.reuse_uncond and not self.refreshes))
+
+    def canvas(self, branch: int) -> torch.Tensor:
+        return self.x if branch == 0 else self.options.form.unconditional(self.x, self.prompt_index, self.mask_id)
+
+    def cached_span(self, branch: int, window: slice, empty: tuple[list, list]) -> CachedSpan:
+        """This step's part of a cached pass in a branch: the whole canvas at a refresh, else the
+        current block to the end ('prefix') or the block alone ('dual') against the row's cache."""
+        T, device = self.x.numel(), self.x.device
+        block_start = self.block_end - self.options.block_length
+        if self.refreshes:
+            span, (keys, values) = slice(0, T), empty
+        else:
+            span, (keys, values) = slice(block_start, T if self.options.cache == "prefix" else self.block_end), \
+                self.caches[branch]
+        cached = torch.arange(keys[0].shape[1], device=device)
+        visible = (cached < span.start) | (cached >= span.stop)
+        return CachedSpan(self.canvas(branch)[span], torch.arange(span.start, span.stop, device=device), keys, values,
+                          cached, visible, None, slice(window.start - span.start, window.stop - span.start))
+
+    def keep_cache(self, branch: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """At a refresh, the whole canvas's fresh keys/values become the row's cache. Other steps
+        keep it as it is: their span is the same until the next refresh and is always run afresh
+        (its cached columns are never attended), so writing it back would change nothing."""
+        if self.refreshes:
+            self.caches[branch] = ([k.clone() for k in keys], [v.clone() for v in values])
 
     def _begin_block(self) -> None:
         per_block = self.options.steps_per_block
@@ -169,7 +231,10 @@ def step(model, rows: list[Row], pad_id: int = 0, pass_overhead: float | None = 
     pass would compute costs more than the extra pass (`pass_groups`); None: one pass."""
     live = [r for r in rows if not r.done]
     adaptive = [r for r in live if r.options.cfg_scale > 0 and r.options.form.canvas.adaptive]
-    shared = [r for r in live if r not in adaptive]
+    cached = [r for r in live if r.options.cache is not None]
+    shared = [r for r in live if r not in adaptive and r.options.cache is None]
+    if cached:
+        _cached_step(model, cached, pad_id, pass_overhead)
     for row in adaptive:   # its unconditional canvas needs its conditional pass first
         window, candidates = _window(row)
         t = unmasked_fraction(row.x[None], row.generated[None], row.mask_id)
@@ -183,6 +248,34 @@ def step(model, rows: list[Row], pad_id: int = 0, pass_overhead: float | None = 
         groups = pass_groups(widths, [r.options.canvas_rows for r in shared], pass_overhead)
     for group in groups:
         _shared_step(model, [shared[i] for i in group], pad_id)
+
+
+def _cached_step(model, rows: list[Row], pad_id: int, pass_overhead: float | None) -> None:
+    """One step of rows in a cache mode ('prefix' or 'dual'), each against its own cache, exactly as
+    `generate` runs the row alone: a refresh runs the whole canvas (both branches when guided), the
+    other steps their span; reuse_uncond mixes the refresh's unconditional logits."""
+    empty = empty_cache(model, rows[0].x.device)
+    windows = {id(r): _window(r) for r in rows}
+    runs = [(r, branch) for r in rows for branch in (0, 1) if r.runs(branch)]
+    spans = [r.cached_span(branch, windows[id(r)][0], empty) for r, branch in runs]
+    logits = {}
+    for (row, branch), (out, keys, values) in zip(runs, cached_passes(model, spans, pad_id, pass_overhead)):
+        logits[id(row), branch] = out[None]
+        row.keep_cache(branch, keys, values)
+    for row in rows:
+        window, candidates = windows[id(row)]
+        cond = logits[id(row), 0]
+        if row.options.cfg_scale == 0:
+            row._decide(Guided(cond), window, candidates)
+            continue
+        if row.options.reuse_uncond:
+            if row.refreshes:
+                row.kept_uncond, row.uncond_start = logits[id(row), 1], window.start
+            uncond = row.kept_uncond[:, window.start - row.uncond_start:]
+        else:
+            uncond = logits[id(row), 1]
+        t = unmasked_fraction(row.x[None], row.generated[None], row.mask_id)
+        row._decide(row.options.form.step(cond, uncond, row.options.cfg_scale, t), window, candidates)
 
 
 def pass_groups(widths: list[int], weights: list[int], overhead: float) -> list[list[int]]:
@@ -265,3 +358,87 @@ def _shared_step(model, rows: list[Row], pad_id: int) -> None:
             row._decide(row.options.form.step(row_logits, uncond, row.options.cfg_scale, t), window, candidates)
         else:
             row._decide(Guided(row_logits), window, candidates)
+
+
+@dataclass
+class CachedSpan:
+    """One canvas row's part of a `cached_pass`: the tokens it runs and the cached keys/values it
+    attends to besides them (a row's own cache, kept between steps)."""
+
+    ids: torch.Tensor                 # (S,) the tokens run
+    positions: torch.Tensor           # (S,) their positions
+    keys: list[torch.Tensor]          # per layer (H_kv, c, head_dim): cached columns
+    values: list[torch.Tensor]
+    cached_positions: torch.Tensor    # (c,) the cached columns' positions
+    cached_visible: torch.Tensor      # (c,) bool: the cached columns it attends to
+    block_length: int | None          # attention block-causal over positions (None: bidirectional)
+    logits: slice                     # the span's columns whose logits it needs
+
+
+def empty_cache(model, device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(keys, values) of no columns, per layer, in `model`'s shape and dtype: a row's cache before
+    its first pass."""
+    cfg = getattr(model, "_orig_mod", model).config
+    zeros = torch.zeros((cfg.n_kv_heads, 0, cfg.head_dim), dtype=next(model.parameters()).dtype, device=device)
+    return [zeros] * cfg.n_layers, [zeros] * cfg.n_layers
+
+
+def cached_passes(model, spans: list[CachedSpan], pad_id: int, pass_overhead: float | None) -> list[tuple]:
+    """`cached_pass` over `spans`: in one pass, or split by span length when padding them to one
+    width costs more than another pass (`pass_groups`, as `step` splits uncached rows)."""
+    if pass_overhead is None:
+        groups = [list(range(len(spans)))]
+    else:
+        groups = pass_groups([s.ids.numel() for s in spans], [1] * len(spans), pass_overhead)
+    out: list[tuple | None] = [None] * len(spans)
+    for group in groups:
+        for i, result in zip(group, cached_pass(model, [spans[i] for i in group], pad_id)):
+            out[i] = result
+    return out
+
+
+@torch.no_grad()
+def cached_pass(model, spans: list[CachedSpan], pad_id: int) -> list[tuple[torch.Tensor, list, list]]:
+    """One forward pass over rows that each run a span against their own cache; returns, per span,
+    its logits over `span.logits` and the fresh keys and values of its columns (per layer,
+    (H_kv, S, head_dim)), for the caller to keep.
+
+    Layout of the scratch cache (n, H_kv, C + S, D): span k's cached columns at [0, c_k), padding up
+    to C = max c_k, then its tokens right-aligned in the last S = max span columns. A query attends
+    to exactly the keys it would alone (the visible cached columns and the span, block-causal over
+    positions when asked), at its own positions; padding is never attended, and a padding query
+    takes its span's first position (its output is discarded)."""
+    device = spans[0].ids.device
+    n, C, S = len(spans), max(s.cached_positions.numel() for s in spans), max(s.ids.numel() for s in spans)
+    ids = torch.full((n, S), pad_id, dtype=torch.long, device=device)
+    query_pos = torch.zeros(n, S, dtype=torch.long, device=device)
+    key_pos = torch.zeros(n, C + S, dtype=torch.long, device=device)
+    visible = torch.zeros(n, C + S, dtype=torch.bool, device=device)
+    block = torch.full((n, 1), 1 << 30, dtype=torch.long, device=device)   # one block: bidirectional
+    for k, s in enumerate(spans):
+        c, length = s.cached_positions.numel(), s.ids.numel()
+        ids[k, S - length:] = s.ids
+        query_pos[k] = s.positions[0]
+        query_pos[k, S - length:] = s.positions
+        key_pos[k, :c], key_pos[k, C:] = s.cached_positions, query_pos[k]
+        visible[k, :c], visible[k, C + S - length:] = s.cached_visible, True
+        if s.block_length is not None:
+            block[k] = s.block_length
+    mask = (visible[:, None, :] & ((key_pos // block)[:, None, :] <= (query_pos // block)[:, :, None]))[:, None]
+    kv = KVCache(len(spans[0].keys))
+    for layer in range(len(kv.keys)):
+        for store, cached in ((kv.keys, [s.keys[layer] for s in spans]), (kv.values, [s.values[layer] for s in spans])):
+            buffer = cached[0].new_zeros(n, cached[0].shape[0], C + S, cached[0].shape[2])
+            for k, t in enumerate(cached):
+                buffer[k, :, :t.shape[1]] = t
+            store[layer] = buffer
+    lo = min(S - s.ids.numel() + s.logits.start for s in spans)
+    hi = max(S - s.ids.numel() + s.logits.stop for s in spans)
+    out = model(ids, attention_mask=mask, position_ids=query_pos, kv_cache=kv, cache_start=C,
+                logits_slice=slice(lo, hi)).logits
+    result = []
+    for k, s in enumerate(spans):
+        first = C + S - s.ids.numel()
+        cols = slice(S - s.ids.numel() + s.logits.start - lo, S - s.ids.numel() + s.logits.stop - lo)
+        result.append((out[k, cols], [t[k, :, first:] for t in kv.keys], [t[k, :, first:] for t in kv.values]))
+    return result

@@ -12,15 +12,19 @@ Two halves, one per thread:
   expired jobs and admits waiting ones, oldest first, while the running rows stay within
   --max-batch-size rows and --max-batch-tokens canvas tokens (a guided row counts twice: it adds
   an unconditional row). Deadlines are arrival + --timeout, so FIFO is also earliest deadline first.
-- `BatchRunner` (worker thread): `advance` starts the admitted rows (`sampling.rows.Row`, with
-  a generator seeded per request) and runs one step of every row (`sampling.rows.step`): rows of
+- `BatchRunner` (worker thread): `advance` starts the admitted rows (`sampling.rows.Row`, or
+  `sampling.block_rows.BlockRow` for a LLaDA2.x model, with a generator seeded per request) and
+  runs one step of every row (`sampling.rows.step` / `block_rows.block_step`): rows of
   different lengths and settings share the forward pass, and each row's text equals its request
   run alone (tests/test_rows.py). After the step, each row's canvas becomes stable text
   (`RowText`) posted to its job.
 
-Whole-call groups: a request whose options keep state across a whole sampler call cannot join a
-running step: a KV cache (`cache`, `cuda_graph`), `compile`, a block-diffusion (LLaDA2.x) model,
-and a tensor-parallel server (whose ranks replay whole sampler calls). When such a request reaches
+Rows of both families are stepped: LLaDA rows (`sampling.rows`, cache modes included, each row
+with its own cache) and LLaDA2.x block-diffusion rows (`sampling.block_rows`, each with its own
+exact cache of finished blocks). Whole-call groups: a request whose call is fixed as a whole cannot
+join a running step: `cuda_graph` and `compile` (shapes captured or compiled for a whole call), a
+block-diffusion checkpoint run by its own remote code (no cache), and a tensor-parallel server
+(whose ranks replay whole sampler calls). When such a request reaches
 the head of the queue, the running rows finish first, then it runs as one `generate` /
 `block_generate` call together with the waiting requests of equal options; if that call fails, its
 requests are retried one by one, so only the one that cannot run fails. A CUDA-graphed call is
@@ -48,6 +52,7 @@ import torch.nn.functional as F
 from ..sampling import SamplerOptions, StepState, block_generate, generate, is_block_diffusion, left_pad
 from ..sampling.generate import special_ids
 from ..sampling.options import BlockOptions, context_length
+from ..sampling.block_rows import BlockRow, block_step, block_steppable
 from ..sampling.rows import Row, measure_pass_overhead, step, steppable
 from .metrics import ServerMetrics
 from .textstream import Ending, RowText, piece_decoder
@@ -181,7 +186,7 @@ class Running:
     """A job's row while it runs: its decoding state, its text so far and its live view."""
 
     job: Job
-    row: Row
+    row: Row | BlockRow
     text: RowText
     view: _CanvasView | None
     started: float = field(default_factory=time.monotonic)
@@ -210,12 +215,16 @@ class BatchRunner:
         anything once its text has ended: LLaDA decodes EOS last and stops the row there; a
         block-diffusion model stops once its text before the EOS is decoded (eos_early_stop)."""
         if is_block_diffusion(model):
+            eos_id = special_ids(model, "eos_token_id", eos_id)
             return block_generate, dict(eos_id=eos_id, eos_early_stop=eos_id is not None)
         return generate, dict(eos_token_id=eos_id, eos_last=eos_id is not None, stop_at_eos=eos_id is not None)
 
     def steps(self, job: Job) -> bool:
-        """Whether `job` runs as a row that joins the running steps (else in a whole-call group)."""
-        return self.sampler is generate and steppable(job.options)
+        """Whether `job` runs as a row that joins the running steps (else in a whole-call group; a
+        tensor-parallel server's wrapped sampler always runs whole calls)."""
+        if self.sampler is generate:
+            return steppable(job.options)
+        return self.sampler is block_generate and block_steppable(self.model, job.options)
 
     def advance(self, running: list[Running], admitted: list[Job]) -> list[Running]:
         """Start the admitted rows, run one step of every live row, post what each committed;
@@ -241,9 +250,17 @@ class BatchRunner:
         return [r for r in live if not r.job.done]
 
     def _start(self, job: Job) -> Running:
+        # what the sampler checks at every call (the request was checked before it was queued; a row
+        # that reaches here unchecked fails alone, as a whole call's retry makes it fail alone)
+        masked = {"prompt_masked": self.mask_id in job.prompt} if isinstance(job.options, SamplerOptions) else {}
+        job.options.check_for_model(self.model, len(job.prompt), self.mask_id, **masked)
         generator = torch.Generator(self.device).manual_seed(job.seed) if job.seed is not None else None
-        row = Row.start(job.prompt, job.options, mask_id=self.mask_id, generator=generator, device=self.device,
-                        **self.row_kwargs)
+        if self.sampler is block_generate:
+            row = BlockRow.start(job.prompt, job.options, model=self.model, mask_id=self.mask_id, generator=generator,
+                                 device=self.device, **self.end_kwargs)
+        else:
+            row = Row.start(job.prompt, job.options, mask_id=self.mask_id, generator=generator, device=self.device,
+                            **self.row_kwargs)
         view = _CanvasView(job.options, self.mask_id) if job.progress else None
         return Running(job, row, RowText(self.tokenizer, self.mask_id, self.end_ids, job.stop), view)
 
@@ -277,15 +294,16 @@ class BatchRunner:
                 log.info("a forward pass costs about %.0f canvas tokens beyond its rows' own", self.pass_overhead)
             except Exception:   # a model that cannot run the timing batch still serves, in one pass a step
                 log.exception("could not time a forward pass; every step's rows share one pass")
+        step_rows = block_step if self.sampler is block_generate else step
         before = [r.row.step_index for r in live]
         try:
-            step(self.model, [r.row for r in live], self.pad_id, self.pass_overhead)
+            step_rows(self.model, [r.row for r in live], self.pad_id, self.pass_overhead)
         except Exception as e:
             log.warning("a step of %d rows failed (%s: %s); stepping them one by one", len(live), type(e).__name__, e)
             for r, n in zip(live, before):
                 if r.row.step_index == n and not r.row.done:
                     try:
-                        step(self.model, [r.row], self.pad_id)
+                        step_rows(self.model, [r.row], self.pad_id)
                     except Exception as alone:
                         log.exception("request %d failed", r.job.id)
                         r.job.post(Failed(alone))
@@ -441,8 +459,8 @@ class Scheduler:
         for r in self.rows:
             o = r.job.options
             if not r.job.done:
-                out.append({"id": r.job.id, "step": r.row.step_index, "steps": None if o.parallel else o.steps,
-                            "block": r.row.block, "blocks": o.gen_length // o.block_length,
+                out.append({"id": r.job.id, "step": r.row.step_index, "steps": r.row.total_steps,
+                            "block": r.row.block_number, "blocks": r.row.blocks,
                             "max_tokens": o.gen_length, "cfg_scale": o.cfg_scale, "temperature": o.temperature,
                             "seconds": round(now - r.started, 3)})
         out += [{"id": j.id, "step": None, "steps": None, "max_tokens": j.options.gen_length,
