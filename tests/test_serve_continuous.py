@@ -218,44 +218,29 @@ def test_the_token_budget_holds_a_request_until_rows_finish(loaded):
     assert waiting == []
 
 
-def test_a_cached_request_joins_the_running_rows(loaded):
-    """A dual-cache request (with reuse_uncond) joins running uncached rows at the next step, keeps
-    its own cache (`sampling.rows.cached_pass`), and equals its request alone."""
+@pytest.mark.parametrize("options, joins", [
+    (SamplerOptions(steps=16, gen_length=16, block_length=8, cache="dual", cfg_scale=1.0, reuse_uncond=True), True),
+    (SamplerOptions(steps=16, gen_length=16, block_length=8, compile="eager"), False),
+])
+def test_a_cached_request_joins_the_rows_and_a_compiled_one_waits_for_them(loaded, options, joins):
+    """A dual-cache request (with reuse_uncond) joins the running rows at the next step with its own
+    cache (`sampling.rows.cached_pass`); a compiled call is fixed for a whole call, so it waits for
+    the running rows and then runs as one sampler call. Either equals its request alone."""
     tokenizer = loaded[1]
-    cached = SamplerOptions(steps=16, gen_length=16, block_length=8, cache="dual", cfg_scale=1.0, reuse_uncond=True)
     prompt = tokenizer("Tom").input_ids
 
     async def body(scheduler, job):
-        a, b = job(tokenizer("Mira").input_ids, LONG), job(prompt, cached)
+        a, b = job(tokenizer("Mira").input_ids, LONG), job(prompt, options)
         scheduler.submit(a)
         await until(lambda: scheduler.rows and scheduler.rows[0].row.step_index >= 2)
         scheduler.submit(b)
         b_event = await asyncio.wait_for(b.events.get(), 60)
-        return not a.done, b_event
+        a_done = a.done
+        return a_done, b_event, await asyncio.wait_for(a.events.get(), 60)
 
-    a_running, b_event = scenario(loaded, body)
-    assert a_running, "the cached request waited for the running rows"
-    assert b_event.ending.text == alone_text(loaded, prompt, cached)
-
-
-def test_a_compiled_request_runs_as_a_whole_call_group_after_the_rows(loaded):
-    """A compiled call is fixed for a whole call, so it cannot join a step: it waits for the
-    running rows, then runs as one sampler call, and equals its request alone."""
-    tokenizer = loaded[1]
-    compiled = SamplerOptions(steps=16, gen_length=16, block_length=8, compile="eager")
-    prompt = tokenizer("Tom").input_ids
-
-    async def body(scheduler, job):
-        a, b = job(tokenizer("Mira").input_ids, LONG), job(prompt, compiled)
-        scheduler.submit(a)
-        await until(lambda: scheduler.rows and scheduler.rows[0].row.step_index >= 2)
-        scheduler.submit(b)
-        first = await asyncio.wait_for(a.events.get(), 60)
-        return first, b.done, await asyncio.wait_for(b.events.get(), 60)
-
-    first, b_done_before, b_event = scenario(loaded, body)
-    assert isinstance(first, Finished) and not b_done_before
-    assert b_event.ending.text == alone_text(loaded, prompt, compiled)
+    a_done, b_event, a_event = scenario(loaded, body)
+    assert a_done != joins
+    assert isinstance(a_event, Finished) and b_event.ending.text == alone_text(loaded, prompt, options)
 
 
 def test_a_row_that_cannot_start_fails_alone(loaded):
