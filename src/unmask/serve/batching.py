@@ -50,9 +50,9 @@ import torch
 import torch.nn.functional as F
 
 from ..sampling import SamplerOptions, StepState, block_generate, generate, is_block_diffusion, left_pad
+from ..sampling.block_rows import BlockRow, block_step, block_steppable
 from ..sampling.generate import special_ids
 from ..sampling.options import BlockOptions, context_length
-from ..sampling.block_rows import BlockRow, block_step, block_steppable
 from ..sampling.rows import Row, measure_pass_overhead, step, steppable
 from .metrics import ServerMetrics
 from .textstream import Ending, RowText, piece_decoder
