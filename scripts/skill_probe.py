@@ -18,14 +18,24 @@ held-out contract still holds. Continue the bundled model's run on it and score 
 Measured (README, "The skill, not the split"): after 1,500 steps (6.1 M tokens, about 100,000
 yes/no answers) both skills stay at chance on both suites, while held-out ARC-like falls from 92 %
 as the biographies thin out.
+
+`--score-corpus` asks the sharper question of a model: does it answer the yes/no questions of its
+own training corpus, verbatim (context up to "Answer:", " yes" against " no" by `exact_bound`)?
+
+    python scripts/skill_probe.py --score-corpus runs/knowledge/train.jsonl --n 400 [--model DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import random
+import re
 
+import unmask
 from unmask.data import knowledge as K
+from unmask.likelihood import exact_bound
 from unmask.data.world import write_jsonl
 
 
@@ -52,11 +62,43 @@ def probe_document(rng: random.Random, world: K.World) -> str:
     return K.document(rng, world)
 
 
+YES_NO = re.compile(r"^(.*\nAnswer:) (yes|no)$", re.S)
+
+
+def trained_yes_no(model, tokenizer, documents) -> tuple[int, int, int]:
+    """(documents scored, answered right, answered "yes") over the documents that end in a yes/no
+    answer: the model picks the likelier of " yes" and " no" after the document's own context."""
+    yes, no = tokenizer(" yes").input_ids, tokenizer(" no").input_ids
+    scored = right = said_yes = 0
+    for text in documents:
+        match = YES_NO.match(text)
+        if not match:
+            continue
+        context = tokenizer(match.group(1)).input_ids
+        says_yes = exact_bound(model, context, yes).value > exact_bound(model, context, no).value
+        scored, said_yes = scored + 1, said_yes + says_yes
+        right += says_yes == (match.group(2) == "yes")
+    return scored, right, said_yes
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--docs", type=int, default=150_000)
-    ap.add_argument("--out", required=True, help="the corpus to write (.jsonl)")
+    job = ap.add_mutually_exclusive_group(required=True)
+    job.add_argument("--out", help="the corpus to write (.jsonl)")
+    job.add_argument("--score-corpus", help="a training corpus (.jsonl) whose yes/no documents the model answers")
+    ap.add_argument("--n", type=int, default=400, help="yes/no documents to score (--score-corpus)")
+    ap.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
     args = ap.parse_args()
+    if args.score_corpus:
+        model, tokenizer = unmask.load(args.model) if args.model else unmask.load()
+        with open(args.score_corpus) as f:
+            texts = (json.loads(line)["text"] for line in f)
+            scored, right, said_yes = trained_yes_no(model, tokenizer, itertools.islice(
+                (t for t in texts if YES_NO.match(t)), args.n))
+        print(f"{scored} yes/no documents of {args.score_corpus}: right {right} ({100 * right / scored:.1f} %), "
+              f"answered yes {said_yes}")
+        return
     rng, world = random.Random("probe:0"), K.World.load()
     print(f"wrote {write_jsonl(args.out, ({'text': probe_document(rng, world)} for _ in range(args.docs)))} documents to {args.out}")
 

@@ -221,3 +221,29 @@ def test_skill_probe_corpus_is_dense_in_yes_no_and_two_hop_text_about_qa_people_
     text = "\n".join(docs)
     for phrase in SUITE_PHRASES:
         assert not re.search(phrase, text), phrase
+
+
+def test_skill_probe_scores_yes_no_documents_as_the_model_predicts_the_answer():
+    """`trained_yes_no` against a plain computation: the model's logits at the masked answer after
+    the document's context, " yes" against " no"; documents without a yes/no ending are skipped."""
+    import torch
+
+    import unmask
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import skill_probe
+    model, tokenizer = unmask.load()
+    rng, world = random.Random("probe:1"), K.World.load()
+    docs = [skill_probe.yesno_document(rng, world, world.draw(rng, 1, world.qa)[0]) for _ in range(12)]
+    docs += ["Hugo Ross keeps a rabbit."]
+    scored, right, said_yes = skill_probe.trained_yes_no(model, tokenizer, docs)
+    yes, no = tokenizer(" yes").input_ids[-1], tokenizer(" no").input_ids[-1]
+    expected_right = expected_yes = 0
+    for doc in docs[:-1]:
+        context, answer = doc.rsplit(" ", 1)
+        ids = tokenizer(context).input_ids + [model.config.mask_token_id]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1]
+        says_yes = bool(logits[yes] > logits[no])
+        expected_yes += says_yes
+        expected_right += says_yes == (answer == "yes")
+    assert (scored, right, said_yes) == (12, expected_right, expected_yes)
