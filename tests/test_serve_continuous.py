@@ -288,7 +288,7 @@ def test_open_loop_loadtest_sends_a_trace_on_its_clock(loaded, tmp_path, capsys)
     trace = tmp_path / "trace.jsonl"
     trace.write_text('{"prompt": "Mira", "max_tokens": 8, "temperature": 0.7, "seed": 1}\n\n'
                      '{"prompt": "Tom", "max_tokens": 16, "cfg_scale": 1.0, "at": 0.05}\n'
-                     '{"prompt": "Ada", "max_tokens": 4}\n')
+                     '{"prompt": "Ada", "max_tokens": 4, "cache": "dual", "cfg_scale": 1.0, "reuse_uncond": true}\n')
     entries = read_trace(trace, rate=20.0)
     at = {e["prompt"]: e["at"] for e in entries}
     assert at["Mira"] == 0.0 and at["Tom"] == 0.05 and at["Ada"] > 0   # Ada: a Poisson gap after Mira

@@ -30,7 +30,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 MAX_REQUESTS = 10_000
-TRACE_FIELDS = {"at", "prompt", "max_tokens", "temperature", "cfg_scale", "seed", "steps", "block_length", "guidance"}
+TRACE_FIELDS = {"at", "prompt", "max_tokens", "temperature", "cfg_scale", "seed", "steps", "block_length", "guidance",
+                "threshold", "cache", "reuse_uncond"}
 MIXED_PROMPTS = ("Tell me about the river.", "Where does Mira live?", "What is north of the old mill?",
                  "Describe the bridge.", "Who keeps the lighthouse?", "Name a colour.")
 
