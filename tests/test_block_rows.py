@@ -11,6 +11,7 @@ import torch
 import unmask
 from unmask.sampling import SamplerOptions
 from unmask.sampling.block_rows import BlockRow, block_step, block_steppable
+from unmask.sampling.blocks import decoded_text_end
 from unmask.sampling.options import BlockOptions
 
 MASK = 383
@@ -123,3 +124,12 @@ def test_block_steppable_needs_block_options_and_the_native_model(model):
         BlockRow.start([1, 2], options, model=torch.nn.Linear(2, 2), mask_id=MASK)
     with pytest.raises(ValueError, match="EOS id"):
         BlockRow.start([1, 2], options, model=model, mask_id=MASK, eos_early_stop=True)
+
+
+def test_a_text_ends_at_a_decoded_eos_only():
+    """eos_early_stop's rule: the text's length through its first EOS once nothing before it is masked."""
+    EOS = 7
+    assert decoded_text_end(torch.tensor([4, 5, EOS, MASK, 9]), EOS, MASK) == 3
+    assert decoded_text_end(torch.tensor([4, MASK, EOS, EOS]), EOS, MASK) is None
+    assert decoded_text_end(torch.tensor([EOS]), EOS, MASK) == 1
+    assert decoded_text_end(torch.tensor([4, 5, MASK]), EOS, MASK) is None

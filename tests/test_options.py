@@ -167,3 +167,13 @@ def test_a_guided_request_runs_two_canvas_rows_in_both_families():
 
     assert SamplerOptions().canvas_rows == 1 and SamplerOptions(cfg_scale=0.5).canvas_rows == 2
     assert BlockOptions().canvas_rows == 1 and BlockOptions(cfg_scale=1.0).canvas_rows == 2
+
+
+def test_a_block_schedule_splits_the_block_over_its_capped_steps():
+    """The public code's split: b // steps each, the first b % steps one more; steps capped at
+    gen_length // minimal_topk."""
+    from unmask.sampling.options import BlockOptions
+
+    assert BlockOptions(block_length=32, steps=5).schedule == [7, 7, 6, 6, 6]
+    assert BlockOptions(block_length=8, steps=32).schedule == [1] * 8 + [0] * 24
+    assert BlockOptions(gen_length=12, block_length=8, steps=8, minimal_topk=4).schedule == [3, 3, 2]

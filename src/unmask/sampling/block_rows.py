@@ -8,9 +8,9 @@ The guarantee is `block_generate`'s: a row's text equals that request run alone 
 - a row makes the decisions `block_generate` makes for a batch of one: the same block grid
   (blocks at absolute positions, the one holding the prompt's end first), schedule, proposals
   (`sample_tokens` with the row's own generator), commit rule (`threshold_commit`), EOS rules and
-  cache spans: a block's first step runs [cached_to, block end) (the blocks finished since the
+  cache spans: a block's first step runs [cache end, block end) (the blocks finished since the
   last pass, now final, and the current block), later steps the current block alone;
-- each row keeps its own cache (`_History`: keys/values of its final columns, per layer, for the
+- each row keeps its own cache (a `rows.RowCache`: keys/values of its final columns, per layer, for the
   conditional branch and, when guided, the unconditional one). A shared pass stacks them: row k's
   cached columns at the start of a scratch cache, its span right-aligned at the end, so every
   row's current block is the pass's last columns; a per-row mask gives each query exactly the keys
@@ -31,30 +31,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .blocks import sample_tokens, threshold_commit
+from .blocks import decoded_text_end, sample_tokens, threshold_commit
 from .guidance import Guided, is_native, unmasked_fraction
 from .options import BlockOptions
-from .rows import CachedSpan, StepResult, cached_passes, empty_cache
-from .schedule import transfer_schedule
+from .rows import CachedSpan, RowCache, StepResult, cached_passes, empty_cache
 
 
 def block_steppable(model, options) -> bool:
     """Whether rows with these options can be advanced by `block_step` on `model`: block-diffusion
     options on unmask's own model (a checkpoint's remote code takes no cache)."""
     return isinstance(options, BlockOptions) and is_native(model)
-
-
-@dataclass(eq=False)
-class _History:
-    """One branch's exact cache of one row: keys and values of its final columns [0, cached_to),
-    per layer, (H_kv, cached_to, head_dim) each."""
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-
-    @property
-    def cached_to(self) -> int:
-        return self.keys[0].shape[1]
 
 
 @dataclass(eq=False)
@@ -69,7 +55,7 @@ class BlockRow:
     eos_id: int | None
     eos_early_stop: bool
     schedule: list[int]              # commits per step of a block (the public code's split of b)
-    histories: tuple[_History, _History]   # conditional, unconditional
+    histories: tuple[RowCache, RowCache]   # conditional, unconditional: the final columns
     block: int = 0                   # current block index (absolute, on the row's own grid)
     block_step: int = 0              # steps taken in the current block
     step_index: int = 0              # steps taken in all
@@ -93,9 +79,9 @@ class BlockRow:
         total = -(-(P + options.gen_length) // b) * b
         x = torch.full((total,), mask_id, dtype=torch.long, device=device)
         x[:P] = prompt
-        schedule = transfer_schedule(torch.tensor([b]), options.block_steps)[0].tolist()
-        histories = (_History(*empty_cache(model, device)), _History(*empty_cache(model, device)))
-        row = cls(options, x, P, mask_id, generator, eos_id, eos_early_stop, schedule, histories, block=P // b)
+        histories = (empty_cache(model, device), empty_cache(model, device))
+        row = cls(options, x, P, mask_id, generator, eos_id, eos_early_stop, options.schedule, histories,
+                  block=P // b)
         row._settle()
         return row
 
@@ -147,7 +133,7 @@ class BlockRow:
         """The columns this step runs in a branch: from the cache's end at a block's first step,
         else the current block."""
         w = self.window
-        return slice(self.histories[branch].cached_to if self.block_step == 0 else w.start, w.stop)
+        return slice(self.histories[branch].columns if self.block_step == 0 else w.start, w.stop)
 
     def canvas(self, branch: int) -> torch.Tensor:
         """(W,) the conditional canvas, or the unconditional one (the guidance form's canvas: the
@@ -161,11 +147,9 @@ class BlockRow:
         """This step's part of a cached pass in a branch: its span against its cache, block-causal,
         logits over the current block."""
         s, history = self.span(branch), self.histories[branch]
-        c = history.cached_to
-        return CachedSpan(self.canvas(branch)[s], torch.arange(s.start, s.stop, device=self.x.device), history.keys,
-                          history.values, torch.arange(c, device=self.x.device),
-                          torch.ones(c, dtype=torch.bool, device=self.x.device), self.options.block_length,
-                          slice(self.window.start - s.start, s.stop - s.start))
+        return CachedSpan(self.canvas(branch)[s], torch.arange(s.start, s.stop, device=self.x.device), history,
+                          torch.ones(history.columns, dtype=torch.bool, device=self.x.device),
+                          self.options.block_length, slice(self.window.start - s.start, s.stop - s.start))
 
     def keep_finished(self, branch: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """After a block's first step, its span's columns before the block (final now) join the cache."""
@@ -217,18 +201,12 @@ class BlockRow:
         confidence = confidence.masked_fill(~candidates, float("-inf"))
         chosen = threshold_commit(confidence, self.schedule[self.block_step], o.threshold)
         self.x[w] = torch.where(chosen[0], tokens[0], self.x[w])
-        if self.eos_early_stop and bool((chosen & (tokens == self.eos_id)).any()):
-            text = self.x[self.prompt_length:w.stop]
-            first = int((text == self.eos_id).nonzero()[0])
-            if not (text[:first] == self.mask_id).any():   # everything before it is decoded
-                self.end = self.prompt_length + first + 1
-                self.done = True
         P, G = self.prompt_length, o.gen_length
-        committed = torch.zeros_like(self.x, dtype=torch.bool)
-        committed[w] = chosen[0]
-        score = torch.full(self.x.shape, float("nan"), device=self.x.device)
-        score[w] = confidence[0].float().masked_fill(confidence[0] == float("-inf"), float("nan"))
-        self.last = StepResult(self.step_index, self.block, committed[P:P + G], score[P:P + G])
+        if self.eos_early_stop and bool((chosen & (tokens == self.eos_id)).any()):
+            length = decoded_text_end(self.x[P:w.stop], self.eos_id, self.mask_id)
+            if length is not None:
+                self.end, self.done = P + length, True
+        self.last = StepResult.of(self.step_index, self.block, self.x, w, chosen, confidence, slice(P, P + G))
         self.block_step += 1
         self.step_index += 1
         self._settle()

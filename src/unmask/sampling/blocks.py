@@ -47,7 +47,6 @@ from . import vocab_parallel
 from .generate import GenerationOutput, StepState, resolve_mask_id, special_ids
 from .guidance import DEFAULT, Guidance, Guided, is_native, unmasked_fraction
 from .options import BlockOptions, OptionError
-from .schedule import transfer_schedule
 
 
 BLOCK_DIFFUSION_LAYOUTS = ("llada2_moe",)
@@ -300,7 +299,7 @@ def block_generate(
     rows = _left_aligned(prompt, attention_mask, gen_length, b, mask_id)
     x = rows.x
     runner = _Runner(model, rows, opts, mask_id, cache)
-    schedule = transfer_schedule(torch.tensor([b]), opts.block_steps)[0].tolist()
+    schedule = opts.schedule
     out = GenerationOutput(sequences=x)
     cols = torch.arange(x.shape[1], device=x.device)
     step = 0
@@ -345,10 +344,19 @@ def _end_at_decoded_eos(rows: _Rows, candidates: torch.Tensor, eos_id: int, mask
     """eos_early_stop: rows that just committed an EOS end there once everything before it is decoded."""
     for r in candidates.tolist():
         P = int(rows.prompt_lengths[r])
-        text = rows.x[r, P:window_end]
-        eos = (text == eos_id).nonzero()
-        if len(eos) and not (text[:int(eos[0])] == mask_id).any():   # (an EOS filled into the prompt is not text)
-            rows.end[r] = P + int(eos[0]) + 1
+        length = decoded_text_end(rows.x[r, P:window_end], eos_id, mask_id)
+        if length is not None:
+            rows.end[r] = P + length
+
+
+def decoded_text_end(text: torch.Tensor, eos_id: int, mask_id: int) -> int | None:
+    """eos_early_stop's rule on a row's text so far (from the prompt's end): its length through its
+    first EOS once everything before that EOS is decoded, else None (an EOS filled into the prompt
+    is not text)."""
+    eos = (text == eos_id).nonzero()
+    if len(eos) and not (text[:int(eos[0])] == mask_id).any():
+        return int(eos[0]) + 1
+    return None
 
 
 def _input_layout(t: torch.Tensor, rows: _Rows, width: int, gen_length: int, fill) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 
 from .guidance import Guidance, GuidanceError, is_native
 from .remasking import REMASKING_RULES
+from .schedule import transfer_schedule
 
 CACHE_MODES = ("prefix", "dual")
 PROBABILITY_RULES = ("low_confidence", "margin", "random")   # rules whose scores lie in [0, 1]
@@ -216,6 +217,12 @@ class BlockOptions(GuidedOptions):
     def block_steps(self) -> int:
         """Steps per block, as the public code caps them."""
         return min(self.steps, self.gen_length // self.minimal_topk)
+
+    @property
+    def schedule(self) -> list[int]:
+        """Commits per step of a block: the block length split over `block_steps` (the first
+        block_length % steps steps one more), as the public code splits it."""
+        return transfer_schedule(torch.tensor([self.block_length]), self.block_steps)[0].tolist()
 
     def check(self, device: str | torch.device | None = None) -> BlockOptions:
         """Raise OptionError for the first option that cannot be honoured; returns self. `device`

@@ -61,6 +61,17 @@ class StepResult:
     committed: torch.Tensor     # (G,) bool over the generated part: committed at this step
     confidence: torch.Tensor    # (G,) float: each proposal's score this step (nan where none)
 
+    @classmethod
+    def of(cls, step: int, block: int, x: torch.Tensor, window: slice, chosen: torch.Tensor,
+           confidence: torch.Tensor, text: slice) -> StepResult:
+        """The step that committed `chosen` (1, len(window)) with scores `confidence` (−inf where
+        nothing was proposed) in `window` of canvas `x`, over the canvas's `text` columns."""
+        committed = torch.zeros_like(x, dtype=torch.bool)
+        committed[window] = chosen[0]
+        score = torch.full(x.shape, float("nan"), device=x.device)
+        score[window] = confidence[0].float().masked_fill(confidence[0] == float("-inf"), float("nan"))
+        return cls(step, block, committed[text], score[text])
+
 
 @dataclass(eq=False)
 class Row:
@@ -84,7 +95,7 @@ class Row:
     schedule: torch.Tensor | None = None # (steps per block,) commits per step in the current block
     done: bool = False
     last: StepResult | None = field(default=None, repr=False)
-    caches: list = field(default_factory=lambda: [None, None])   # cache modes: (keys, values) per branch
+    caches: list = field(default_factory=lambda: [None, None])   # cache modes: a RowCache per branch
     kept_uncond: torch.Tensor | None = None   # reuse_uncond: the refresh's unconditional logits
     uncond_start: int = 0                     # the column they start at
 
@@ -154,29 +165,38 @@ class Row:
         return branch == 0 or (guided and not (self.options.reuse_uncond and not self.refreshes))
 
     def canvas(self, branch: int) -> torch.Tensor:
+        """(T,) the conditional canvas, or the unconditional one (the guidance form's canvas)."""
         return self.x if branch == 0 else self.options.form.unconditional(self.x, self.prompt_index, self.mask_id)
 
-    def cached_span(self, branch: int, window: slice, empty: tuple[list, list]) -> CachedSpan:
+    def mix(self, cond: torch.Tensor, uncond: torch.Tensor | None) -> Guided:
+        """This step's `Guided` logits from the window's conditional logits (1, W, V) and, for a
+        guided row, its unconditional ones, under its guidance form at its unmasked fraction."""
+        if uncond is None:
+            return Guided(cond)
+        t = unmasked_fraction(self.x[None], self.generated[None], self.mask_id)
+        return self.options.form.step(cond, uncond, self.options.cfg_scale, t)
+
+    def cached_span(self, branch: int, window: slice, empty: RowCache) -> CachedSpan:
         """This step's part of a cached pass in a branch: the whole canvas at a refresh, else the
         current block to the end ('prefix') or the block alone ('dual') against the row's cache."""
         T, device = self.x.numel(), self.x.device
         block_start = self.block_end - self.options.block_length
         if self.refreshes:
-            span, (keys, values) = slice(0, T), empty
+            span, cache = slice(0, T), empty
         else:
-            span, (keys, values) = slice(block_start, T if self.options.cache == "prefix" else self.block_end), \
-                self.caches[branch]
-        cached = torch.arange(keys[0].shape[1], device=device)
+            span = slice(block_start, T if self.options.cache == "prefix" else self.block_end)
+            cache = self.caches[branch]
+        cached = torch.arange(cache.columns, device=device)
         visible = (cached < span.start) | (cached >= span.stop)
-        return CachedSpan(self.canvas(branch)[span], torch.arange(span.start, span.stop, device=device), keys, values,
-                          cached, visible, None, slice(window.start - span.start, window.stop - span.start))
+        return CachedSpan(self.canvas(branch)[span], torch.arange(span.start, span.stop, device=device), cache,
+                          visible, None, slice(window.start - span.start, window.stop - span.start))
 
     def keep_cache(self, branch: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """At a refresh, the whole canvas's fresh keys/values become the row's cache. Other steps
         keep it as it is: their span is the same until the next refresh and is always run afresh
         (its cached columns are never attended), so writing it back would change nothing."""
         if self.refreshes:
-            self.caches[branch] = ([k.clone() for k in keys], [v.clone() for v in values])
+            self.caches[branch] = RowCache([k.clone() for k in keys], [v.clone() for v in values])
 
     def _begin_block(self) -> None:
         per_block = self.options.steps_per_block
@@ -209,12 +229,8 @@ class Row:
         self.x[window] = torch.where(chosen[0], proposal[0], self.x[window])
         if self.stop_at_eos:
             self.x[self.prompt_length:] = fill_ended(self.gen[None], self.mask_id, self.stop_ids, self.eos_id)[0]
-        committed = torch.zeros_like(self.x, dtype=torch.bool)
-        committed[window] = chosen[0]
-        score = torch.full(self.x.shape, float("nan"), device=self.x.device)
-        score[window] = confidence[0].float().masked_fill(confidence[0] == float("-inf"), float("nan"))
-        P = self.prompt_length
-        self.last = StepResult(self.step_index, self.block, committed[P:], score[P:])
+        self.last = StepResult.of(self.step_index, self.block, self.x, window, chosen, confidence,
+                                  slice(self.prompt_length, None))
         self.block_step += 1
         self.step_index += 1
         self._settle()
@@ -264,18 +280,12 @@ def _cached_step(model, rows: list[Row], pad_id: int, pass_overhead: float | Non
         row.keep_cache(branch, keys, values)
     for row in rows:
         window, candidates = windows[id(row)]
-        cond = logits[id(row), 0]
-        if row.options.cfg_scale == 0:
-            row._decide(Guided(cond), window, candidates)
-            continue
-        if row.options.reuse_uncond:
+        uncond = logits.get((id(row), 1))
+        if row.options.cfg_scale > 0 and row.options.reuse_uncond:
             if row.refreshes:
-                row.kept_uncond, row.uncond_start = logits[id(row), 1], window.start
+                row.kept_uncond, row.uncond_start = uncond, window.start
             uncond = row.kept_uncond[:, window.start - row.uncond_start:]
-        else:
-            uncond = logits[id(row), 1]
-        t = unmasked_fraction(row.x[None], row.generated[None], row.mask_id)
-        row._decide(row.options.form.step(cond, uncond, row.options.cfg_scale, t), window, candidates)
+        row._decide(row.mix(logits[id(row), 0], uncond), window, candidates)
 
 
 def pass_groups(widths: list[int], weights: list[int], overhead: float) -> list[list[int]]:
@@ -339,7 +349,7 @@ def _window(row: Row) -> tuple[slice, torch.Tensor]:
 def _shared_step(model, rows: list[Row], pad_id: int) -> None:
     """One pass over the rows' canvases, left-padded to one width, and their unconditional twins."""
     guided = [r for r in rows if r.options.cfg_scale > 0]
-    canvases = [r.x for r in rows] + [r.options.form.unconditional(r.x, r.prompt_index, r.mask_id) for r in guided]
+    canvases = [r.x for r in rows] + [r.canvas(1) for r in guided]
     ids, attention = left_pad([c.tolist() for c in canvases], pad_id)
     width = ids.shape[1]
     ids, attention = ids.to(rows[0].x.device), attention.to(rows[0].x.device)
@@ -351,36 +361,41 @@ def _shared_step(model, rows: list[Row], pad_id: int) -> None:
     uncond_of = {id(r): len(rows) + k for k, r in enumerate(guided)}   # batch index of each twin
     for n, (row, offset, (window, candidates)) in enumerate(zip(rows, offsets, windows)):
         cols = slice(offset + window.start - lo, offset + window.stop - lo)   # the row's window in the logits
-        row_logits = logits[n, cols][None]
-        if id(row) in uncond_of:
-            t = unmasked_fraction(row.x[None], row.generated[None], row.mask_id)
-            uncond = logits[uncond_of[id(row)], cols][None]
-            row._decide(row.options.form.step(row_logits, uncond, row.options.cfg_scale, t), window, candidates)
-        else:
-            row._decide(Guided(row_logits), window, candidates)
+        uncond = logits[uncond_of[id(row)], cols][None] if id(row) in uncond_of else None
+        row._decide(row.mix(logits[n, cols][None], uncond), window, candidates)
+
+
+@dataclass(eq=False)
+class RowCache:
+    """One canvas row's own cache: keys and values of its columns [0, columns), which are also
+    their positions, per layer, (H_kv, columns, head_dim) each."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def columns(self) -> int:
+        return self.keys[0].shape[1]
 
 
 @dataclass
 class CachedSpan:
-    """One canvas row's part of a `cached_pass`: the tokens it runs and the cached keys/values it
-    attends to besides them (a row's own cache, kept between steps)."""
+    """One canvas row's part of a `cached_pass`: the tokens it runs and the cache it attends to
+    besides them."""
 
     ids: torch.Tensor                 # (S,) the tokens run
     positions: torch.Tensor           # (S,) their positions
-    keys: list[torch.Tensor]          # per layer (H_kv, c, head_dim): cached columns
-    values: list[torch.Tensor]
-    cached_positions: torch.Tensor    # (c,) the cached columns' positions
+    cache: RowCache
     cached_visible: torch.Tensor      # (c,) bool: the cached columns it attends to
     block_length: int | None          # attention block-causal over positions (None: bidirectional)
     logits: slice                     # the span's columns whose logits it needs
 
 
-def empty_cache(model, device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(keys, values) of no columns, per layer, in `model`'s shape and dtype: a row's cache before
-    its first pass."""
+def empty_cache(model, device) -> RowCache:
+    """A cache of no columns, in `model`'s shape and dtype: a row's cache before its first pass."""
     cfg = getattr(model, "_orig_mod", model).config
     zeros = torch.zeros((cfg.n_kv_heads, 0, cfg.head_dim), dtype=next(model.parameters()).dtype, device=device)
-    return [zeros] * cfg.n_layers, [zeros] * cfg.n_layers
+    return RowCache([zeros] * cfg.n_layers, [zeros] * cfg.n_layers)
 
 
 def cached_passes(model, spans: list[CachedSpan], pad_id: int, pass_overhead: float | None) -> list[tuple]:
@@ -409,25 +424,26 @@ def cached_pass(model, spans: list[CachedSpan], pad_id: int) -> list[tuple[torch
     positions when asked), at its own positions; padding is never attended, and a padding query
     takes its span's first position (its output is discarded)."""
     device = spans[0].ids.device
-    n, C, S = len(spans), max(s.cached_positions.numel() for s in spans), max(s.ids.numel() for s in spans)
+    n, C, S = len(spans), max(s.cache.columns for s in spans), max(s.ids.numel() for s in spans)
     ids = torch.full((n, S), pad_id, dtype=torch.long, device=device)
     query_pos = torch.zeros(n, S, dtype=torch.long, device=device)
     key_pos = torch.zeros(n, C + S, dtype=torch.long, device=device)
     visible = torch.zeros(n, C + S, dtype=torch.bool, device=device)
     block = torch.full((n, 1), 1 << 30, dtype=torch.long, device=device)   # one block: bidirectional
     for k, s in enumerate(spans):
-        c, length = s.cached_positions.numel(), s.ids.numel()
+        c, length = s.cache.columns, s.ids.numel()
         ids[k, S - length:] = s.ids
         query_pos[k] = s.positions[0]
         query_pos[k, S - length:] = s.positions
-        key_pos[k, :c], key_pos[k, C:] = s.cached_positions, query_pos[k]
+        key_pos[k, :c], key_pos[k, C:] = torch.arange(c, device=device), query_pos[k]
         visible[k, :c], visible[k, C + S - length:] = s.cached_visible, True
         if s.block_length is not None:
             block[k] = s.block_length
     mask = (visible[:, None, :] & ((key_pos // block)[:, None, :] <= (query_pos // block)[:, :, None]))[:, None]
-    kv = KVCache(len(spans[0].keys))
+    kv = KVCache(len(spans[0].cache.keys))
     for layer in range(len(kv.keys)):
-        for store, cached in ((kv.keys, [s.keys[layer] for s in spans]), (kv.values, [s.values[layer] for s in spans])):
+        for store, cached in ((kv.keys, [s.cache.keys[layer] for s in spans]),
+                              (kv.values, [s.cache.values[layer] for s in spans])):
             buffer = cached[0].new_zeros(n, cached[0].shape[0], C + S, cached[0].shape[2])
             for k, t in enumerate(cached):
                 buffer[k, :, :t.shape[1]] = t
