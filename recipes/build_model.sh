@@ -3,6 +3,8 @@
 #   bash recipes/build_model.sh knowledge    # the bundled model (world v2): ~75 minutes on 2 CPU cores
 #   bash recipes/build_model.sh default      # the first bundled model: 73 minutes on one CPU core
 #   bash recipes/build_model.sh recall       # the recall recipe on 2 CPU cores (about 75 minutes)
+#   bash recipes/build_model.sh knowledge-gpu # a 6.8M-parameter knowledge model on one CUDA GPU
+#                                            # (7.5 minutes on an H200; scripts/gpu_knowledge.sh)
 #   bash recipes/build_model.sh recall-gpu   # the recall recipe on one CUDA GPU (two calls: the
 #                                            # first stops at max_minutes; then add --resume)
 # Steps: the corpus (unmask.data.knowledge for knowledge, unmask.data.world otherwise), its
@@ -14,10 +16,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
   knowledge)  mix=knowledge; docs=600000; sft=0;   config=recipes/knowledge_model.toml; threads=2; shards=2 ;;
+  knowledge-gpu) mix=knowledge; docs=1200000; sft=0; config=recipes/knowledge_model_gpu.toml; threads=; shards=16 ;;
   default)    mix=v1;     docs=150000;  sft=20000; config=recipes/default_model.toml; threads=1; shards=1 ;;
   recall)     mix=recall; docs=400000;  sft=0;     config=recipes/recall_model.toml;  threads=2; shards=1 ;;
   recall-gpu) mix=recall; docs=1500000; sft=0;     config=recipes/recall_model_gpu.toml; threads=; shards=16 ;;
-  *) echo "usage: bash recipes/build_model.sh knowledge|default|recall|recall-gpu" >&2; exit 2 ;;
+  *) echo "usage: bash recipes/build_model.sh knowledge|knowledge-gpu|default|recall|recall-gpu" >&2; exit 2 ;;
 esac
 setting() { python3 -c "import sys, tomllib; print(tomllib.load(open(sys.argv[1], 'rb'))[sys.argv[2]])" "$config" "$1"; }
 out=$(setting out_dir)
@@ -25,12 +28,12 @@ corpus=$(dirname "$(setting tokenizer)")
 if [ -n "$threads" ]; then export OMP_NUM_THREADS=$threads; fi
 curve() {  # every kept checkpoint on its suite, at w = 0, 0.5, 1, 2
   case "$mix" in
-    knowledge) python3 scripts/eval_checkpoints.py "$out" --out "$out/curve" --points 6 ;;
+    knowledge) python3 scripts/eval_checkpoints.py "$out" --out "$out/curve" --points 6 --device "$(setting device 2>/dev/null || echo cpu)" ;;
     recall) python3 scripts/eval_checkpoints.py "$out" --out "$out/curve" --tasks world_mc,world_boolq,world_cloze,world_piqa,world_obqa ;;
   esac
 }
 if [ "${2:-}" = --resume ]; then  # continue a run that stopped (Ctrl-C, max_minutes), then its curve
-  unmask train --config "$config" --resume --max-minutes 0
+  python3 -m unmask.cli train --config "$config" --resume --max-minutes 0
   curve
   echo "done: $out/$(cat "$out/latest")"; exit 0
 fi
@@ -46,11 +49,11 @@ else
 fi
 texts=("$corpus/train.jsonl")
 if [ "$sft" != 0 ]; then texts+=("$corpus/sft.jsonl"); fi
-if [ "$mix" = recall ] && [ "$shards" != 1 ]; then  # the GPU recipe: the world's vocabulary is all in the first 200k documents
+if [ "$shards" = 16 ]; then  # the GPU recipes: the world's vocabulary is all in the first 200k documents
   head -n 200000 "$corpus/train.jsonl" > "$corpus/tokenizer_sample.jsonl"; texts=("$corpus/tokenizer_sample.jsonl")
 fi
 python3 -m unmask.data.tokenizer --corpus "${texts[@]}" --out "$corpus/tokenizer" --vocab-size 2048
-rc=0; unmask train --config "$config" || rc=$?
+rc=0; python3 -m unmask.cli train --config "$config" || rc=$?
 if [ "$rc" = 130 ]; then  # stopped early (max_minutes or Ctrl-C), checkpointed
   echo "stopped early: continue with bash recipes/build_model.sh $1 --resume"; exit 0
 elif [ "$rc" != 0 ]; then exit "$rc"; fi

@@ -7,7 +7,7 @@ train_config.json). Writes OUT.json (every checkpoint's table) and OUT.png (one 
 one line per w, accuracy in percent against tokens), and prints a Markdown table.
 
 Usage: python scripts/eval_checkpoints.py runs/default_model --out docs/default_model_curve
-       [--points 5] [--cfg-scale 0 0.5 1 2] [--tasks world_mc,world_boolq] [--limit N]
+       [--device cuda] [--points 5] [--cfg-scale 0 0.5 1 2] [--tasks world_mc,world_boolq] [--limit N]
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cfg-scale", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0])
     ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (weights in float32 either way, so a "
+                                                    "GPU's curve scores the checkpoints the CPU would)")
     args = ap.parse_args(argv)
     if args.points < 2:
         ap.error("--points must be at least 2")
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     per_step = tokens_per_step(args.run)
     curve = []
     for ckpt in checkpoints(args.run, args.points):
-        model, tok = unmask.load(ckpt)
+        model, tok = unmask.load(ckpt, dtype="float32", device=args.device)
         results = evaluate(model, tok, tasks, None, config)
         step = int(ckpt.name.split("-")[1])
         curve.append({"checkpoint": ckpt.name, "step": step, "tokens": step * per_step,

@@ -161,3 +161,18 @@ def test_loadtest_reports_one_row_per_concurrency(loaded, capsys):
     assert rc == 0 and out[0] == table[0] and [line.split(" | ")[0] for line in out[2:]] == ["| 1", "| 2"]
     with pytest.raises(ValueError, match="--concurrency"):
         run_levels(LoadTest(url=base, requests=2), [1, 3])
+
+
+def test_the_batching_layer_loads_without_the_web_stack():
+    """A GPU machine with PyTorch but no FastAPI runs scripts/gpu_checks.py, which needs only
+    unmask.serve.batching; the app still loads lazily where FastAPI is installed."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['fastapi'] = None; sys.modules['uvicorn'] = None\n"
+            "from unmask.serve.batching import FixedShapes\n"
+            "import unmask.serve\n"
+            "try:\n    unmask.serve.create_app\nexcept ImportError:\n    print('lazy')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "lazy"
+    assert create_app.__module__ == "unmask.serve.app"
