@@ -11,6 +11,12 @@
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+# The GPU image has PyTorch but no web stack: the serve stage needs FastAPI and uvicorn, carried as
+# wheels (`bash scripts/gpu_wheels.sh` here, then run with carry [".whl"]).
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
 START=$(date +%s); BUDGET=${BUDGET_S:-540}; ONLY=" $* "
 : > "$OUT/stages.tsv"
 
