@@ -3,10 +3,11 @@
 Two servers, one after the other, each in a child process of its own (so the load generator in this
 process does not share a GIL with it), loaded by `unmask loadtest`'s open-loop mode with the same
 trace (Poisson arrivals, mixed max_tokens, temperature and cfg_scale):
-- static: the scheduler configured to the old batcher's policy (`ServeConfig(continuous=False)`):
-  rows start only when nothing runs, and only requests with equal options start together;
-- continuous: the default (requests join the running rows at the next step).
-The old batcher itself is gone; the baseline runs its policy through the same row stepper.
+- static: the old batcher's policy (`EqualOptionsScheduler`, defined here): rows start only when
+  nothing runs, and only requests with equal options start together;
+- continuous: the server as shipped (requests join the running rows at the next step).
+The old batcher itself is gone from unmask; this script keeps its admission policy only to measure
+against it, running through the same row stepper.
 Prints every run's report and the ratios continuous / static over all runs of each (`--repeats N`
 runs each policy N times, in alternating order, so a drift in a shared machine's load hits both):
 throughput (target >= 1.5), p95 latency (target <= 0.7), and the 5xx count (target 0).
@@ -29,16 +30,42 @@ import argparse
 import multiprocessing
 
 from unmask.bench import SHAPES
+from unmask.serve.batching import Job, Scheduler
 from unmask.serve.loadtest import LoadTest, Report, mixed_trace, percentile, read_trace, run_open_loop
 
 
-def serve(model_dir: str | None, shape: str | None, config, urls, stop) -> None:
+class EqualOptionsScheduler(Scheduler):
+    """The admission policy before continuous batching: waiting requests start only when no row
+    runs, and only those with the head's options (oldest first, within the row and token bounds)."""
+
+    def _admit(self) -> list[Job]:
+        if self.rows or not self.pending:
+            return []
+        key, rows, tokens, admitted = self.pending[0].key, 0, 0, []
+        for job in self.pending:
+            if rows >= self.max_batch_size or not self.runner.steps(job):
+                break
+            over_budget = self.max_batch_tokens is not None and tokens + job.tokens > self.max_batch_tokens and rows
+            if job.key != key or over_budget:
+                continue
+            admitted.append(job)
+            rows, tokens = rows + 1, tokens + job.tokens
+        chosen = set(map(id, admitted))
+        self.pending = [j for j in self.pending if id(j) not in chosen]
+        return admitted
+
+
+def serve(model_dir: str | None, shape: str | None, config, continuous: bool, urls, stop) -> None:
     """The child process: load the model, serve it on a free loopback port, report the URL, wait."""
     import unmask
+    import unmask.serve.app
     from unmask.bench import SHAPES, random_model
     from unmask.models.loading import load_tokenizer
     from unmask.serve import create_app
     from unmask.serve.lifecycle import serve_in_thread
+
+    if not continuous:  # this child process only: the app builds its scheduler from this name
+        unmask.serve.app.Scheduler = EqualOptionsScheduler
 
     if shape is not None:
         model, tokenizer = random_model(SHAPES[shape]), load_tokenizer(None)
@@ -53,11 +80,11 @@ def served(model_dir: str | None, shape: str | None, trace: list[dict], continuo
            max_batch_size: int) -> Report:
     from unmask.serve import ServeConfig
 
-    config = ServeConfig(model_name="bench", max_batch_size=max_batch_size, continuous=continuous,
+    config = ServeConfig(model_name="bench", max_batch_size=max_batch_size,
                          max_tokens_limit=max(e.get("max_tokens", 64) for e in trace))
     spawn = multiprocessing.get_context("spawn")
     urls, stop = spawn.Queue(), spawn.Event()
-    child = spawn.Process(target=serve, args=(model_dir, shape, config, urls, stop))
+    child = spawn.Process(target=serve, args=(model_dir, shape, config, continuous, urls, stop))
     child.start()
     try:
         return run_open_loop(LoadTest(url=urls.get(timeout=300)), trace)

@@ -49,9 +49,10 @@ async def until(predicate, timeout=60.0):
         await asyncio.sleep(0.005)
 
 
-def scenario(loaded, body, **scheduler_kw):
+def scenario(loaded, body, scheduler_cls=Scheduler, **scheduler_kw):
     async def run():
-        scheduler = Scheduler(runner_for(loaded), max_queue=16, window_s=0.0, **{"max_batch_size": 8, **scheduler_kw})
+        scheduler = scheduler_cls(runner_for(loaded), max_queue=16, window_s=0.0,
+                                  **{"max_batch_size": 8, **scheduler_kw})
         scheduler.start()
         loop = asyncio.get_running_loop()
 
@@ -159,8 +160,14 @@ def test_llada2_requests_join_the_running_rows_too(tiny_llada2_checkpoint):
 
 
 def test_the_equal_options_policy_waits_for_the_running_rows(loaded):
-    """The policy before continuous batching (the measurement's baseline): a request with other
-    settings starts only once the running rows are done."""
+    """The policy before continuous batching, which scripts/continuous_vs_static.py measures
+    against: a request with other settings starts only once the running rows are done."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from continuous_vs_static import EqualOptionsScheduler
+
     tokenizer = loaded[1]
     short = SamplerOptions(steps=8, gen_length=16, block_length=8)
 
@@ -173,7 +180,7 @@ def test_the_equal_options_policy_waits_for_the_running_rows(loaded):
         await asyncio.wait_for(asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED), 60)
         return a.done, b.done
 
-    a_done, b_done = scenario(loaded, body, continuous=False)
+    a_done, b_done = scenario(loaded, body, EqualOptionsScheduler)
     assert a_done and not b_done
 
 

@@ -81,7 +81,6 @@ class ServeConfig:
     cuda_graph: bool = False         # LLaDA: replay dual-cache steps as CUDA graphs (batches padded to fixed shapes)
     max_batch_size: int = 16         # most rows in one step (continuous batching) or one whole call
     max_batch_tokens: int = 32768    # most canvas tokens in one step (a guided row counts twice)
-    continuous: bool = True          # False: the policy before continuous batching, for measurements only
     max_queue: int = 256
     batch_window_ms: float = 10.0
     timeout_s: float = 300.0
@@ -624,8 +623,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, adapters=Non
     async def lifespan(app: FastAPI):
         c = server.config
         server.scheduler = Scheduler(server.runner, max_batch_size=c.max_batch_size, max_queue=c.max_queue,
-                                     window_s=c.batch_window_ms / 1000, max_batch_tokens=c.max_batch_tokens,
-                                     continuous=c.continuous)
+                                     window_s=c.batch_window_ms / 1000, max_batch_tokens=c.max_batch_tokens)
         server.scheduler.start()
         yield
         await server.close()

@@ -31,8 +31,6 @@ requests are retried one by one, so only the one that cannot run fails. A CUDA-g
 padded to one of a few fixed shapes (`FixedShapes`): a graph is captured per (rows, canvas length)
 and replayed only for that shape.
 
-`continuous=False` is the policy before continuous batching (rows start only when nothing runs, and
-only with equal options), kept for measuring the difference (scripts/continuous_vs_static.py).
 Only one step or call runs at a time: a single model instance, and steps already saturate the device.
 """
 
@@ -420,11 +418,10 @@ class Scheduler:
     """The bounded queue and the loop that admits rows at every step; lives on the event loop."""
 
     def __init__(self, runner: BatchRunner, *, max_batch_size: int, max_queue: int, window_s: float,
-                 max_batch_tokens: int | None = None, continuous: bool = True):
+                 max_batch_tokens: int | None = None):
         self.runner = runner
         self.max_batch_size, self.max_queue, self.window_s = max_batch_size, max_queue, window_s
         self.max_batch_tokens = max_batch_tokens   # None: rows alone bound a step
-        self.continuous = continuous               # False: the equal-options policy (module docstring)
         self.pending: list[Job] = []
         self.rows: list[Running] = []    # stepped rows
         self.group: list[Job] = []       # the whole-call group running, if any
@@ -530,22 +527,15 @@ class Scheduler:
     def _admit(self) -> list[Job]:
         """Waiting jobs that join at this step, oldest first, while the rows and their canvas tokens
         fit; the first that does not fit waits (no overtaking), as does a whole-call job, which
-        waits for the running rows to finish. The equal-options policy admits only when idle."""
-        if not self.continuous and self.rows:
-            return []
+        waits for the running rows to finish."""
         rows = len(self.rows)
         tokens = sum(r.job.tokens for r in self.rows)
-        key = self.pending[0].key if self.pending else None
         admitted = []
         for job in self.pending:
             if rows >= self.max_batch_size or not self.runner.steps(job):
                 break
-            if not self.continuous and job.key != key:
-                continue
             if self.max_batch_tokens is not None and tokens + job.tokens > self.max_batch_tokens and rows:
-                if self.continuous:
-                    break
-                continue
+                break
             admitted.append(job)
             rows, tokens = rows + 1, tokens + job.tokens
         chosen = set(map(id, admitted))
