@@ -54,7 +54,7 @@ def span_columns(prompt_columns: list[int], start, stop) -> list[int]:
 def plain_guided(model, prompt, steps, gen_length, block_length, w, schedule="constant", span=None, acfg=None,
                  norm=False, threshold=None):
     """SPEC.md §3 (batch 1, temperature 0, low_confidence) with w_t = w · s(t), t = unmasked fraction
-    of the generated positions before the step; the unconditional canvas masks the prompt columns
+    of the generated positions before the step (w_t = 0: no guidance, the conditional logits); the unconditional canvas masks the prompt columns
     `span` selects (all when None), or, for A-CFG (acfg = ρ), keeps the prompt and re-masks the
     ⌈ρ·n⌉ committed generated tokens whose top conditional probability is lowest. `norm` (Rojas et
     al.): positions are ranked by the conditional model's top probability, tokens are the guided
@@ -89,7 +89,7 @@ def plain_guided(model, prompt, steps, gen_length, block_length, w, schedule="co
                     for j in committed[:math.ceil(len(committed) * acfg)]:
                         un[0, j] = MASK
                 uncond = model(un).logits
-                logits = uncond + (w_t + 1) * (cond - uncond)
+                logits = cond if w_t == 0 else uncond + (w_t + 1) * (cond - uncond)
             else:
                 logits = cond
             rate = torch.softmax(cond if norm else logits, -1)
@@ -128,7 +128,7 @@ def plain_block_guided(model, prompt, gen_length, b, steps, w, schedule="constan
             kw = dict(attention_mask=allowed[:e, :e][None, None], position_ids=torch.arange(e)[None])
             cond = model(x[:, :e], **kw).logits[0, s:e]
             uncond = model(un[:, :e], **kw).logits[0, s:e]
-            logits = uncond + (w_t + 1) * (cond - uncond)
+            logits = cond if w_t == 0 else uncond + (w_t + 1) * (cond - uncond)
             confidence, tokens = torch.softmax(logits.float(), -1).max(-1)
             if norm:
                 confidence = torch.softmax(cond.float(), -1).max(-1).values
@@ -201,6 +201,21 @@ def test_prompt_span_counts_each_rows_own_prompt_tokens():
         for row in range(2):
             cols = [j for j in range(8) if prompt_index[row, j]]
             assert got[row].nonzero().flatten().tolist() == span_columns(cols, start, stop)
+
+
+def test_an_idle_row_gets_the_conditional_logits_themselves():
+    """Weight 0 (outside the interval) is no guidance: cond itself, not uncond + 1 · (cond − uncond),
+    which rounds differently (checked on these very numbers); the other row is mixed as the formula says."""
+    g = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(2, 3, 50, generator=g), torch.randn(2, 3, 50, generator=g) * 100
+    form = Guidance.parse("interval:0.5:1")
+    t = torch.tensor([0.2, 0.7], dtype=torch.float64)
+    assert form.idle(1.0, t).tolist() == [True, False] and Guidance.parse("constant").idle(1.0, t) is None
+    mixed = form.mix(cond, uncond, 1.0, t)
+    assert torch.equal(mixed[0], cond[0]) and not torch.equal(uncond[0] + (cond[0] - uncond[0]), cond[0])
+    assert torch.equal(mixed[1], uncond[1] + 2.0 * (cond[1] - uncond[1]))
+    skipped = Guidance.parse("interval:0.5:1,norm").step(cond, None, 1.0, t)
+    assert skipped.logits is cond and skipped.rate is cond
 
 
 def test_low_confidence_remasks_the_ceiling_of_ratio_lowest():
@@ -277,6 +292,70 @@ def test_cache_refreshed_every_step_equals_no_cache(dense, spec, reuse):
     kw = dict(steps=8, gen_length=16, block_length=8, cfg_scale=1.0, guidance=spec, mask_id=MASK)
     cached = unmask.generate(dense, prompt, cache="dual", cache_refresh=1, reuse_uncond=reuse, **kw)
     assert torch.equal(cached, unmask.generate(dense, prompt, **kw))
+
+
+def batch_sizes(model) -> tuple[list[int], object]:
+    """Record the batch size of every forward pass of `model`; returns (sizes, hook handle)."""
+    sizes: list[int] = []
+
+    def record(module, args, kwargs):
+        sizes.append((args[0] if args else kwargs["input_ids"]).shape[0])
+
+    return sizes, model.register_forward_pre_hook(record, with_kwargs=True)
+
+
+@pytest.mark.parametrize("cache", [None, "dual", "prefix"])
+def test_an_idle_schedule_is_exactly_unguided_and_runs_no_unconditional_rows(dense, cache):
+    """interval:1:1 never guides (t < 1 while anything is masked): the tokens are the unguided
+    sampler's, and the unconditional rows run only where a cache must be filled (its refreshes)."""
+    prompt = torch.randint(0, 380, (2, 8), generator=torch.Generator().manual_seed(6))
+    kw = dict(steps=8, gen_length=16, block_length=8, mask_id=MASK, cache=cache)
+    sizes, hook = batch_sizes(dense)
+    try:
+        idle = unmask.generate(dense, prompt, cfg_scale=2.0, guidance="interval:1:1", **kw)
+    finally:
+        hook.remove()
+    assert torch.equal(idle, unmask.generate(dense, prompt, **kw))
+    refreshes = 0 if cache is None else 2   # one per block
+    assert sizes.count(4) == refreshes and sizes.count(2) == 8 - refreshes   # 8 steps in all
+
+
+@pytest.mark.parametrize("cache", [None, "dual"])
+def test_interval_guidance_skips_the_unconditional_rows_outside_its_interval(dense, cache, monkeypatch):
+    """interval:0.5:1 over two blocks: the first block's steps (t < 0.5) run the conditional rows
+    alone, the second block's both; the tokens equal the plain reference (uncached) or a run in
+    which the unconditional rows always run (cached: `skip_idle=False`, as under a CUDA graph), and
+    the row stepper's."""
+    import importlib
+
+    from unmask.sampling.rows import Row, step
+
+    sampler = importlib.import_module("unmask.sampling.generate")
+
+    prompt = torch.randint(0, 380, (2, 8), generator=torch.Generator().manual_seed(7))
+    kw = dict(steps=8, gen_length=16, block_length=8, mask_id=MASK, cache=cache, cfg_scale=1.5,
+              guidance="interval:0.5:1")
+    sizes, hook = batch_sizes(dense)
+    try:
+        out = unmask.generate(dense, prompt, **kw)
+    finally:
+        hook.remove()
+    first_block = sizes[:4] if cache is None else sizes[1:4]   # a cache's first step is its refresh (both)
+    assert set(first_block) == {2} and set(sizes[-4:]) == {4}
+    if cache is None:
+        for r in range(2):
+            assert torch.equal(out[r:r + 1], plain_guided(dense, prompt[r:r + 1], 8, 16, 8, 1.5, "interval:0.5:1"))
+    else:
+        real = sampler.cached_logits
+        monkeypatch.setattr(sampler, "cached_logits", lambda *a, **k: real(*a, **{**k, "skip_idle": False}))
+        assert torch.equal(out, unmask.generate(dense, prompt, **kw))   # the same run with nothing skipped
+        monkeypatch.undo()
+    options = SamplerOptions(**{k: v for k, v in kw.items() if k != "mask_id"}).check()
+    for r in range(2):
+        row = Row.start(prompt[r].tolist(), options, mask_id=MASK)
+        while not row.done:
+            step(dense, [row])
+        assert torch.equal(row.x, out[r])
 
 
 @pytest.mark.parametrize("spec", ["linear", "span:0:-3", "acfg:0.7"])
@@ -380,7 +459,7 @@ def plain_exact_bound(model, context, continuation, w, schedule="constant", span
             lc, lu = cond.log_softmax(-1), uncond.log_softmax(-1)
             term = sum(float(lc[P + i, continuation[i]] - lu[P + i, continuation[i]]) for i in S)
         else:
-            logp = (uncond + (w_t + 1) * (cond - uncond)).log_softmax(-1) if w > 0 else cond.log_softmax(-1)
+            logp = (uncond + (w_t + 1) * (cond - uncond)).log_softmax(-1) if w_t > 0 else cond.log_softmax(-1)
             term = sum(float(logp[P + i, continuation[i]]) for i in S)
         total += term / (math.comb(L, len(S)) * len(S))
     return total

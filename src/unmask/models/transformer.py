@@ -112,6 +112,14 @@ class KVCache:
             self.values[layer].index_copy_(2, columns, v)
         return self.keys[layer], self.values[layer]
 
+    def head_rows(self, n: int) -> "KVCache":
+        """The first n batch rows as a cache of their own, sharing this one's storage (a pass over
+        them writes here): the conditional rows of a guided cache, whose unconditional twins follow."""
+        part = KVCache(len(self.keys), self.capacity)
+        part.keys = [k[:n] if k is not None else None for k in self.keys]
+        part.values = [v[:n] if v is not None else None for v in self.values]
+        return part
+
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only the given batch rows (for rows that finished early)."""
         self.keys = [k[rows] if k is not None else None for k in self.keys]

@@ -218,14 +218,17 @@ def cached_logits(runner, block_cache: BlockCache | None, refresh: bool, new_cac
                   x: torch.Tensor, rows: torch.Tensor, prompt_index: torch.Tensor, mask_id: int, cfg_scale: float,
                   attention_mask: torch.Tensor | None, window: slice, span: slice,
                   reuse_uncond: bool, guidance: Guidance = DEFAULT,
-                  t: torch.Tensor | None = None) -> tuple[Guided, BlockCache]:
+                  t: torch.Tensor | None = None, skip_idle: bool = True) -> tuple[Guided, BlockCache]:
     """One cached step's `Guided` logits over `window`, and the block cache it leaves.
 
     At a refresh the whole canvas runs into a new cache (`new_cache(n_rows)`); otherwise `span` runs
     against the cache. With `reuse_uncond` and guidance, a refresh computes both branches, keeps the
     unconditional logits and moves the conditional rows to a cache of their own; the steps after it
     run the conditional rows only and mix with the kept unconditional logits (at each step's weight,
-    so a schedule still moves).
+    so a schedule still moves). Without reuse_uncond, a step between refreshes at which the schedule
+    gives every row weight 0 runs the conditional rows alone, against their half of the cache (the
+    unconditional half is refilled over the span at its next step, so nothing goes stale);
+    `skip_idle=False` keeps the batch fixed (a CUDA graph replays one shape).
     """
     guided = cfg_scale > 0
     if refresh:
@@ -233,6 +236,10 @@ def cached_logits(runner, block_cache: BlockCache | None, refresh: bool, new_cac
     else:
         block_cache.keep(rows)
     if not (reuse_uncond and guided):
+        idle = guidance.idle(cfg_scale, t) if guided and skip_idle and not refresh else None
+        if idle is not None and bool(idle.all()):
+            cond = forward_logits(runner, x, attention_mask, window, block_cache.kv.head_rows(rows.numel()), span)
+            return guidance.step(cond, None, cfg_scale, t), block_cache
         return guided_logits(runner, x, prompt_index, mask_id, cfg_scale, attention_mask, window,
                              block_cache.kv, span, guidance, t), block_cache
     if refresh:
@@ -375,7 +382,7 @@ def generate(
                     span = slice(block_start, x.shape[1] if cache == "prefix" else block_end)
                 guided, block_cache = cached_logits(runner, block_cache, refresh, new_cache, xa, rows,
                                                     prompt_index[rows], mask_id, cfg_scale, mask_a, window,
-                                                    span, reuse_uncond, form, t)
+                                                    span, reuse_uncond, form, t, skip_idle=not cuda_graph)
             out.forward_passes += 2 if cfg_scale > 0 and form.canvas.adaptive else 1   # A-CFG: two calls in sequence
             proposal, confidence, chosen = choose_tokens(guided, candidates[:, window], options, generator, suppressed,
                                                          stop_ids if eos_last else None,

@@ -223,16 +223,29 @@ class Guidance:
         """(B,) per-row weights w · s(t)."""
         return w * self.schedule.factor(t)
 
+    def idle(self, w: float, t: torch.Tensor | None) -> torch.Tensor | None:
+        """(B,) bool: the rows whose weight is 0 at this step (outside an interval, or t = 0 under the
+        linear ramp); None when no row can be (the constant schedule). An idle row is not guided: its
+        logits are the conditional ones, so a pass need not run its unconditional row."""
+        if isinstance(self.schedule, Constant) or t is None:
+            return None
+        return self.weights(w, t) == 0
+
     def mix(self, cond: torch.Tensor, uncond: torch.Tensor, w: float, t: torch.Tensor | None) -> torch.Tensor:
-        """The guided logits; the constant schedule is exactly `mix_guidance` (the seed's arithmetic)."""
+        """The guided logits; the constant schedule is exactly `mix_guidance` (the seed's arithmetic).
+        An idle row (`idle`) gets `cond` itself, not uncond + 1 · (cond − uncond), which rounds."""
         if isinstance(self.schedule, Constant) or t is None:
             return mix_guidance(cond, uncond, w)
-        gain = (self.weights(w, t).double() + 1).to(cond.dtype)   # w_t + 1 rounded once, as a Python float would be
-        return uncond + gain.view(-1, *([1] * (cond.dim() - 1))) * (cond - uncond)
+        weights = self.weights(w, t)
+        shape = (-1, *([1] * (cond.dim() - 1)))
+        gain = (weights.double() + 1).to(cond.dtype)   # w_t + 1 rounded once, as a Python float would be
+        return torch.where((weights == 0).view(shape), cond, uncond + gain.view(shape) * (cond - uncond))
 
-    def step(self, cond: torch.Tensor, uncond: torch.Tensor, w: float, t: torch.Tensor | None) -> Guided:
-        """A sampling step's `Guided` logits: the mix, and the conditional logits as the rate when normalised."""
-        return Guided(self.mix(cond, uncond, w, t), cond if self.normalized else None)
+    def step(self, cond: torch.Tensor, uncond: torch.Tensor | None, w: float, t: torch.Tensor | None) -> Guided:
+        """A sampling step's `Guided` logits: the mix, and the conditional logits as the rate when
+        normalised. `uncond` None: every row is idle (its unconditional pass was skipped)."""
+        mixed = cond if uncond is None else self.mix(cond, uncond, w, t)
+        return Guided(mixed, cond if self.normalized else None)
 
     def unconditional(self, x: torch.Tensor, prompt_index: torch.Tensor, mask_id: int) -> torch.Tensor:
         """The static unconditional canvas (WholePrompt, PromptSpan)."""
@@ -313,9 +326,14 @@ def guided_logits(model, x: torch.Tensor, prompt_index: torch.Tensor, mask_id: i
     `logits_slice` is in canvas columns either way. `guidance` is the form, `t` (B,) each row's
     fraction unmasked (for its schedule). An adaptive canvas (A-CFG) runs the conditional pass
     first and the unconditional one after it (it needs the conditional confidences), without a cache.
+    Without a cache, when the schedule gives every row weight 0 at this step, only the conditional
+    rows run (`cached_logits` makes the same skip for a cache it knows is filled).
     """
     if cfg_scale <= 0:
         return Guided(forward_logits(model, x, attention_mask, logits_slice, kv_cache, span))
+    idle = guidance.idle(cfg_scale, t)
+    if kv_cache is None and idle is not None and bool(idle.all()):   # no row is guided: the conditional pass alone
+        return guidance.step(forward_logits(model, x, attention_mask, logits_slice), None, cfg_scale, t)
     if guidance.canvas.adaptive:
         cond, uncond = low_confidence_branches(model, x, prompt_index, mask_id, guidance.canvas, attention_mask,
                                                logits_slice)

@@ -158,11 +158,29 @@ class Row:
         every = self.options.cache_refresh
         return self.block_step == 0 or (every != "block" and self.block_step % every == 0)
 
+    @property
+    def t(self) -> torch.Tensor:
+        """(1,) the fraction of the row's generated positions unmasked: its guidance schedule's clock."""
+        return unmasked_fraction(self.x[None], self.generated[None], self.mask_id)
+
+    @property
+    def guided_now(self) -> bool:
+        """Whether this step needs the row's unconditional logits: it is guided and its schedule's
+        weight is not 0 now (an idle row's logits are the conditional ones, as in `generate`)."""
+        if self.options.cfg_scale <= 0:
+            return False
+        idle = self.options.form.idle(self.options.cfg_scale, self.t)
+        return idle is None or not bool(idle[0])
+
     def runs(self, branch: int) -> bool:
-        """Whether this step runs the branch (the unconditional one only when guided, and with
-        reuse_uncond only at a refresh)."""
-        guided = self.options.cfg_scale > 0
-        return branch == 0 or (guided and not (self.options.reuse_uncond and not self.refreshes))
+        """Whether this step of a cached row runs the branch: the unconditional one at every refresh
+        of a guided row (it fills that branch's cache), and between refreshes when the row is guided
+        now, unless reuse_uncond keeps the refresh's logits."""
+        if branch == 0:
+            return True
+        if self.options.cfg_scale <= 0:
+            return False
+        return self.refreshes or (not self.options.reuse_uncond and self.guided_now)
 
     def canvas(self, branch: int) -> torch.Tensor:
         """(T,) the conditional canvas, or the unconditional one (the guidance form's canvas)."""
@@ -170,11 +188,10 @@ class Row:
 
     def mix(self, cond: torch.Tensor, uncond: torch.Tensor | None) -> Guided:
         """This step's `Guided` logits from the window's conditional logits (1, W, V) and, for a
-        guided row, its unconditional ones, under its guidance form at its unmasked fraction."""
-        if uncond is None:
+        row guided now, its unconditional ones, under its guidance form at its unmasked fraction."""
+        if self.options.cfg_scale <= 0:
             return Guided(cond)
-        t = unmasked_fraction(self.x[None], self.generated[None], self.mask_id)
-        return self.options.form.step(cond, uncond, self.options.cfg_scale, t)
+        return self.options.form.step(cond, uncond, self.options.cfg_scale, self.t)
 
     def cached_span(self, branch: int, window: slice, empty: RowCache) -> CachedSpan:
         """This step's part of a cached pass in a branch: the whole canvas at a refresh, else the
@@ -253,9 +270,8 @@ def step(model, rows: list[Row], pad_id: int = 0, pass_overhead: float | None = 
         _cached_step(model, cached, pad_id, pass_overhead)
     for row in adaptive:   # its unconditional canvas needs its conditional pass first
         window, candidates = _window(row)
-        t = unmasked_fraction(row.x[None], row.generated[None], row.mask_id)
         guided = guided_logits(model, row.x[None], row.prompt_index[None], row.mask_id, row.options.cfg_scale,
-                               torch.ones_like(row.x[None]), window, guidance=row.options.form, t=t)
+                               torch.ones_like(row.x[None]), window, guidance=row.options.form, t=row.t)
         row._decide(guided, window, candidates)
     if pass_overhead is None:
         groups = [list(range(len(shared)))] if shared else []
@@ -348,7 +364,7 @@ def _window(row: Row) -> tuple[slice, torch.Tensor]:
 
 def _shared_step(model, rows: list[Row], pad_id: int) -> None:
     """One pass over the rows' canvases, left-padded to one width, and their unconditional twins."""
-    guided = [r for r in rows if r.options.cfg_scale > 0]
+    guided = [r for r in rows if r.guided_now]
     canvases = [r.x for r in rows] + [r.canvas(1) for r in guided]
     ids, attention = left_pad([c.tolist() for c in canvases], pad_id)
     width = ids.shape[1]
