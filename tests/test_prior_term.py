@@ -38,7 +38,7 @@ def test_prior_scores_are_the_unconditional_branch(tmp_path):
     from unmask.eval.encoding import encode_pair
     ctx, cont = encode_pair(tok, *items[0].requests[0])
     [[e0, e1]] = score_requests(model, [Request(ctx, cont)], mode="chain", cfg_scales=(0.0, 1.0))
-    assert abs(e0.value - cond[0][0]) < 1e-9
+    assert abs(e0.value - cond[0][0]) < 1e-5   # float32, scored in passes of different batch shapes
     assert len(cont) == 1  # " the" is one token of this tokenizer
     mask = model.config.mask_token_id
     with torch.no_grad():
