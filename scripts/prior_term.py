@@ -15,6 +15,11 @@ Per task this prints, from the same chain-rule scores `unmask eval` uses (w = 0)
               towards the distractors
   errors      the items wrong at w = 0, and the share of them whose chosen answer has a higher
               prior than the gold (the errors CFG can fix)
+  AUC         two-choice tasks (yes/no): how well the score difference log p(b | prompt) −
+              log p(a | prompt) separates the items whose answer is b from those whose answer is
+              a (0.5: not at all). Where the prior is one number for every item (the yes/no
+              prior with the prompt masked), guidance only shifts the threshold on that
+              difference, which can gain only if the difference separates the items.
 Cloze tasks (one request per item) are skipped: there is no choice for the prior to tilt.
 
 Usage: python scripts/prior_term.py [--model DIR] [--tasks know_arc,...] [--out docs/results/prior_term.md]
@@ -58,6 +63,19 @@ def argmax(xs: list[float]) -> int:
     return max(range(len(xs)), key=xs.__getitem__)
 
 
+def separation(cond: list[list[float]], gold: list[int]) -> float | None:
+    """AUC of the score difference cond[1] − cond[0] for telling gold 1 from gold 0 (ties count
+    half); None unless every item has two choices and both answers occur."""
+    if any(len(c) != 2 for c in cond):
+        return None
+    diff = [c[1] - c[0] for c in cond]
+    ones = [d for d, g in zip(diff, gold) if g == 1]
+    zeros = [d for d, g in zip(diff, gold) if g == 0]
+    if not ones or not zeros:
+        return None
+    return sum((a > b) + 0.5 * (a == b) for a in ones for b in zeros) / (len(ones) * len(zeros))
+
+
 def prior_row(items, cond, prior) -> dict:
     n = len(items)
     gold = [it.gold for it in items]
@@ -66,7 +84,7 @@ def prior_row(items, cond, prior) -> dict:
     tilted = [i for i in errors if prior[i][pick[i]] > prior[i][gold[i]]]
     gaps = [prior[i][gold[i]] - max(p for j, p in enumerate(prior[i]) if j != gold[i]) for i in range(n)]
     pmi = [argmax([c - p for c, p in zip(cond[i], prior[i])]) for i in range(n)]
-    return {"n": n, "acc": sum(p == g for p, g in zip(pick, gold)) / n,
+    return {"n": n, "auc": separation(cond, gold), "acc": sum(p == g for p, g in zip(pick, gold)) / n,
             "acc_prior": sum(argmax(prior[i]) == gold[i] for i in range(n)) / n,
             "acc_pmi": sum(p == g for p, g in zip(pmi, gold)) / n,
             "acc_anti_prior": sum(argmax([-p for p in prior[i]]) == gold[i] for i in range(n)) / n,
@@ -82,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     model, tokenizer = unmask.load(args.model)
     lines = ["| task | n | acc w=0 | acc prior | acc PMI | anti-prior | prior gap (nats) | errors at w=0 | "
-             "of them, prior favours the pick |", "|---|---|---|---|---|---|---|---|---|"]
+             "of them, prior favours the pick | AUC |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name in args.tasks.split(","):
         task = get_task(name)
         if task.kind != "choice":
@@ -91,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         r = prior_row(items, *choice_scores(model, tokenizer, items))
         lines.append(f"| {name} | {r['n']} | {100 * r['acc']:.1f} | {100 * r['acc_prior']:.1f} | "
                      f"{100 * r['acc_pmi']:.1f} | {100 * r['acc_anti_prior']:.1f} | {r['prior_gap']:+.2f} | {r['errors']} | "
-                     f"{r['tilted']} ({100 * r['tilted'] / max(r['errors'], 1):.0f} %) |")
+                     f"{r['tilted']} ({100 * r['tilted'] / max(r['errors'], 1):.0f} %) | "
+                     f"{'–' if r['auc'] is None else format(r['auc'], '.2f')} |")
         print(lines[-1], flush=True)
     table = "\n".join(lines)
     print("\n" + table)

@@ -28,6 +28,15 @@ def test_prior_row_counts_what_the_prior_does():
     assert abs(r["prior_gap"] - ((-3 + 1) + (-2 + 0.5) + (-2.5 + 1)) / 3) < 1e-12
 
 
+def test_separation_is_the_auc_of_the_score_difference():
+    cond = [[0.0, 1.0], [0.0, 0.5], [0.0, -1.0], [0.0, 0.5]]      # differences 1, 0.5, -1, 0.5
+    assert prior_term.separation(cond, [1, 0, 0, 1]) == (1 + 1 + 1 + 0.5) / 4   # (1 vs 0.5, -1), (0.5 vs 0.5 tie, -1)
+    assert prior_term.separation(cond, [0, 1, 1, 0]) == 1 - 3.5 / 4
+    assert prior_term.separation(cond, [1, 1, 1, 1]) is None and prior_term.separation([[0, 1, 2]], [0]) is None
+    items = [Item((("c", " a"), ("c", " b")), g, (1, 1)) for g in (1, 0, 0, 1)]
+    assert prior_term.prior_row(items, cond, [[0.0, 0.0]] * 4)["auc"] == 3.5 / 4
+
+
 def test_prior_scores_are_the_unconditional_branch(tmp_path):
     """Scoring with the context masked gives what guidance subtracts: mixing cond and prior by hand
     at w equals the scorer's own guided score (one-token continuation)."""
