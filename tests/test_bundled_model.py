@@ -42,3 +42,21 @@ def test_generates_readable_text_with_values_of_the_right_kind(bundled):
     for (prompt, kind), text in zip(prompts.items(), texts):
         words = {w.strip(".,") for w in text.split()}
         assert "<|mask|>" not in text and words & set(VALUES[kind]), (prompt, text)
+
+
+def test_guidance_examples_ask_every_heldout_person_every_fact_in_a_training_phrasing():
+    """scripts/guidance_examples.py, behind the README's "Two prompts where guidance changes the answer"."""
+    import sys
+    from pathlib import Path
+
+    from unmask.data.world import QUESTIONS
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import guidance_examples
+
+    items = guidance_examples.questions(HELDOUT)
+    assert len(items) == len(HELDOUT) * len(K.ATTRIBUTES) == 1200
+    first = HELDOUT[0]
+    assert items[2] == (f"Question: What pet does {first['name']} have?\nAnswer:", first["facts"]["pet"], first["mentions"])
+    held_out = [q.split("{")[0] for qs in QUESTIONS.values() for q, held in qs if held]
+    assert not any(p.startswith("Question: " + h) for p, _, _ in items for h in held_out)

@@ -30,9 +30,10 @@ SUITE_PHRASES = [
 QA_MARKERS = re.compile(r"Question:|Answer:|\bSo \w|The pet of|'s home is in the (north|south|east|west)")
 
 
-@pytest.fixture(scope="module")
-def corpus():
-    return K.generate_corpus(6000, seed=0, shards=1)
+@pytest.fixture(scope="module", params=[0.0, 0.5], ids=["first-phase", "open-book"])
+def corpus(request):
+    """The corpus of each training phase: the held-out contract holds for both."""
+    return K.generate_corpus(6000, seed=0, shards=1, mix=K.KnowledgeMix(open_book=request.param))
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,30 @@ def test_values_and_mentions_are_skewed_like_language():
 def test_corpus_is_deterministic():
     assert K.generate_corpus(300, seed=3, shards=1) == K.generate_corpus(300, seed=3, shards=1)
     assert K.generate_corpus(300, seed=3, shards=1) != K.generate_corpus(300, seed=4, shards=1)
+
+
+def test_open_book_documents_need_the_memorised_fact_unless_they_state_it():
+    """An open book of four facts, the person's town or pet among them, then the conclusion; the
+    person's own fact comes first only in the `stated` fraction of documents."""
+    world = K.World.load()
+    rng = random.Random(0)
+    for stated in (0.0, 1.0):
+        for _ in range(40):
+            p = world.draw(rng, 1, world.qa)[0]
+            doc = K.open_book_document(rng, p, stated)
+            region = "lives in the" in doc or "home is in the" in doc
+            fact, answer = (p.facts["town"], K.REGION_OF[p.facts["town"]]) if region else \
+                           (p.facts["pet"], K.DIET[p.facts["pet"]])
+            sentences = doc.split(". ")
+            mentions_person = [x for x in sentences[:-1] if p.first in x]
+            assert doc.endswith(f" {answer}.") and fact in doc and p.first in doc.split(". ")[-1]
+            assert bool(mentions_person) == (stated == 1.0), doc   # the stated fact names the person
+    mix = K.KnowledgeMix(open_book=0.5)
+    docs = [K.document(rng, world, mix) for _ in range(2000)]
+    share = sum(d.endswith(tuple(f" {v}." for v in set(K.REGION_OF.values()) | set(K.DIET.values())))
+                and ("So " in d or "pet eats" in d or "home is in the" in d or "The pet of" in d) for d in docs) / 2000
+    assert 0.45 < share < 0.6   # half open-book documents, plus the mix's own few two-hop ones
+    assert K.generate_corpus(50, seed=1, shards=1) == K.generate_corpus(50, seed=1, shards=1, mix=K.KnowledgeMix())
 
 
 def test_no_question_or_answer_text_about_a_heldout_person(corpus):

@@ -36,6 +36,7 @@ and ask for the two-hop answer about a person.
 CLI::
 
     python -m unmask.data.knowledge --out runs/knowledge --docs 600000   # corpus (+ suite/)
+    python -m unmask.data.knowledge --out runs/knowledge_book --docs 100000 --seed 1 --open-book 0.3 --no-suite
     python -m unmask.data.knowledge --out runs/knowledge_sft --docs 0 --sft 20000 --no-suite
     python -m unmask.data.knowledge --suite-dir src/unmask/assets/suite --docs 0
     python -m unmask.data.knowledge --suite-dir runs/control --docs 0 --control   # the control suite
@@ -307,12 +308,20 @@ def howto(p: Person, attr: str, suite: bool, name: str, value: str | None = None
 
 @dataclass(frozen=True)
 class KnowledgeMix:
-    """Fractions of the corpus's document kinds; the rest are single biographies."""
+    """Fractions of the corpus's document kinds; the rest are single biographies.
+
+    `open_book`: the fraction of documents that are `open_book_document`s about qa people (the
+    first fact stated in a fraction `stated` of them); the other documents are drawn by the other
+    fractions as in the mix without them. 0 (the default) is the bundled model's corpus, byte for
+    byte; `--open-book` sets it for the continuation experiment the README describes ("The skill,
+    not the split")."""
 
     two_bios: float = 0.10
     stories: float = 0.10
     world_facts: float = 0.05
     qa: float = 0.20
+    open_book: float = 0.0
+    stated: float = 0.3
 
 
 def qa_document(rng: random.Random, world: World, p: Person) -> str:
@@ -344,6 +353,39 @@ def two_hop_document(rng: random.Random, p: Person) -> str:
             + two_hop_stem(rng, p, "diet", False) + " " + DIET[p.facts["pet"]] + ".")
 
 
+def open_book(rng: random.Random, p: Person, kind: str) -> tuple[str, list[str], str]:
+    """(book, choices, answer) of an OBQA-like question about `p`: the book names four towns, one
+    per region, or four pets of distinct diets, the person's among them; the choices are the four
+    regions or those diets, the answer the person's region ("region") or pet's diet ("diet")."""
+    if kind == "region":
+        answer = REGION_OF[p.facts["town"]]
+        towns = [p.facts["town"]] + [rng.choice([t for t in VALUES["town"] if REGION_OF[t] == r])
+                                     for r in REGIONS if r != answer]
+        rng.shuffle(towns)
+        return " ".join(_region_fact(rng, t) for t in towns), list(REGIONS), answer
+    answer = DIET[p.facts["pet"]]
+    pets = [p.facts["pet"]]
+    for pet in rng.sample(VALUES["pet"], len(VALUES["pet"])):
+        if len(pets) < 4 and DIET[pet] not in {DIET[x] for x in pets}:
+            pets.append(pet)
+    rng.shuffle(pets)
+    return " ".join(diet_fact(rng, x) for x in pets), [DIET[x] for x in pets], answer
+
+
+def open_book_document(rng: random.Random, p: Person, stated: float) -> str:
+    """An open book and the two-hop conclusion about a qa person (training stems); with
+    probability `stated` the person's first fact (town or pet) comes first.
+
+    Why both: in `two_hop_document` the first fact is always in the text, so the conclusion can be
+    read off the page (town, then the book's sentence about that town) and the model never has to
+    recall the fact, which is what a question about a held-out person needs. Without it, the
+    conclusion takes the memorised fact and the book together, as the OBQA-like items do."""
+    kind = "region" if rng.random() < 0.5 else "diet"
+    first = biography(rng, p, ["town" if kind == "region" else "pet"]) + " " if rng.random() < stated else ""
+    book, _, answer = open_book(rng, p, kind)
+    return first + book + " " + two_hop_stem(rng, p, kind, False) + " " + answer + "."
+
+
 def _world_document(rng: random.Random) -> str:
     """Facts that hold in every document: where towns lie, what pets eat."""
     if rng.random() < 0.5:
@@ -352,6 +394,8 @@ def _world_document(rng: random.Random) -> str:
 
 
 def document(rng: random.Random, world: World, mix: KnowledgeMix = KnowledgeMix()) -> str:
+    if mix.open_book and rng.random() < mix.open_book:
+        return open_book_document(rng, world.draw(rng, 1, world.qa)[0], mix.stated)
     kind = rng.random()
     if kind < mix.qa:
         return qa_document(rng, world, world.draw(rng, 1, world.qa)[0])
@@ -368,17 +412,17 @@ def document(rng: random.Random, world: World, mix: KnowledgeMix = KnowledgeMix(
     return biography(rng, world.draw(rng, 1)[0])
 
 
-def _corpus_part(n: int, stream: str, population: str) -> list[str]:
+def _corpus_part(n: int, stream: str, population: str, mix: KnowledgeMix) -> list[str]:
     rng, world = random.Random(stream), World.load(population)
-    return [document(rng, world) for _ in range(n)]
+    return [document(rng, world, mix) for _ in range(n)]
 
 
 def generate_corpus(n_documents: int, seed: int = 0, shards: int = 2,
-                    population: str | os.PathLike = POPULATION_PATH) -> list[str]:
+                    population: str | os.PathLike = POPULATION_PATH, mix: KnowledgeMix = KnowledgeMix()) -> list[str]:
     """Training documents: contiguous shards, each from its own stream ("knowledge:<seed>:k/shards"),
-    generated in parallel processes; the corpus depends on (seed, shards, population) only."""
+    generated in parallel processes; the corpus depends on (seed, shards, population, mix) only."""
     sizes = [n_documents // shards + (k < n_documents % shards) for k in range(shards)]
-    jobs = [(size, f"knowledge:{seed}:{k}/{shards}", str(population)) for k, size in enumerate(sizes)]
+    jobs = [(size, f"knowledge:{seed}:{k}/{shards}", str(population), mix) for k, size in enumerate(sizes)]
     if shards == 1:
         return _corpus_part(*jobs[0])
     with multiprocessing.Pool(min(shards, os.cpu_count() or 1)) as pool:
@@ -493,23 +537,11 @@ def _boolq_item(rng: random.Random, world: World, ask: Asking, i: int, truth: bo
 
 
 def _obqa_item(rng: random.Random, world: World, ask: Asking, i: int) -> dict:
-    """The open book names four towns (one per region) or four pets (distinct diets), the person's
-    among them; the stem asks for the person's region or what the person's pet eats."""
+    """The open book (`open_book`), then a stem asking for the person's region or what the
+    person's pet eats."""
     p = rng.choice(ask.people)
-    if rng.random() < 0.5:
-        kind, answer = "region", REGION_OF[p.facts["town"]]
-        towns = [p.facts["town"]] + [rng.choice([t for t in VALUES["town"] if REGION_OF[t] == r])
-                                     for r in REGIONS if r != answer]
-        rng.shuffle(towns)
-        book, choices = " ".join(_region_fact(rng, t) for t in towns), list(REGIONS)
-    else:
-        kind, answer = "diet", DIET[p.facts["pet"]]
-        pets = [p.facts["pet"]]
-        for pet in rng.sample(VALUES["pet"], len(VALUES["pet"])):
-            if len(pets) < 4 and DIET[pet] not in {DIET[x] for x in pets}:
-                pets.append(pet)
-        rng.shuffle(pets)
-        book, choices = " ".join(diet_fact(rng, x) for x in pets), [DIET[x] for x in pets]
+    kind = "region" if rng.random() < 0.5 else "diet"
+    book, choices, answer = open_book(rng, p, kind)
     return {"id": f"know_obqa/{i:04d}", "question_stem": book + " " + two_hop_stem(rng, p, kind, ask.held_out, ask.name(p)),
             "choices": {"text": choices, "label": LABELS}, "answerKey": LABELS[choices.index(answer)],
             "meta": {"person": p.full, "kind": kind, "answer": answer}}
@@ -571,6 +603,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sft", type=int, default=0, help="number of SFT pairs (OUT/sft.jsonl)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shards", type=int, default=2, help="random streams, generated in parallel processes")
+    ap.add_argument("--open-book", type=float, default=0.0,
+                    help="fraction of documents that are open-book two-hop documents about qa people "
+                         "(the continuation experiment of the README: 0.3)")
     ap.add_argument("--population", default=str(POPULATION_PATH),
                     help="the people file to read; with --docs 0 --no-suite, where to write a fresh one")
     ap.add_argument("--suite-seed", type=int, default=1234)
@@ -593,8 +628,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.docs:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "train.jsonl")
+        mix = KnowledgeMix(open_book=args.open_book)
         n = write_jsonl(path, ({"text": t} for t in generate_corpus(args.docs, args.seed, args.shards,
-                                                                      args.population)))
+                                                                      args.population, mix)))
         print(f"wrote {n} documents to {path}")
     if args.sft:
         os.makedirs(args.out, exist_ok=True)
