@@ -50,9 +50,7 @@ class EqualOptionsScheduler(Scheduler):
                 continue
             admitted.append(job)
             rows, tokens = rows + 1, tokens + job.tokens
-        chosen = set(map(id, admitted))
-        self.pending = [j for j in self.pending if id(j) not in chosen]
-        return admitted
+        return self._take(admitted)
 
 
 def serve(model_dir: str | None, shape: str | None, config, continuous: bool, urls, stop) -> None:

@@ -236,8 +236,7 @@ def cached_logits(runner, block_cache: BlockCache | None, refresh: bool, new_cac
     else:
         block_cache.keep(rows)
     if not (reuse_uncond and guided):
-        idle = guidance.idle(cfg_scale, t) if guided and skip_idle and not refresh else None
-        if idle is not None and bool(idle.all()):
+        if guided and skip_idle and not refresh and guidance.all_idle(cfg_scale, t):
             cond = forward_logits(runner, x, attention_mask, window, block_cache.kv.head_rows(rows.numel()), span)
             return guidance.step(cond, None, cfg_scale, t), block_cache
         return guided_logits(runner, x, prompt_index, mask_id, cfg_scale, attention_mask, window,

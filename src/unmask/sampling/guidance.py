@@ -231,6 +231,11 @@ class Guidance:
             return None
         return self.weights(w, t) == 0
 
+    def all_idle(self, w: float, t: torch.Tensor | None) -> bool:
+        """Whether every row is idle at this step (`idle`): then no unconditional row need run."""
+        idle = self.idle(w, t)
+        return idle is not None and bool(idle.all())
+
     def mix(self, cond: torch.Tensor, uncond: torch.Tensor, w: float, t: torch.Tensor | None) -> torch.Tensor:
         """The guided logits; the constant schedule is exactly `mix_guidance` (the seed's arithmetic).
         An idle row (`idle`) gets `cond` itself, not uncond + 1 · (cond − uncond), which rounds."""
@@ -331,8 +336,7 @@ def guided_logits(model, x: torch.Tensor, prompt_index: torch.Tensor, mask_id: i
     """
     if cfg_scale <= 0:
         return Guided(forward_logits(model, x, attention_mask, logits_slice, kv_cache, span))
-    idle = guidance.idle(cfg_scale, t)
-    if kv_cache is None and idle is not None and bool(idle.all()):   # no row is guided: the conditional pass alone
+    if kv_cache is None and guidance.all_idle(cfg_scale, t):   # no row is guided: the conditional pass alone
         return guidance.step(forward_logits(model, x, attention_mask, logits_slice), None, cfg_scale, t)
     if guidance.canvas.adaptive:
         cond, uncond = low_confidence_branches(model, x, prompt_index, mask_id, guidance.canvas, attention_mask,

@@ -167,10 +167,7 @@ class Row:
     def guided_now(self) -> bool:
         """Whether this step needs the row's unconditional logits: it is guided and its schedule's
         weight is not 0 now (an idle row's logits are the conditional ones, as in `generate`)."""
-        if self.options.cfg_scale <= 0:
-            return False
-        idle = self.options.form.idle(self.options.cfg_scale, self.t)
-        return idle is None or not bool(idle[0])
+        return self.options.cfg_scale > 0 and not self.options.form.all_idle(self.options.cfg_scale, self.t)
 
     def runs(self, branch: int) -> bool:
         """Whether this step of a cached row runs the branch: the unconditional one at every refresh

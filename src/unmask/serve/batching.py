@@ -538,16 +538,18 @@ class Scheduler:
                 break
             admitted.append(job)
             rows, tokens = rows + 1, tokens + job.tokens
-        chosen = set(map(id, admitted))
+        return self._take(admitted)
+
+    def _take(self, jobs: list[Job]) -> list[Job]:
+        """Remove `jobs` from the waiting queue, the others keeping their order; returns `jobs`."""
+        chosen = set(map(id, jobs))
         self.pending = [j for j in self.pending if id(j) not in chosen]
-        return admitted
+        return jobs
 
     async def _run_group(self, loop) -> None:
         """A whole-call group: the head job and the waiting jobs of equal options, as one sampler call."""
         key = self.pending[0].key
-        self.group = [j for j in self.pending if j.key == key][: self.max_batch_size]
-        chosen = set(map(id, self.group))
-        self.pending = [j for j in self.pending if id(j) not in chosen]
+        self.group = self._take([j for j in self.pending if j.key == key][: self.max_batch_size])
         try:
             await loop.run_in_executor(self._executor, self.runner.run, self.group)
         except Exception as e:  # the runner catches its own errors; this is the last guard
