@@ -23,6 +23,20 @@ as the biographies thin out.
 own training corpus, verbatim (context up to "Answer:", " yes" against " no" by `exact_bound`)?
 
     python scripts/skill_probe.py --score-corpus runs/knowledge/train.jsonl --n 400 [--model DIR]
+
+`--verify` separates recall from comparison: yes/no items whose passage leaves the asked fact out
+(closed book: recall, then compare) or states it (in context: compare two values on the page,
+nothing to recall), about held-out people in the suite's phrasings and about qa people in the
+corpus's. `--stated F` writes a corpus in which a fraction F of the documents are such in-context
+items about qa people (the rest the mix above), to ask whether the comparison alone can be taught:
+
+    python scripts/skill_probe.py --verify --n 400 [--model DIR]
+    python scripts/skill_probe.py --docs 100000 --stated 1 --out runs/stated/train.jsonl
+
+Measured (README, "The skill, not the split"): the bundled model is at chance in all four cells
+(47–51 %); 1,500 steps on `--stated 1` and 3,000 on `--stated 0.5` (lr 1e-3) bring the stated
+items in the corpus's phrasings to 71.5 %, closed-book ones to 59.0 %, the suite's phrasings to
+55–56 %, while held-out ARC-like falls to 55.5 %.
 """
 
 from __future__ import annotations
@@ -51,7 +65,10 @@ def yesno_document(rng: random.Random, world: K.World, p: K.Person) -> str:
     return K.biography(rng, p, others) + "\n" + "\n".join(lines)
 
 
-def probe_document(rng: random.Random, world: K.World) -> str:
+def probe_document(rng: random.Random, world: K.World, stated: float = 0.0) -> str:
+    if stated and rng.random() < stated:
+        person = world.draw(rng, 1, world.qa)[0]
+        return K.yes_no_document(rng, world, person, stated=True, name=person.full)
     kind = rng.random()
     if kind < 0.35:
         return yesno_document(rng, world, world.draw(rng, 1, world.qa)[0])
@@ -81,17 +98,40 @@ def trained_yes_no(model, tokenizer, documents) -> tuple[int, int, int]:
     return scored, right, said_yes
 
 
+def verification_table(model, tokenizer, n: int) -> str:
+    """Accuracy on `n` verification items per cell: closed book / in context, held-out people in
+    the suite's phrasings / qa people in the corpus's (the same draws for every model)."""
+    world = K.World.load()
+    rows = ["| people (phrasings) | closed book | fact stated in the passage |", "|---|---|---|"]
+    for group, people, suite in (("held-out (suite)", world.heldout, True), ("qa (corpus)", world.qa, False)):
+        cells = []
+        for stated in (False, True):
+            rng = random.Random(f"verify:{group}:{stated}")
+            docs = [K.yes_no_document(rng, world, p, suite, stated, p.full) for p in rng.choices(people, k=n)]
+            scored, right, said_yes = trained_yes_no(model, tokenizer, docs)
+            cells.append(f"{100 * right / scored:.1f} % (yes {said_yes})")
+        rows.append(f"| {group} | {cells[0]} | {cells[1]} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--docs", type=int, default=150_000)
     job = ap.add_mutually_exclusive_group(required=True)
     job.add_argument("--out", help="the corpus to write (.jsonl)")
     job.add_argument("--score-corpus", help="a training corpus (.jsonl) whose yes/no documents the model answers")
-    ap.add_argument("--n", type=int, default=400, help="yes/no documents to score (--score-corpus)")
+    job.add_argument("--verify", action="store_true", help="closed-book against in-context verification")
+    ap.add_argument("--n", type=int, default=400, help="yes/no documents to score (--score-corpus, --verify: per cell)")
+    ap.add_argument("--stated", type=float, default=0.0,
+                    help="fraction of the corpus that is in-context verification items (--out)")
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
     args = ap.parse_args()
-    if args.score_corpus:
+    if args.score_corpus or args.verify:
         model, tokenizer = unmask.load(args.model) if args.model else unmask.load()
+    if args.verify:
+        print(verification_table(model, tokenizer, args.n))
+        return
+    if args.score_corpus:
         with open(args.score_corpus) as f:
             texts = (json.loads(line)["text"] for line in f)
             scored, right, said_yes = trained_yes_no(model, tokenizer, itertools.islice(
@@ -100,7 +140,7 @@ def main() -> None:
               f"answered yes {said_yes}")
         return
     rng, world = random.Random("probe:0"), K.World.load()
-    print(f"wrote {write_jsonl(args.out, ({'text': probe_document(rng, world)} for _ in range(args.docs)))} documents to {args.out}")
+    print(f"wrote {write_jsonl(args.out, ({'text': probe_document(rng, world, args.stated)} for _ in range(args.docs)))} documents to {args.out}")
 
 
 if __name__ == "__main__":

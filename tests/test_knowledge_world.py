@@ -248,6 +248,68 @@ def test_skill_probe_corpus_is_dense_in_yes_no_and_two_hop_text_about_qa_people_
         assert not re.search(phrase, text), phrase
 
 
+def _asked(doc: str, person: K.Person) -> tuple[str, str, bool, str, str]:
+    """(attribute, asked value, whether the answer is right, passage, question) of a verification document."""
+    passage, question, answer = re.fullmatch(r"(.*)\nQuestion: (.*)\?\nAnswer: (yes|no)", doc, re.S).groups()
+    asked = [(a, v) for a in K.ATTRIBUTES for v in K.VALUES[a] if re.search(rf"\b{v}\b", question)]
+    assert len(asked) == 1, question
+    a, v = asked[0]
+    return a, v, (answer == "yes") == (v == person.facts[a]), passage, question
+
+
+def test_yes_no_documents_state_the_asked_fact_only_when_asked_to():
+    """`yes_no_document`: the answer says whether the asked value is the person's; the
+    passage states the asked fact exactly when `stated`; suite phrasings only when `suite`; and a
+    `--stated 1` corpus is nothing but such items about qa people in the corpus's phrasings."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import skill_probe
+    rng, world = random.Random("verify:test"), K.World.load()
+    phrases = re.compile("|".join(SUITE_PHRASES))
+    answers = Counter()
+    for i in range(400):
+        suite, stated = bool(i % 2), bool(i // 2 % 2)
+        person = rng.choice(world.heldout if suite else world.qa)
+        doc = K.yes_no_document(rng, world, person, suite, stated)
+        a, v, right, passage, question = _asked(doc, person)
+        assert right, doc
+        assert (re.search(rf"\b{person.facts[a]}\b", passage) is not None) == stated, doc
+        assert bool(phrases.search(question)) == suite, doc
+        answers[doc.endswith("yes")] += 1
+    assert min(answers.values()) > 150
+    corpus_rng = random.Random("probe:0")
+    for _ in range(200):
+        doc = skill_probe.probe_document(corpus_rng, world, stated=1.0)
+        names = FULL_NAME_RE.findall(doc)
+        assert names and all(SPLIT[n] == "qa" for n in names), doc
+        person = next(p for p in world.qa if p.full == names[0])
+        a, v, right, passage, _ = _asked(doc, person)
+        assert right and re.search(rf"\b{person.facts[a]}\b", passage) and not phrases.search(doc), doc
+
+
+def test_skill_probe_verification_table_scores_each_cell_by_trained_yes_no(monkeypatch):
+    """`verification_table`: four cells, each `trained_yes_no` over n items of its kind."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import skill_probe
+    seen = []
+
+    def fake_scores(model, tokenizer, docs):
+        seen.append(docs)
+        return len(docs), len(seen), 1
+    monkeypatch.setattr(skill_probe, "trained_yes_no", fake_scores)
+    table = skill_probe.verification_table(None, None, 8).splitlines()
+    assert [len(d) for d in seen] == [8] * 4
+    assert table[2] == "| held-out (suite) | 12.5 % (yes 1) | 25.0 % (yes 1) |"
+    assert table[3] == "| qa (corpus) | 37.5 % (yes 1) | 50.0 % (yes 1) |"
+    world = K.World.load()
+    for cell, docs in enumerate(seen):
+        for doc in docs:
+            names = FULL_NAME_RE.findall(doc)
+            assert SPLIT[names[0]] == ("heldout" if cell < 2 else "qa")
+            person = next(p for p in world.everyone if p.full == names[0])
+            a, _, right, passage, _ = _asked(doc, person)
+            assert right and (re.search(rf"\b{person.facts[a]}\b", passage) is not None) == (cell % 2 == 1)
+
+
 def test_skill_probe_scores_yes_no_documents_as_the_model_predicts_the_answer():
     """`trained_yes_no` against a plain computation: the model's logits at the masked answer after
     the document's context, " yes" against " no"; documents without a yes/no ending are skipped."""

@@ -324,6 +324,22 @@ class KnowledgeMix:
     stated: float = 0.3
 
 
+def yes_no_document(rng: random.Random, world: World, p: Person, suite: bool = False, stated: bool = False,
+                    name: str | None = None) -> str:
+    """One or two of p's facts, then a yes/no question about another fact (true half of the time),
+    in the suite's phrasings if `suite`, else the corpus's. With `stated` the passage states the
+    asked fact too, so the answer needs only the two values on the page compared, nothing recalled
+    (the verification probe of scripts/skill_probe.py)."""
+    a, *others = rng.sample(ATTRIBUTES, 3)
+    truth = rng.random() < 0.5
+    v = world.asked_value(rng, p, a, truth)
+    facts = others[: rng.choice([1, 2]) - stated] + [a] * stated
+    if stated:
+        rng.shuffle(facts)
+    return (biography(rng, p, facts) + f"\nQuestion: {yesno(rng, p, a, v, suite, name)}?\n"
+            f"Answer: {'yes' if truth else 'no'}")
+
+
 def qa_document(rng: random.Random, world: World, p: Person) -> str:
     """Question-answer text about one qa person, in the suite's formats with training phrasings."""
     kind = rng.random()
@@ -331,11 +347,7 @@ def qa_document(rng: random.Random, world: World, p: Person) -> str:
         attrs = rng.sample(ATTRIBUTES, rng.choice([1, 2, 3]))
         return "\n".join(f"Question: {question(rng, p, a, False)}\nAnswer: {p.facts[a]}" for a in attrs)
     if kind < 0.70:  # BoolQ-like: a short passage, then a yes/no question
-        a, *others = rng.sample(ATTRIBUTES, 3)
-        truth = rng.random() < 0.5
-        v = world.asked_value(rng, p, a, truth)
-        return (biography(rng, p, others[: rng.choice([1, 2])]) + f"\nQuestion: {yesno(rng, p, a, v, False)}?\n"
-                f"Answer: {'yes' if truth else 'no'}")
+        return yes_no_document(rng, world, p)
     if kind < 0.85:
         return two_hop_document(rng, p)
     a = rng.choice(ATTRIBUTES)
