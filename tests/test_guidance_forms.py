@@ -14,7 +14,7 @@ import torch
 import unmask
 from unmask.likelihood import PMI, Request, exact_plan, score_requests
 from unmask.models import load_model
-from unmask.sampling import OptionError, SamplerOptions, block_generate, left_pad
+from unmask.sampling import OptionError, SamplerOptions, block_generate, left_pad, mix_guidance
 from unmask.sampling.guidance import (Constant, Guidance, Interval, Linear, LowConfidence, PromptSpan,
                                       WholePrompt)
 from unmask.sampling.options import BlockOptions, check_scoring_guidance
@@ -218,6 +218,22 @@ def test_an_idle_row_gets_the_conditional_logits_themselves():
     assert torch.equal(mixed[1], uncond[1] + 2.0 * (cond[1] - uncond[1]))
     skipped = Guidance.parse("interval:0.5:1,norm").step(cond, None, 1.0, t)
     assert skipped.logits is cond and skipped.rate is cond
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_the_in_place_mix_is_the_seeds_expression_bit_for_bit(dtype):
+    """`mix_guidance` and the scheduled `Guidance.mix` compute in place (`amplified`); the bits must
+    stay those of uncond + (w + 1) * (cond - uncond), the seed's expression, for every w and dtype."""
+    g = torch.Generator().manual_seed(1)
+    cond = (torch.randn(4, 16, 300, generator=g) * 7).to(dtype)
+    uncond = (torch.randn(4, 16, 300, generator=g) * 7).to(dtype)
+    before = cond.clone(), uncond.clone()
+    for w in (0.3, 0.5, 1.0, 1.7, 2.0, 3.14159):
+        assert torch.equal(mix_guidance(cond, uncond, w), uncond + (w + 1) * (cond - uncond))
+    t = torch.tensor([0.1, 0.4, 0.6, 0.9], dtype=torch.float64)
+    gain = (Guidance.parse("linear").weights(1.7, t).double() + 1).to(dtype).view(-1, 1, 1)
+    assert torch.equal(Guidance.parse("linear").mix(cond, uncond, 1.7, t), uncond + gain * (cond - uncond))
+    assert torch.equal(cond, before[0]) and torch.equal(uncond, before[1])   # the inputs are not written
 
 
 def test_low_confidence_remasks_the_ceiling_of_ratio_lowest():

@@ -244,7 +244,7 @@ class Guidance:
         weights = self.weights(w, t)
         shape = (-1, *([1] * (cond.dim() - 1)))
         gain = (weights.double() + 1).to(cond.dtype)   # w_t + 1 rounded once, as a Python float would be
-        return torch.where((weights == 0).view(shape), cond, uncond + gain.view(shape) * (cond - uncond))
+        return torch.where((weights == 0).view(shape), cond, amplified(cond, uncond, gain.view(shape)))
 
     def step(self, cond: torch.Tensor, uncond: torch.Tensor | None, w: float, t: torch.Tensor | None) -> Guided:
         """A sampling step's `Guided` logits: the mix, and the conditional logits as the rate when
@@ -317,7 +317,15 @@ def unconditional_canvas(x: torch.Tensor, prompt_index: torch.Tensor, mask_id: i
 
 
 def mix_guidance(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float) -> torch.Tensor:
-    return uncond + (cfg_scale + 1) * (cond - uncond)
+    """The seed's `uncond + (cfg_scale + 1) * (cond - uncond)`."""
+    return amplified(cond, uncond, cfg_scale + 1)
+
+
+def amplified(cond: torch.Tensor, uncond: torch.Tensor, gain: float | torch.Tensor) -> torch.Tensor:
+    """uncond + gain · (cond − uncond), computed in place on one temporary instead of three: the
+    same two IEEE operations, commuted (exact), so the same bits as the expression, at about half its
+    time on a (B, W, V) step (the mix is a few per cent of a reuse_uncond step on a CPU)."""
+    return (cond - uncond).mul_(gain).add_(uncond)
 
 
 def guided_logits(model, x: torch.Tensor, prompt_index: torch.Tensor, mask_id: int, cfg_scale: float,
