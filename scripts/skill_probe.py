@@ -34,9 +34,10 @@ items about qa people (the rest the mix above), to ask whether the comparison al
     python scripts/skill_probe.py --docs 100000 --stated 1 --out runs/stated/train.jsonl
 
 Measured (README, "The skill, not the split"): the bundled model is at chance in all four cells
-(47–51 %); 1,500 steps on `--stated 1` and 3,000 on `--stated 0.5` (lr 1e-3) bring the stated
-items in the corpus's phrasings to 71.5 %, closed-book ones to 59.0 %, the suite's phrasings to
-55–56 %, while held-out ARC-like falls to 55.5 %.
+(47–51 %); 1,500 steps on `--stated 1`, 3,000 on `--stated 0.5` and 4,500 more on `--stated 1`
+(lr 1e-3) bring the stated items to 99.2 % in the corpus's phrasings and 66.0 % in the suite's,
+closed-book ones only to 64.8 % / 51.5 %, while held-out ARC-like falls to 10.9 %. With the
+recipe's own documents as half the text, knowledge stays and the comparison never appears.
 """
 
 from __future__ import annotations
