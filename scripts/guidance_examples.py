@@ -41,13 +41,8 @@ def main() -> None:
     model, tok = unmask.load(args.model)
     items = questions([r for r in K.load_population() if r["split"] == "heldout"])
     prompts = [q for q, _, _ in items]
-    answers = {}
-    for w in (0.0, args.scale):
-        texts = []
-        for start in range(0, len(prompts), args.batch):
-            texts += generate_text(model, tok, prompts[start:start + args.batch], steps=4, gen_length=4,
-                                   block_length=4, cfg_scale=w)
-        answers[w] = texts
+    answers = {w: generate_text(model, tok, prompts, batch_size=args.batch, steps=4, gen_length=4, block_length=4,
+                                cfg_scale=w) for w in (0.0, args.scale)}
     right = {w: [answer_matches(t, truth) for t, (_, truth, _) in zip(texts, items)] for w, texts in answers.items()}
     fixed = sum(b and not a for a, b in zip(right[0.0], right[args.scale]))
     broken = sum(a and not b for a, b in zip(right[0.0], right[args.scale]))

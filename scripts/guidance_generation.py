@@ -66,10 +66,8 @@ def main() -> None:
     for path in args.models:
         model, tok = unmask.load(path)
         for form, w in [("–", 0.0)] + [(f, args.scale) for f in args.forms]:
-            texts = []
-            for start in range(0, len(prompts), args.batch):
-                texts += generate_text(model, tok, prompts[start:start + args.batch], chat=not args.plain, cfg_scale=w,
-                                       guidance="constant" if form == "–" else form, **kw)
+            texts = generate_text(model, tok, prompts, chat=not args.plain, batch_size=args.batch, cfg_scale=w,
+                                  guidance="constant" if form == "–" else form, **kw)
             right = [correct(t, a, first_word=args.plain) for t, (_, a) in zip(texts, items)]
             base = right if base is None else base
             outcomes[f"{Path(path).name} {form} w={w:g}"] = right

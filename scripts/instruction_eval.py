@@ -34,13 +34,9 @@ def word_pairs(n: int, seed: int) -> list[dict]:
 
 
 def accuracy(model, tokenizer, pairs: list[dict], chat: bool, cfg_scale: float, batch: int = 50) -> float:
-    right = 0
-    for i in range(0, len(pairs), batch):
-        chunk = pairs[i:i + batch]
-        answers = generate_text(model, tokenizer, [p["prompt"] for p in chunk], chat=chat, steps=4, gen_length=4,
-                                block_length=4, cfg_scale=cfg_scale)
-        right += sum(first_word(a) == p["response"].strip() for a, p in zip(answers, chunk))
-    return right / len(pairs)
+    answers = generate_text(model, tokenizer, [p["prompt"] for p in pairs], chat=chat, batch_size=batch, steps=4,
+                            gen_length=4, block_length=4, cfg_scale=cfg_scale)
+    return sum(first_word(a) == p["response"].strip() for a, p in zip(answers, pairs)) / len(pairs)
 
 
 def first_word(answer: str) -> str:

@@ -67,6 +67,24 @@ def test_generate_text_batches_prompts_of_different_lengths(tiny_checkpoint):
     assert batch == [generate_text(model, tok, [p], **kw)[0] for p in ["a", "a much longer prompt"]]
 
 
+def test_generate_text_in_batches_of_batch_size_gives_the_same_texts(tiny_checkpoint, monkeypatch):
+    """`batch_size` splits the prompts into passes (memory), never the output: in order, all of them."""
+    from unmask.sampling import text
+    model, tok = unmask.load(tiny_checkpoint, dtype=torch.float64)
+    kw = dict(steps=8, gen_length=8, block_length=8, cfg_scale=1.0)
+    prompts = ["a", "a much longer prompt", "b c", "hello there", "x"]
+    whole = generate_text(model, tok, prompts, **kw)
+    calls, real = [], text.complete_ids
+
+    def counted(model, tokenizer, ids, **kwargs):
+        calls.append(len(ids))
+        return real(model, tokenizer, ids, **kwargs)
+    monkeypatch.setattr(text, "complete_ids", counted)
+    assert generate_text(model, tok, prompts, batch_size=2, **kw) == whole
+    assert calls == [2, 2, 1] and len(set(whole)) > 1
+    assert generate_text(model, tok, [], batch_size=2, **kw) == []
+
+
 def test_fast_sampling_flags_reach_the_sampler(tiny_checkpoint, capsys):
     args = ["--gen-length", "16", "--block-length", "8", "--cfg-scale", "1", "--cache", "dual", "--threshold", "0.2",
             "--reuse-uncond"]

@@ -42,11 +42,17 @@ def completion_ids(generated: list[int], stop_ids: list[int], mask_id: int | Non
     return out, False
 
 
-def generate_text(model, tokenizer, prompts: list[str] | list[list[dict]], chat: bool = False, **kwargs) -> list[str]:
+def generate_text(model, tokenizer, prompts: list[str] | list[list[dict]], chat: bool = False,
+                  batch_size: int | None = None, **kwargs) -> list[str]:
     """Complete each prompt; returns the text up to the end of each completion.
 
+    `batch_size`: run the prompts that many at a time (all at once when None), to bound memory;
+    each row's text is what it gives alone, so the split changes no output.
     kwargs go to `generate` (steps, gen_length, block_length, cfg_scale, ...)."""
-    return complete_ids(model, tokenizer, [encode_prompt(tokenizer, p, chat) for p in prompts], **kwargs)[0]
+    ids = [encode_prompt(tokenizer, p, chat) for p in prompts]
+    step = batch_size or max(len(ids), 1)
+    return [text for start in range(0, len(ids), step)
+            for text in complete_ids(model, tokenizer, ids[start:start + step], **kwargs)[0]]
 
 
 def complete_ids(model, tokenizer, prompts: list[list[int]], **kwargs) -> tuple[list[str], int]:
