@@ -219,6 +219,11 @@ class Guidance:
         parts += ["norm"] if self.normalized else []
         return ",".join(parts) or str(self.canvas)
 
+    @property
+    def scheduled(self) -> bool:
+        """Whether the weight depends on t (any schedule but the constant one): only then is t needed."""
+        return not isinstance(self.schedule, Constant)
+
     def weights(self, w: float, t: torch.Tensor) -> torch.Tensor:
         """(B,) per-row weights w · s(t)."""
         return w * self.schedule.factor(t)
@@ -227,7 +232,7 @@ class Guidance:
         """(B,) bool: the rows whose weight is 0 at this step (outside an interval, or t = 0 under the
         linear ramp); None when no row can be (the constant schedule). An idle row is not guided: its
         logits are the conditional ones, so a pass need not run its unconditional row."""
-        if isinstance(self.schedule, Constant) or t is None:
+        if not self.scheduled or t is None:
             return None
         return self.weights(w, t) == 0
 
@@ -239,7 +244,7 @@ class Guidance:
     def mix(self, cond: torch.Tensor, uncond: torch.Tensor, w: float, t: torch.Tensor | None) -> torch.Tensor:
         """The guided logits; the constant schedule is exactly `mix_guidance` (the seed's arithmetic).
         An idle row (`idle`) gets `cond` itself, not uncond + 1 · (cond − uncond), which rounds."""
-        if isinstance(self.schedule, Constant) or t is None:
+        if not self.scheduled or t is None:
             return mix_guidance(cond, uncond, w)
         weights = self.weights(w, t)
         shape = (-1, *([1] * (cond.dim() - 1)))

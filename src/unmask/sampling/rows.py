@@ -159,8 +159,11 @@ class Row:
         return self.block_step == 0 or (every != "block" and self.block_step % every == 0)
 
     @property
-    def t(self) -> torch.Tensor:
-        """(1,) the fraction of the row's generated positions unmasked: its guidance schedule's clock."""
+    def t(self) -> torch.Tensor | None:
+        """(1,) the fraction of the row's generated positions unmasked: its guidance schedule's clock;
+        None under the constant schedule, which reads no clock (so a step does not compute it)."""
+        if not self.options.form.scheduled:
+            return None
         return unmasked_fraction(self.x[None], self.generated[None], self.mask_id)
 
     @property
