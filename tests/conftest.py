@@ -86,3 +86,17 @@ def tiny_llada2_checkpoint(tmp_path_factory) -> Path:
     save_model(random_model(cfg), d)
     _byte_tokenizer().save_pretrained(d)
     return d
+
+
+@pytest.fixture
+def clock_reads(monkeypatch):
+    """clock_reads("unmask.sampling.rows") -> a list that gains an entry at each call of that module's
+    `unmasked_fraction`, the guidance schedule's clock (to check that only schedules compute it)."""
+    import importlib
+
+    def count(module_name: str) -> list[int]:
+        module = importlib.import_module(module_name)
+        calls, real = [], module.unmasked_fraction
+        monkeypatch.setattr(module, "unmasked_fraction", lambda *a: calls.append(1) or real(*a))
+        return calls
+    return count

@@ -69,6 +69,18 @@ def run_rows(model, requests, eos_id, early, pass_overhead=None):
     return [out[i] for i in range(len(requests))]
 
 
+def test_only_a_schedule_reads_the_clock_in_block_rows(model, clock_reads):
+    """A constant-guidance row never computes the unmasked fraction; a linear one does; both equal
+    their request alone."""
+    calls = clock_reads("unmask.sampling.block_rows")
+    for form, clock in (("constant", False), ("linear", True)):
+        options = BlockOptions(gen_length=8, block_length=4, steps=4, threshold=None, cfg_scale=1.0, guidance=form)
+        calls.clear()
+        assert run_rows(model, [([5, 6, 7], options, None, 0)], None, False) == [
+            alone(model, [5, 6, 7], options, None, None, False)]
+        assert bool(calls) == clock, form
+
+
 @pytest.mark.parametrize("temperature, early, overhead", [(0.0, False, None), (0.0, True, 20.0), (0.7, True, None)])
 def test_rows_equal_block_generate_alone_with_mixed_settings_and_random_admission(model, eos, temperature, early,
                                                                                   overhead):

@@ -423,6 +423,21 @@ def test_a_form_changes_the_text_only_through_guidance(dense):
     assert len({tuple(o[0].tolist()) for o in outs.values()}) > 1
 
 
+@pytest.mark.parametrize("cache", [None, "dual"])
+def test_only_a_schedule_reads_the_clock_in_generate(dense, clock_reads, cache):
+    """The unmasked fraction t is computed only for a form whose weight depends on it; the constant
+    form's tokens are the seed's either way (the plain reference)."""
+    calls = clock_reads("unmask.sampling.generate")
+    prompt = torch.randint(0, 200, (1, 5), generator=torch.Generator().manual_seed(3))
+    kw = dict(steps=8, gen_length=8, block_length=4, cfg_scale=1.0, cache=cache)
+    out = unmask.generate(dense, prompt, guidance="constant", **kw)
+    assert calls == []
+    if cache is None:
+        assert out.tolist() == plain_guided(dense, prompt, 8, 8, 4, 1.0).tolist()
+    unmask.generate(dense, prompt, guidance="linear", **kw)
+    assert len(calls) == 8
+
+
 # ---- block diffusion (LLaDA2.x) ----
 
 @pytest.mark.parametrize("spec,schedule,span", [("linear", "linear", None), ("span:0:-2", "constant", (0, -2)),
@@ -435,6 +450,17 @@ def test_block_forms_token_identical_to_plain_reference(llada2, spec, schedule, 
                              guidance=spec, cache=cache)
         ref = plain_block_guided(llada2, prompt, 12, 4, 4, 1.5, schedule, span, mask_id=mask_id)
         assert out[0, :ref.shape[1]].tolist() == ref[0].tolist()
+
+
+def test_only_a_schedule_reads_the_clock_in_block_generate(llada2, clock_reads):
+    calls = clock_reads("unmask.sampling.blocks")
+    prompt = torch.randint(0, 200, (1, 6), generator=torch.Generator().manual_seed(7))
+    for cache in (False, True):
+        kw = dict(gen_length=8, block_length=4, steps=4, threshold=None, cfg_scale=1.5, cache=cache)
+        block_generate(llada2, prompt, guidance="span:0:-2", **kw)
+        assert calls == []
+        block_generate(llada2, prompt, guidance="linear", **kw)
+        assert calls and calls.clear() is None
 
 
 def test_block_normalized_form_token_identical_to_plain_reference(llada2):

@@ -196,13 +196,10 @@ def test_rows_equal_generate_alone_in_float32():
 
 
 @pytest.mark.parametrize("cache", [None, "dual"])
-def test_constant_guidance_rows_never_compute_the_schedule_clock(model, monkeypatch, cache):
+def test_constant_guidance_rows_never_compute_the_schedule_clock(model, clock_reads, cache):
     """Only a schedule reads t (`Row.t`); a constant-guidance row steps to its tokens alone without
     computing it, while a linear-schedule row does."""
-    import unmask.sampling.rows as rows_module
-    counted = []
-    real = rows_module.unmasked_fraction
-    monkeypatch.setattr(rows_module, "unmasked_fraction", lambda *a: counted.append(1) or real(*a))
+    counted = clock_reads("unmask.sampling.rows")
     for form, clock in (("constant", False), ("acfg:0.5", False), ("linear", True)):
         options = SamplerOptions(steps=8, gen_length=8, block_length=4, cfg_scale=1.0, guidance=form,
                                  cache=None if form.startswith("acfg") else cache)

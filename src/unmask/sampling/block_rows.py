@@ -183,17 +183,22 @@ class BlockRow:
             self.block += 1
             self.block_step = 0
 
+    def _unmasked_fraction(self) -> torch.Tensor | None:
+        """(1,) the fraction of the text unmasked, the guidance schedule's clock; None under the
+        constant schedule, which reads no clock."""
+        if not self.options.form.scheduled:
+            return None
+        P, G = self.prompt_length, self.options.gen_length
+        cols = torch.arange(self.x.numel(), device=self.x.device)
+        return unmasked_fraction(self.x[None], ((cols >= P) & (cols < P + G))[None], self.mask_id)
+
     def _decide(self, cond: torch.Tensor, uncond: torch.Tensor | None) -> None:
         """Commit this step's tokens from the block's logits (b, V) of each branch."""
         o, w = self.options, self.window
         if uncond is None:
             guided = Guided(cond[None])
         else:
-            P, G = self.prompt_length, o.gen_length
-            cols = torch.arange(self.x.numel(), device=self.x.device)
-            text = (cols >= P) & (cols < P + G)
-            t = unmasked_fraction(self.x[None], text[None], self.mask_id)
-            guided = o.form.step(cond[None], uncond[None], o.cfg_scale, t)
+            guided = o.form.step(cond[None], uncond[None], o.cfg_scale, self._unmasked_fraction())
         tokens, confidence = sample_tokens(guided.logits, o.temperature, o.top_k, o.top_p, self.generator)
         if guided.normalized:   # the unguided rate: the conditional model's confidence in its own top token
             confidence = sample_tokens(guided.rate, 0.0, None, None, None)[1]

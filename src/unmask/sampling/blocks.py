@@ -207,7 +207,11 @@ class _Runner:
         cols = torch.arange(self.rows.x.shape[1], device=self.rows.x.device)
         return cols[None, :] < self.rows.prompt_lengths[run][:, None] + offset
 
-    def _unmasked_fraction(self, run: torch.Tensor) -> torch.Tensor:
+    def _unmasked_fraction(self, run: torch.Tensor) -> torch.Tensor | None:
+        """(n,) the fraction of each row's text unmasked, the guidance schedule's clock; None under
+        the constant schedule, which reads no clock."""
+        if not self.opts.form.scheduled:
+            return None
         text = self._columns_before(run, self.opts.gen_length) & ~self._columns_before(run)
         return unmasked_fraction(self.rows.x[run], text, self.mask_id)
 

@@ -369,7 +369,7 @@ def generate(
             window = slice(start, block_end)
             xa, candidates = x[rows], candidates[rows]
             mask_a = None if attention_mask is None else attention_mask[rows]
-            t = unmasked_fraction(xa, generated[rows], mask_id)
+            t = unmasked_fraction(xa, generated[rows], mask_id) if form.scheduled else None   # a schedule's clock
             if cache is None:
                 guided = guided_logits(runner, xa, prompt_index[rows], mask_id, cfg_scale, mask_a, window,
                                        guidance=form, t=t)
