@@ -16,7 +16,7 @@ from unmask.sampling.text import generate_text
 from serve_fixtures import live_server, metrics, wait_idle
 from unmask.serve import ServeConfig, create_app
 from unmask.sampling import SamplerOptions
-from unmask.serve.batching import BatchRunner, Job, QueueFull, Scheduler, ShuttingDown
+from unmask.serve.batching import BatchRunner, Finished, Job, QueueFull, Scheduler, ShuttingDown
 from unmask.serve.textstream import RowText
 
 MODEL = "tiny"
@@ -250,6 +250,48 @@ def test_scheduler_refuses_work_when_closing(loaded):
             scheduler.submit(job())
 
     asyncio.run(scenario())
+
+
+class WholeCalls:
+    """A runner whose every job runs as a whole-call group (as under --cuda-graph): it records each
+    group's size and finishes its jobs at once."""
+
+    def __init__(self):
+        self.groups = []
+
+    def steps(self, job) -> bool:
+        return False
+
+    def run(self, jobs) -> None:
+        self.groups.append(len(jobs))
+        for job in jobs:
+            job.post(Finished("", None))
+
+
+@pytest.mark.parametrize("spacing, groups", [(0.4, [6]), (2.0, [1, 1, 1, 1, 1, 1])])
+def test_an_idle_scheduler_gathers_arrivals_while_they_keep_coming(spacing, groups):
+    """Requests arriving a fraction of a window apart, over more than one window in all, start
+    together (before, one window split them: answered clients send their next requests in clumps
+    ~10 ms apart, and a GPU server under a steady load of 8 ran groups of 1 and 7); requests
+    further apart than a window are not held back for each other."""
+    window = 0.1
+
+    async def scenario():
+        runner = WholeCalls()
+        scheduler = Scheduler(runner, max_batch_size=8, max_queue=8, window_s=window)
+        scheduler.start()
+        loop = asyncio.get_running_loop()
+        options = SamplerOptions(steps=8, gen_length=8, block_length=8)
+        jobs = [Job(prompt=[1, 2], options=options, loop=loop, deadline=time.monotonic() + 60) for _ in range(6)]
+        for job in jobs:
+            scheduler.submit(job)
+            await asyncio.sleep(spacing * window)
+        for job in jobs:
+            assert isinstance(await asyncio.wait_for(job.events.get(), 10), Finished)
+        await scheduler.close()
+        return runner.groups
+
+    assert asyncio.run(scenario()) == groups
 
 
 def test_row_text_holds_back_partial_characters_and_stop_prefixes(loaded):

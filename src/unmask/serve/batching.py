@@ -56,6 +56,7 @@ from .metrics import ServerMetrics
 from .textstream import Ending, RowText, piece_decoder
 
 log = logging.getLogger("unmask.serve")
+GATHER_WINDOWS = 5   # an idle server waits at most this many batch windows for companions
 
 
 # Events posted to a job, in order: any number of Updates, then one Finished or Failed.
@@ -503,9 +504,8 @@ class Scheduler:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if not self.rows and self.window_s and len(self.pending) < self.max_batch_size:
-                await asyncio.sleep(self.window_s)   # idle: a moment for companions to arrive
-                self._drop_dead()
+            if not self.rows and self.window_s:
+                await self._gather()
             if not self.rows and self.pending and not self.runner.steps(self.pending[0]):
                 await self._run_group(loop)
                 continue
@@ -523,6 +523,22 @@ class Scheduler:
                 self.rows = []
             finally:
                 self.joining = []
+
+    async def _gather(self) -> None:
+        """Idle, before the first step: wait a window for companions, and another while they keep
+        arriving (at most GATHER_WINDOWS in all), until a full batch waits. Clients that were
+        answered together send their next requests together but not at the same instant; one
+        fixed window split them into a lone request and the rest, which for a whole-call group
+        (hundreds of steps) halved the batch under a steady load (measured: concurrency 8 ran
+        groups of 1 and 7, on a GPU 0.58 of the batch-8 throughput)."""
+        for _ in range(GATHER_WINDOWS):
+            waiting = len(self.pending)
+            if waiting >= self.max_batch_size:
+                break
+            await asyncio.sleep(self.window_s)
+            self._drop_dead()
+            if len(self.pending) <= waiting:
+                break
 
     def _admit(self) -> list[Job]:
         """Waiting jobs that join at this step, oldest first, while the rows and their canvas tokens
