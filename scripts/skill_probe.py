@@ -38,6 +38,19 @@ Measured (README, "The skill, not the split"): the bundled model is at chance in
 (lr 1e-3) bring the stated items to 99.2 % in the corpus's phrasings and 66.0 % in the suite's,
 closed-book ones only to 64.8 % / 51.5 %, while held-out ARC-like falls to 10.9 %. With the
 recipe's own documents as half the text, knowledge stays and the comparison never appears.
+
+`--reasoned F` writes a corpus in which a fraction F of the documents are yes/no items about qa
+people whose answer states the asked fact first ("Answer: Hugo Ross has a pet rabbit, so no."),
+the rest the recipe's own documents; `--verify-reasoned` lets a model write such answers (greedy,
+`--gen-length` tokens in blocks of `--block-length`, `--cfg-scale`) for held-out people in the
+suite's phrasings and qa people in the corpus's, and reads the fact and the verdict it wrote:
+
+    python scripts/skill_probe.py --docs 200000 --reasoned 0.5 --out runs/reasoned/train.jsonl
+    python scripts/skill_probe.py --verify-reasoned --n 400 [--model DIR]
+
+Measured (README): 4,500 steps from the shipped weights on `--reasoned 0.5` (lr 1e-3 -> 1e-4)
+keep ARC-like at 91.4 % and teach the fact (93.0 % for qa people, 35.8 % held out), while the
+verdict agrees with the model's own written fact at chance (46 % / 50 % of the verdicts written).
 """
 
 from __future__ import annotations
@@ -51,6 +64,7 @@ import re
 import unmask
 from unmask.data import knowledge as K
 from unmask.likelihood import exact_bound
+from unmask.sampling.text import generate_text
 from unmask.data.world import write_jsonl
 
 
@@ -66,7 +80,11 @@ def yesno_document(rng: random.Random, world: K.World, p: K.Person) -> str:
     return K.biography(rng, p, others) + "\n" + "\n".join(lines)
 
 
-def probe_document(rng: random.Random, world: K.World, stated: float = 0.0) -> str:
+def probe_document(rng: random.Random, world: K.World, stated: float = 0.0, reasoned: float = 0.0) -> str:
+    if reasoned:  # reasoned yes/no items about qa people, the rest the recipe's own documents
+        if rng.random() < reasoned:
+            return K.yes_no_document(rng, world, world.draw(rng, 1, world.qa)[0], reasoned=True)
+        return K.document(rng, world)
     if stated and rng.random() < stated:
         person = world.draw(rng, 1, world.qa)[0]
         return K.yes_no_document(rng, world, person, stated=True, name=person.full)
@@ -115,6 +133,48 @@ def verification_table(model, tokenizer, n: int) -> str:
     return "\n".join(rows)
 
 
+REASONED = re.compile(r"^(.*\nQuestion: (.*)\?\nAnswer:) (.*), so (yes|no)\.$", re.S)
+VERDICT = re.compile(r", so (yes|no)\b")
+
+
+def named_values(text: str) -> dict[str, str]:
+    """{attribute: value} for every value of the world named in `text` (whole words)."""
+    return {a: v for a in K.ATTRIBUTES for v in K.VALUES[a] if re.search(rf"\b{re.escape(v)}\b", text)}
+
+
+def reasoned_answers(model, tokenizer, documents, **sampler) -> tuple[int, int, int, int]:
+    """(items, verdicts right, facts recalled right, verdicts that agree with the model's own
+    recalled fact) over reasoned yes/no documents: the model writes the answer after "Answer:"
+    (`generate`, greedy) and is read by its fact sentence and its ", so yes|no"."""
+    items = [m for m in map(REASONED.match, documents) if m]
+    texts = generate_text(model, tokenizer, [m.group(1) for m in items], batch_size=64, **sampler)
+    right = recalled = consistent = 0
+    for m, text in zip(items, texts):
+        (attr, true_value), = named_values(m.group(3)).items()
+        asked = named_values(m.group(2)).get(attr)
+        said, own = VERDICT.search(text), named_values(text.split("\n")[0].split(", so")[0]).get(attr)
+        recalled += own == true_value
+        if said:
+            right += said.group(1) == m.group(4)
+            consistent += (said.group(1) == "yes") == (own == asked)
+    return len(items), right, recalled, consistent
+
+
+def reasoned_table(model, tokenizer, n: int, **sampler) -> str:
+    """Reasoned verification, closed book, `n` items per row: held-out people in the suite's
+    phrasings, qa people in the corpus's (the same draws for every model)."""
+    world = K.World.load()
+    rows = ["| people (phrasings) | verdict right | fact recalled | verdict agrees with its own fact |",
+            "|---|---|---|---|"]
+    for group, people, suite in (("held-out (suite)", world.heldout, True), ("qa (corpus)", world.qa, False)):
+        rng = random.Random(f"reasoned:{group}")
+        docs = [K.yes_no_document(rng, world, p, suite, name=p.full, reasoned=True) for p in rng.choices(people, k=n)]
+        items, right, recalled, consistent = reasoned_answers(model, tokenizer, docs, **sampler)
+        rows.append(f"| {group} | {100 * right / items:.1f} % | {100 * recalled / items:.1f} % | "
+                    f"{100 * consistent / items:.1f} % |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--docs", type=int, default=150_000)
@@ -122,13 +182,24 @@ def main() -> None:
     job.add_argument("--out", help="the corpus to write (.jsonl)")
     job.add_argument("--score-corpus", help="a training corpus (.jsonl) whose yes/no documents the model answers")
     job.add_argument("--verify", action="store_true", help="closed-book against in-context verification")
+    job.add_argument("--verify-reasoned", action="store_true",
+                     help="closed-book verification with the answer written out (fact, then verdict)")
     ap.add_argument("--n", type=int, default=400, help="yes/no documents to score (--score-corpus, --verify: per cell)")
     ap.add_argument("--stated", type=float, default=0.0,
                     help="fraction of the corpus that is in-context verification items (--out)")
+    ap.add_argument("--reasoned", type=float, default=0.0,
+                    help="fraction of the corpus that is reasoned verification items, the rest the recipe's (--out)")
+    ap.add_argument("--gen-length", type=int, default=24, help="tokens written per answer (--verify-reasoned)")
+    ap.add_argument("--block-length", type=int, default=8, help="semi-autoregressive block (--verify-reasoned)")
+    ap.add_argument("--cfg-scale", type=float, default=0.0, help="guidance while writing (--verify-reasoned)")
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
     args = ap.parse_args()
-    if args.score_corpus or args.verify:
+    if args.score_corpus or args.verify or args.verify_reasoned:
         model, tokenizer = unmask.load(args.model) if args.model else unmask.load()
+    if args.verify_reasoned:
+        print(reasoned_table(model, tokenizer, args.n, steps=args.gen_length, gen_length=args.gen_length,
+                             block_length=args.block_length, cfg_scale=args.cfg_scale))
+        return
     if args.verify:
         print(verification_table(model, tokenizer, args.n))
         return
@@ -141,7 +212,7 @@ def main() -> None:
               f"answered yes {said_yes}")
         return
     rng, world = random.Random("probe:0"), K.World.load()
-    print(f"wrote {write_jsonl(args.out, ({'text': probe_document(rng, world, args.stated)} for _ in range(args.docs)))} documents to {args.out}")
+    print(f"wrote {write_jsonl(args.out, ({'text': probe_document(rng, world, args.stated, args.reasoned)} for _ in range(args.docs)))} documents to {args.out}")
 
 
 if __name__ == "__main__":

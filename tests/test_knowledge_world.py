@@ -286,6 +286,46 @@ def test_yes_no_documents_state_the_asked_fact_only_when_asked_to():
         assert right and re.search(rf"\b{person.facts[a]}\b", passage) and not phrases.search(doc), doc
 
 
+def test_reasoned_yes_no_documents_write_the_fact_then_the_verdict():
+    """`yes_no_document(reasoned=True)`: the same passage and question as the plain item drawn from
+    the same state, the answer the person's true fact, then the plain item's verdict; a
+    `--reasoned 1` corpus is only such items about qa people in the corpus's phrasings."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import skill_probe
+    world = K.World.load()
+    for i in range(200):
+        person = world.everyone[i % len(world.everyone)]
+        plain = K.yes_no_document(random.Random(i), world, person, bool(i % 2))
+        reasoned = K.yes_no_document(random.Random(i), world, person, bool(i % 2), reasoned=True)
+        head, verdict = plain.rsplit(" ", 1)
+        fact, said = re.fullmatch(re.escape(head) + r" (.*), so (yes|no)\.", reasoned).groups()
+        a, *_ = _asked(plain, person)
+        assert said == verdict and re.search(rf"\b{person.facts[a]}\b", fact) and person.full in fact, reasoned
+    rng, phrases = random.Random("probe:0"), re.compile("|".join(SUITE_PHRASES))
+    for _ in range(100):
+        doc = skill_probe.probe_document(rng, world, reasoned=1.0)
+        names = FULL_NAME_RE.findall(doc)
+        assert skill_probe.REASONED.match(doc) and all(SPLIT[n] == "qa" for n in names), doc
+        assert not phrases.search(doc), doc
+
+
+def test_skill_probe_reads_a_written_answer_by_its_fact_and_its_verdict(monkeypatch):
+    """`reasoned_answers`: a verdict is right when it is the document's; a fact is recalled when
+    the first line before ", so" names the person's value; a verdict agrees with the model's own
+    fact when it says yes exactly if that fact is the asked value."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import skill_probe
+    doc_no = "Ada Moss is a baker.\nQuestion: does Ada Moss keep a dog?\nAnswer: Ada Moss has a pet cat, so no."
+    doc_yes = "Ada Moss is a baker.\nQuestion: does Ada Moss keep a cat?\nAnswer: Ada Moss has a pet cat, so yes."
+    written = {  # prompt -> what the "model" writes
+        doc_no: " Ada Moss has a pet dog, so yes.\nQuestion: what is Ada Moss's pet? cat",   # wrong fact, agrees with it
+        doc_yes: " Ada Moss has a pet cat, so no.",                                       # right fact, disagrees
+    }
+    monkeypatch.setattr(skill_probe, "generate_text",
+                        lambda model, tok, prompts, **kw: [written[d] for p in prompts for d in written if d.startswith(p)])
+    assert skill_probe.reasoned_answers(None, None, [doc_no, doc_yes, "no answer here"]) == (2, 0, 1, 1)
+
+
 def test_skill_probe_verification_table_scores_each_cell_by_trained_yes_no(monkeypatch):
     """`verification_table`: four cells, each `trained_yes_no` over n items of its kind."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

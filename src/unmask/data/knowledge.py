@@ -325,19 +325,25 @@ class KnowledgeMix:
 
 
 def yes_no_document(rng: random.Random, world: World, p: Person, suite: bool = False, stated: bool = False,
-                    name: str | None = None) -> str:
+                    name: str | None = None, reasoned: bool = False) -> str:
     """One or two of p's facts, then a yes/no question about another fact (true half of the time),
     in the suite's phrasings if `suite`, else the corpus's. With `stated` the passage states the
     asked fact too, so the answer needs only the two values on the page compared, nothing recalled
-    (the verification probe of scripts/skill_probe.py)."""
+    (the verification probe of scripts/skill_probe.py). With `reasoned` the answer first states the
+    asked fact, then the verdict ("Answer: Hugo Ross has a pet rabbit, so no."): recall written out
+    as a chain of thought, so the verdict compares two values on the page."""
     a, *others = rng.sample(ATTRIBUTES, 3)
     truth = rng.random() < 0.5
     v = world.asked_value(rng, p, a, truth)
     facts = others[: rng.choice([1, 2]) - stated] + [a] * stated
     if stated:
         rng.shuffle(facts)
-    return (biography(rng, p, facts) + f"\nQuestion: {yesno(rng, p, a, v, suite, name)}?\n"
-            f"Answer: {'yes' if truth else 'no'}")
+    passage, question = biography(rng, p, facts), yesno(rng, p, a, v, suite, name)
+    verdict = "yes" if truth else "no"
+    if reasoned:
+        fact = _fill(rng.choice(FACT_TEMPLATES[a]), p, a, name=name or p.full)
+        verdict = f"{fact[:-1]}, so {verdict}."
+    return f"{passage}\nQuestion: {question}?\nAnswer: {verdict}"
 
 
 def qa_document(rng: random.Random, world: World, p: Person) -> str:
