@@ -2,7 +2,7 @@
 # Wheels for a lent GPU machine (Python 3.12, x86-64, no package index there): the serve stage of
 # scripts/gpu_run.sh imports FastAPI (which since 0.16x imports opentelemetry-api) and uvicorn, the
 # int8 stage torchao; the GPU image has none of them.
-# Downloads them into .whl/ (git-ignored, ~3 MB); name ".whl" in the device call's carry and
+# Downloads them into .whl/ (git-ignored, ~6 MB); name ".whl" in the device call's carry and
 # gpu_run.sh installs them to /tmp/site before its stages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
