@@ -268,13 +268,13 @@ class WholeCalls:
             job.post(Finished("", None))
 
 
-@pytest.mark.parametrize("spacing, groups", [(0.4, [6]), (2.0, [1, 1, 1, 1, 1, 1])])
+@pytest.mark.parametrize("spacing, groups", [(0.4, [6]), (2.0, [1, 1, 1])])
 def test_an_idle_scheduler_gathers_arrivals_while_they_keep_coming(spacing, groups):
     """Requests arriving a fraction of a window apart, over more than one window in all, start
     together (before, one window split them: answered clients send their next requests in clumps
     ~10 ms apart, and a GPU server under a steady load of 8 ran groups of 1 and 7); requests
     further apart than a window are not held back for each other."""
-    window = 0.1
+    window = 0.3   # long enough that a loaded machine's late wake-ups (tens of ms) do not split a group
 
     async def scenario():
         runner = WholeCalls()
@@ -282,7 +282,8 @@ def test_an_idle_scheduler_gathers_arrivals_while_they_keep_coming(spacing, grou
         scheduler.start()
         loop = asyncio.get_running_loop()
         options = SamplerOptions(steps=8, gen_length=8, block_length=8)
-        jobs = [Job(prompt=[1, 2], options=options, loop=loop, deadline=time.monotonic() + 60) for _ in range(6)]
+        jobs = [Job(prompt=[1, 2], options=options, loop=loop, deadline=time.monotonic() + 60)
+                for _ in range(sum(groups))]
         for job in jobs:
             scheduler.submit(job)
             await asyncio.sleep(spacing * window)
