@@ -15,7 +15,7 @@ held-out contract still holds. Continue the bundled model's run on it and score 
     python -m unmask.data.knowledge --suite-dir runs/probe/control --docs 0 --control
     unmask eval --model runs/probe/run --tasks know_boolq,know_obqa,know_arc --cfg-scale 0 [--data-dir runs/probe/control]
 
-Measured (README, "The skill, not the split"): after 1,500 steps (6.1 M tokens, about 100,000
+Measured (docs/verification.md): after 1,500 steps (6.1 M tokens, about 100,000
 yes/no answers) both skills stay at chance on both suites, while held-out ARC-like falls from 92 %
 as the biographies thin out.
 
@@ -33,7 +33,7 @@ items about qa people (the rest the mix above), to ask whether the comparison al
     python scripts/skill_probe.py --verify --n 400 [--model DIR]
     python scripts/skill_probe.py --docs 100000 --stated 1 --out runs/stated/train.jsonl
 
-Measured (README, "The skill, not the split"): the bundled model is at chance in all four cells
+Measured (docs/verification.md): the bundled model is at chance in all four cells
 (47–51 %); 1,500 steps on `--stated 1`, 3,000 on `--stated 0.5` and 4,500 more on `--stated 1`
 (lr 1e-3) bring the stated items to 99.2 % in the corpus's phrasings and 66.0 % in the suite's,
 closed-book ones only to 64.8 % / 51.5 %, while held-out ARC-like falls to 10.9 %. With the
@@ -48,7 +48,7 @@ suite's phrasings and qa people in the corpus's, and reads the fact and the verd
     python scripts/skill_probe.py --docs 200000 --reasoned 0.5 --out runs/reasoned/train.jsonl
     python scripts/skill_probe.py --verify-reasoned --n 400 [--model DIR]
 
-Measured (README): 4,500 steps from the shipped weights on `--reasoned 0.5` (lr 1e-3 -> 1e-4)
+Measured (docs/verification.md): 4,500 steps from the shipped weights on `--reasoned 0.5` (lr 1e-3 -> 1e-4)
 keep ARC-like at 91.4 % and teach the fact (93.0 % for qa people, 35.8 % held out), while the
 verdict agrees with the model's own written fact at chance (46 % / 50 % of the verdicts written).
 """

@@ -313,8 +313,7 @@ class KnowledgeMix:
     `open_book`: the fraction of documents that are `open_book_document`s about qa people (the
     first fact stated in a fraction `stated` of them); the other documents are drawn by the other
     fractions as in the mix without them. 0 (the default) is the bundled model's corpus, byte for
-    byte; `--open-book` sets it for the continuation experiment the README describes ("The skill,
-    not the split")."""
+    byte; `--open-book` sets it for the continuation experiment of docs/verification.md ("Two hops")."""
 
     two_bios: float = 0.10
     stories: float = 0.10
