@@ -252,32 +252,38 @@ def test_scheduler_refuses_work_when_closing(loaded):
     asyncio.run(scenario())
 
 
-class WholeCalls:
-    """A runner whose every job runs as a whole-call group (as under --cuda-graph): it records each
-    group's size and finishes its jobs at once."""
+class InstantRunner:
+    """A runner that records how many jobs start together and finishes them at once: as whole-call
+    groups (as under --cuda-graph), or as stepped rows admitted at a step."""
 
-    def __init__(self):
-        self.groups = []
+    def __init__(self, stepped: bool):
+        self.stepped, self.groups = stepped, []
 
     def steps(self, job) -> bool:
-        return False
+        return self.stepped
 
     def run(self, jobs) -> None:
         self.groups.append(len(jobs))
         for job in jobs:
             job.post(Finished("", None))
 
+    def advance(self, running, admitted):
+        self.run(admitted)
+        return []
 
-@pytest.mark.parametrize("spacing, groups", [(0.4, [6]), (2.0, [1, 1, 1])])
-def test_an_idle_scheduler_gathers_arrivals_while_they_keep_coming(spacing, groups):
-    """Requests arriving a fraction of a window apart, over more than one window in all, start
-    together (before, one window split them: answered clients send their next requests in clumps
-    ~10 ms apart, and a GPU server under a steady load of 8 ran groups of 1 and 7); requests
-    further apart than a window are not held back for each other."""
+
+@pytest.mark.parametrize("stepped, spacing, groups", [(False, 0.4, [6]), (False, 2.0, [1, 1, 1]),
+                                                      (True, 0.4, [3, 3])])
+def test_an_idle_scheduler_gathers_a_whole_call_group_while_arrivals_keep_coming(stepped, spacing, groups):
+    """Whole-call requests arriving a fraction of a window apart, over more than one window in
+    all, start together (before, one window split them: answered clients send their next requests
+    in clumps ~10 ms apart, and a GPU server under a steady load of 8 ran groups of 1 and 7);
+    requests further apart than a window are not held back for each other; stepped rows wait one
+    window only, since a late one joins at the next step."""
     window = 0.3   # long enough that a loaded machine's late wake-ups (tens of ms) do not split a group
 
     async def scenario():
-        runner = WholeCalls()
+        runner = InstantRunner(stepped)
         scheduler = Scheduler(runner, max_batch_size=8, max_queue=8, window_s=window)
         scheduler.start()
         loop = asyncio.get_running_loop()

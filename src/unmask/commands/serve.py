@@ -49,8 +49,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=32768,
                    help="most canvas tokens (prompt + max_tokens, twice when guided) in one step")
     p.add_argument("--batch-window-ms", type=float, default=10.0,
-                   help="how long an idle server waits for batch-mates, and again while they keep arriving "
-                        "(at most 5 windows, or until a full batch waits)")
+                   help="how long an idle server waits for batch-mates; before a whole-call group (--cuda-graph) "
+                        "again while they keep arriving (at most 5 windows, or until a full batch waits)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds")
     p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="larger request bodies are refused (413)")
