@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import socket
+import weakref
 from pathlib import Path
 
 import pytest
@@ -570,7 +571,10 @@ def _worker(rank: int, world: int, port: int, cfg: TrainConfig, out: str) -> Non
     weights = get_model_state_dict(trainer.core, options=StateDictOptions(full_state_dict=True))  # FSDP: unshard
     weights = {k: v.detach().cpu() for k, v in weights.items()}
     torch.save({"weights": weights, "losses": result.losses}, f"{out}/rank{rank}.pt")
+    ddp = weakref.ref(trainer.ddp) if trainer.ddp is not None else None
     trainer.close()
+    # DDP's reducer is freed by close(), not at exit after the group is gone (a GIL deadlock in gloo)
+    assert ddp is None or ddp() is None
 
 
 def _free_port() -> int:

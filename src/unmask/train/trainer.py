@@ -14,6 +14,7 @@ has to be saved at all.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import math
@@ -680,7 +681,14 @@ class Trainer:
         return result
 
     def close(self) -> None:
+        """Leave the process group. DDP's reducer holds the group too, and frees it while holding
+        the GIL: had it the last reference (the trainer collected after destroy_process_group),
+        gloo's destructor would join worker threads that may need the GIL to free a finished
+        collective's tensors, a deadlock seen once in a two-process test. So the wrapper goes
+        first, and the group is freed by destroy_process_group, whose holder releases the GIL."""
         if self.dist.world_size > 1 and dist.is_initialized():
+            self.model = self.ddp = None
+            gc.collect()   # DDP's module hooks form reference cycles; free its reducer now
             dist.destroy_process_group()
 
 
