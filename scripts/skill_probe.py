@@ -41,16 +41,17 @@ recipe's own documents as half the text, knowledge stays and the comparison neve
 
 `--reasoned F` writes a corpus in which a fraction F of the documents are yes/no items about qa
 people whose answer states the asked fact first ("Answer: Hugo Ross has a pet rabbit, so no."),
-the rest the recipe's own documents; `--verify-reasoned` lets a model write such answers (greedy,
-`--gen-length` tokens in blocks of `--block-length`, `--cfg-scale`) for held-out people in the
-suite's phrasings and qa people in the corpus's, and reads the fact and the verdict it wrote:
+the rest the recipe's own documents; `--verify-reasoned` measures the two steps apart, for held-out
+people in the suite's phrasings and qa people in the corpus's: whether the model writes the fact
+(greedy, `--gen-length` tokens in blocks of `--block-length`, `--cfg-scale`), and whether, given the
+true fact, it then says " yes" or " no" rightly (likelihood):
 
     python scripts/skill_probe.py --docs 200000 --reasoned 0.5 --out runs/reasoned/train.jsonl
     python scripts/skill_probe.py --verify-reasoned --n 400 [--model DIR]
 
 Measured (docs/verification.md): 4,500 steps from the shipped weights on `--reasoned 0.5` (lr 1e-3 -> 1e-4)
 keep ARC-like at 91.4 % and teach the fact (93.0 % for qa people, 35.8 % held out), while the
-verdict agrees with the model's own written fact at chance (46 % / 50 % of the verdicts written).
+verdict after the true fact stays at chance (51.2 % / 48.5 %).
 """
 
 from __future__ import annotations
@@ -133,8 +134,7 @@ def verification_table(model, tokenizer, n: int) -> str:
     return "\n".join(rows)
 
 
-REASONED = re.compile(r"^(.*\nQuestion: (.*)\?\nAnswer:) (.*), so (yes|no)\.$", re.S)
-VERDICT = re.compile(r", so (yes|no)\b")
+REASONED = re.compile(r"^((.*\nQuestion: (.*)\?\nAnswer:) (.*), so) (yes|no)\.$", re.S)
 
 
 def named_values(text: str) -> dict[str, str]:
@@ -142,36 +142,35 @@ def named_values(text: str) -> dict[str, str]:
     return {a: v for a in K.ATTRIBUTES for v in K.VALUES[a] if re.search(rf"\b{re.escape(v)}\b", text)}
 
 
-def reasoned_answers(model, tokenizer, documents, **sampler) -> tuple[int, int, int, int]:
-    """(items, verdicts right, facts recalled right, verdicts that agree with the model's own
-    recalled fact) over reasoned yes/no documents: the model writes the answer after "Answer:"
-    (`generate`, greedy) and is read by its fact sentence and its ", so yes|no"."""
+def reasoned_answers(model, tokenizer, documents, **sampler) -> tuple[int, int, int]:
+    """(items, facts written right, verdicts right after the true fact) over reasoned yes/no
+    documents. The two steps apart: the model writes the answer after "Answer:" (`generate`,
+    greedy) and its first line is read for the person's value; then, with the true fact written
+    for it ("... loves to eat soup, so"), it picks the likelier of " yes" and " no" (`exact_bound`),
+    which is the comparison alone, two values side by side on the page."""
     items = [m for m in map(REASONED.match, documents) if m]
-    texts = generate_text(model, tokenizer, [m.group(1) for m in items], batch_size=64, **sampler)
-    right = recalled = consistent = 0
+    texts = generate_text(model, tokenizer, [m.group(2) for m in items], batch_size=64, **sampler)
+    yes, no = tokenizer(" yes").input_ids, tokenizer(" no").input_ids
+    written = right = 0
     for m, text in zip(items, texts):
-        (attr, true_value), = named_values(m.group(3)).items()
-        asked = named_values(m.group(2)).get(attr)
-        said, own = VERDICT.search(text), named_values(text.split("\n")[0].split(", so")[0]).get(attr)
-        recalled += own == true_value
-        if said:
-            right += said.group(1) == m.group(4)
-            consistent += (said.group(1) == "yes") == (own == asked)
-    return len(items), right, recalled, consistent
+        (attr, value), = named_values(m.group(4)).items()
+        written += named_values(text.split("\n")[0].split(", so")[0]).get(attr) == value
+        context = tokenizer(m.group(1)).input_ids
+        says_yes = exact_bound(model, context, yes).value > exact_bound(model, context, no).value
+        right += says_yes == (m.group(5) == "yes")
+    return len(items), written, right
 
 
 def reasoned_table(model, tokenizer, n: int, **sampler) -> str:
     """Reasoned verification, closed book, `n` items per row: held-out people in the suite's
     phrasings, qa people in the corpus's (the same draws for every model)."""
     world = K.World.load()
-    rows = ["| people (phrasings) | verdict right | fact recalled | verdict agrees with its own fact |",
-            "|---|---|---|---|"]
+    rows = ["| people (phrasings) | fact written right | verdict right after the true fact |", "|---|---|---|"]
     for group, people, suite in (("held-out (suite)", world.heldout, True), ("qa (corpus)", world.qa, False)):
         rng = random.Random(f"reasoned:{group}")
         docs = [K.yes_no_document(rng, world, p, suite, name=p.full, reasoned=True) for p in rng.choices(people, k=n)]
-        items, right, recalled, consistent = reasoned_answers(model, tokenizer, docs, **sampler)
-        rows.append(f"| {group} | {100 * right / items:.1f} % | {100 * recalled / items:.1f} % | "
-                    f"{100 * consistent / items:.1f} % |")
+        items, written, right = reasoned_answers(model, tokenizer, docs, **sampler)
+        rows.append(f"| {group} | {100 * written / items:.1f} % | {100 * right / items:.1f} % |")
     return "\n".join(rows)
 
 

@@ -309,21 +309,30 @@ def test_reasoned_yes_no_documents_write_the_fact_then_the_verdict():
         assert not phrases.search(doc), doc
 
 
-def test_skill_probe_reads_a_written_answer_by_its_fact_and_its_verdict(monkeypatch):
-    """`reasoned_answers`: a verdict is right when it is the document's; a fact is recalled when
-    the first line before ", so" names the person's value; a verdict agrees with the model's own
-    fact when it says yes exactly if that fact is the asked value."""
+def test_skill_probe_reads_the_written_fact_and_scores_the_verdict_after_the_true_one(monkeypatch):
+    """`reasoned_answers`: a fact is written right when the first line the model writes, before
+    ", so", names the person's value; the verdict is scored after the document's own fact, " yes"
+    against " no", and is right when it is the document's."""
+    from types import SimpleNamespace
+
+    import unmask
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import skill_probe
+    tokenizer = unmask.load()[1]
     doc_no = "Ada Moss is a baker.\nQuestion: does Ada Moss keep a dog?\nAnswer: Ada Moss has a pet cat, so no."
     doc_yes = "Ada Moss is a baker.\nQuestion: does Ada Moss keep a cat?\nAnswer: Ada Moss has a pet cat, so yes."
-    written = {  # prompt -> what the "model" writes
-        doc_no: " Ada Moss has a pet dog, so yes.\nQuestion: what is Ada Moss's pet? cat",   # wrong fact, agrees with it
-        doc_yes: " Ada Moss has a pet cat, so no.",                                       # right fact, disagrees
-    }
+    written = {doc_no: " Ada Moss has a pet dog, so yes.\nQuestion: what is Ada Moss's pet? cat",   # wrong fact
+               doc_yes: " Ada Moss has a pet cat, so no."}                                        # right fact
     monkeypatch.setattr(skill_probe, "generate_text",
                         lambda model, tok, prompts, **kw: [written[d] for p in prompts for d in written if d.startswith(p)])
-    assert skill_probe.reasoned_answers(None, None, [doc_no, doc_yes, "no answer here"]) == (2, 0, 1, 1)
+    contexts = []
+
+    def always_yes(model, context, choice):   # the "model" says yes whatever the facts
+        contexts.append(tokenizer.decode(context))
+        return SimpleNamespace(value=float(choice == tokenizer(" yes").input_ids))
+    monkeypatch.setattr(skill_probe, "exact_bound", always_yes)
+    assert skill_probe.reasoned_answers(None, tokenizer, [doc_no, doc_yes, "no answer here"]) == (2, 1, 1)
+    assert set(contexts) == {doc_no[:-len(" no.")], doc_yes[:-len(" yes.")]}
 
 
 def test_skill_probe_verification_table_scores_each_cell_by_trained_yes_no(monkeypatch):
