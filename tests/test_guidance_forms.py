@@ -214,9 +214,12 @@ def test_an_idle_row_gets_the_conditional_logits_themselves():
     assert not form.all_idle(1.0, t) and form.all_idle(1.0, torch.tensor([0.1, 0.2], dtype=torch.float64))
     assert not Guidance.parse("constant").all_idle(1.0, t)
     assert form.scheduled and Guidance.parse("linear").scheduled and not Guidance.parse("acfg:0.5").scheduled
+    before = cond.clone(), uncond.clone()
     mixed = form.mix(cond, uncond, 1.0, t)
     assert torch.equal(mixed[0], cond[0]) and not torch.equal(uncond[0] + (cond[0] - uncond[0]), cond[0])
     assert torch.equal(mixed[1], uncond[1] + 2.0 * (cond[1] - uncond[1]))
+    assert torch.equal(cond, before[0]) and torch.equal(uncond, before[1])   # idle rows copied, inputs unwritten
+    assert torch.equal(form.mix(cond, uncond, 1.0, torch.tensor([0.1, 0.2], dtype=torch.float64)), cond)
     skipped = Guidance.parse("interval:0.5:1,norm").step(cond, None, 1.0, t)
     assert skipped.logits is cond and skipped.rate is cond
 

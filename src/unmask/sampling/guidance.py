@@ -247,9 +247,16 @@ class Guidance:
         if not self.scheduled or t is None:
             return mix_guidance(cond, uncond, w)
         weights = self.weights(w, t)
+        idle = weights == 0
+        n_idle = int(idle.sum())   # one host sync; the rows are few
+        if n_idle == len(idle):
+            return cond
         shape = (-1, *([1] * (cond.dim() - 1)))
         gain = (weights.double() + 1).to(cond.dtype)   # w_t + 1 rounded once, as a Python float would be
-        return torch.where((weights == 0).view(shape), cond, amplified(cond, uncond, gain.view(shape)))
+        mixed = amplified(cond, uncond, gain.view(shape))
+        if n_idle:   # overwrite the idle rows in place: a torch.where over the whole step cost as much as the mix
+            mixed[idle] = cond[idle]
+        return mixed
 
     def step(self, cond: torch.Tensor, uncond: torch.Tensor | None, w: float, t: torch.Tensor | None) -> Guided:
         """A sampling step's `Guided` logits: the mix, and the conditional logits as the rate when
