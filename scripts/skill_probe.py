@@ -99,22 +99,23 @@ def probe_document(rng: random.Random, world: K.World, stated: float = 0.0, reas
     return K.document(rng, world)
 
 
-YES_NO = re.compile(r"^(.*\nAnswer:) (yes|no)$", re.S)
+YES_NO = re.compile(r"^(?P<context>.*\nAnswer:) (?P<answer>yes|no)$", re.S)
 
 
-def trained_yes_no(model, tokenizer, documents) -> tuple[int, int, int]:
-    """(documents scored, answered right, answered "yes") over the documents that end in a yes/no
-    answer: the model picks the likelier of " yes" and " no" after the document's own context."""
+def trained_yes_no(model, tokenizer, documents, pattern: re.Pattern = YES_NO) -> tuple[int, int, int]:
+    """(documents scored, answered right, answered "yes") over the documents that `pattern` matches
+    (its `context`, then the `answer`: plain yes/no items, or REASONED's verdict after the fact):
+    the model picks the likelier of " yes" and " no" after the document's own context."""
     yes, no = tokenizer(" yes").input_ids, tokenizer(" no").input_ids
     scored = right = said_yes = 0
     for text in documents:
-        match = YES_NO.match(text)
+        match = pattern.match(text)
         if not match:
             continue
-        context = tokenizer(match.group(1)).input_ids
+        context = tokenizer(match["context"]).input_ids
         says_yes = exact_bound(model, context, yes).value > exact_bound(model, context, no).value
         scored, said_yes = scored + 1, said_yes + says_yes
-        right += says_yes == (match.group(2) == "yes")
+        right += says_yes == (match["answer"] == "yes")
     return scored, right, said_yes
 
 
@@ -134,7 +135,8 @@ def verification_table(model, tokenizer, n: int) -> str:
     return "\n".join(rows)
 
 
-REASONED = re.compile(r"^((.*\nQuestion: (.*)\?\nAnswer:) (.*), so) (yes|no)\.$", re.S)
+REASONED = re.compile(r"^(?P<context>(?P<prompt>.*\nQuestion: .*\?\nAnswer:) (?P<fact>.*), so) "
+                      r"(?P<answer>yes|no)\.$", re.S)
 
 
 def named_values(text: str) -> dict[str, str]:
@@ -149,15 +151,12 @@ def reasoned_answers(model, tokenizer, documents, **sampler) -> tuple[int, int, 
     for it ("... loves to eat soup, so"), it picks the likelier of " yes" and " no" (`exact_bound`),
     which is the comparison alone, two values side by side on the page."""
     items = [m for m in map(REASONED.match, documents) if m]
-    texts = generate_text(model, tokenizer, [m.group(2) for m in items], batch_size=64, **sampler)
-    yes, no = tokenizer(" yes").input_ids, tokenizer(" no").input_ids
-    written = right = 0
+    texts = generate_text(model, tokenizer, [m["prompt"] for m in items], batch_size=64, **sampler)
+    written = 0
     for m, text in zip(items, texts):
-        (attr, value), = named_values(m.group(4)).items()
+        (attr, value), = named_values(m["fact"]).items()
         written += named_values(text.split("\n")[0].split(", so")[0]).get(attr) == value
-        context = tokenizer(m.group(1)).input_ids
-        says_yes = exact_bound(model, context, yes).value > exact_bound(model, context, no).value
-        right += says_yes == (m.group(5) == "yes")
+    _, right, _ = trained_yes_no(model, tokenizer, [m.string for m in items], REASONED)
     return len(items), written, right
 
 
