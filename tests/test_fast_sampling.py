@@ -169,8 +169,10 @@ def test_finished_rows_drop_out_and_eos_stops():
             out = unmask.generate(model, prompts, stop_at_eos=True, eos_token_id=eos, **KW, **mode)
             first = int((out[0, 5:] == eos).nonzero()[0])
             assert first < 8 and (out[0, 5 + first:] == eos).all() and eos not in out[1, 5:].tolist()
-            rows = 2 * (1 + (mode.get("cfg_scale", 0) > 0))
-            assert sizes[0] == rows and sizes[-1] == rows // 2  # row 0 left the batch
+            guided = mode.get("cfg_scale", 0) > 0
+            rows = 2 * (1 + guided)
+            # the first pass runs the two rows' unconditional canvas (all masks) once; row 0 left at the end
+            assert sizes[0] == rows - guided and sizes[-1] == rows // 2
             alone = unmask.generate(model, prompts[1:], stop_at_eos=True, eos_token_id=eos, **KW, **mode)
             assert torch.equal(out[1:], alone)
     finally:
@@ -228,11 +230,14 @@ def test_reuse_uncond_is_exact_when_every_step_refreshes(dense, batch, cache):
 
 
 def test_reuse_uncond_runs_the_unconditional_rows_only_at_refreshes(dense):
-    prompt = torch.randint(0, 380, (2, 5), generator=torch.Generator().manual_seed(9))
+    """Prompts of two lengths, so the two unconditional canvases differ (none is shared)."""
+    prompts = torch.randint(0, 380, (2, 5), generator=torch.Generator().manual_seed(9)).tolist()
+    ids, attention = left_pad([prompts[0], prompts[1][1:]], pad_id=381)
     sizes = []
-    hook = dense.register_forward_pre_hook(lambda m, args: sizes.append(tuple(args[0].shape)))
+    hook = dense.register_forward_pre_hook(lambda m, args, kwargs: sizes.append(tuple(args[0].shape)),
+                                           with_kwargs=True)
     try:
-        unmask.generate(dense, prompt, cache="dual", cfg_scale=1.0, reuse_uncond=True, **KW)
+        unmask.generate(dense, ids, attention_mask=attention, cache="dual", cfg_scale=1.0, reuse_uncond=True, **KW)
     finally:
         hook.remove()
     per_block = KW["steps"] // (KW["gen_length"] // KW["block_length"])

@@ -181,6 +181,11 @@ def _check_generate(mesh, name):
         outputs = [generate(model, prompt, attention_mask=mask, generator=torch.Generator().manual_seed(1), **case)
                    for model in (reference, sharded)]
         assert torch.equal(*outputs), (case, outputs)
+    # prompts of one length: the first guided pass runs their one unconditional canvas once (sharded logits copied)
+    same_length = torch.tensor([[5, 17, 99, 42, 7, 260], [11, 12, 13, 14, 15, 16]])
+    for case in (c for c in GENERATE_CASES if c.get("cfg_scale")):
+        outputs = [generate(model, same_length, **case) for model in (reference, sharded)]
+        assert torch.equal(*outputs), (case, outputs)
 
 
 # LLaDA2 block decoding (temperature 0, the public rule): the schedule, CFG both ways, no cache.

@@ -112,6 +112,11 @@ class KVCache:
             self.values[layer].index_copy_(2, columns, v)
         return self.keys[layer], self.values[layer]
 
+    @property
+    def empty(self) -> bool:
+        """No pass has written to it yet: the next one allocates it, for however many rows it runs."""
+        return self.keys[0] is None
+
     def head_rows(self, n: int) -> "KVCache":
         """The first n batch rows as a cache of their own, sharing this one's storage (a pass over
         them writes here): the conditional rows of a guided cache, whose unconditional twins follow."""
@@ -121,7 +126,8 @@ class KVCache:
         return part
 
     def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep only the given batch rows (for rows that finished early)."""
+        """Keep the given batch rows, in that order (rows that finished early leave; a row given
+        twice is copied)."""
         self.keys = [k[rows] if k is not None else None for k in self.keys]
         self.values = [v[rows] if v is not None else None for v in self.values]
 

@@ -69,7 +69,7 @@ class GraphedBlockStep:
 
     def __call__(self, input_ids, attention_mask=None, kv_cache=None, cache_start=0):
         """Logits of every column of input_ids (the sampler slices them: `_orig_mod` says so)."""
-        if kv_cache is None or kv_cache.keys[0] is None or input_ids.shape[1] == kv_cache.keys[0].shape[2]:
+        if kv_cache is None or kv_cache.empty or input_ids.shape[1] == kv_cache.keys[0].shape[2]:
             return self.forward(input_ids, attention_mask=attention_mask, kv_cache=kv_cache, cache_start=cache_start)
         step = self._step(kv_cache, input_ids, attention_mask)
         step.ids.copy_(input_ids)
