@@ -24,6 +24,9 @@ MIXED = [
     BlockOptions(gen_length=20, block_length=8, steps=8, threshold=None, cfg_scale=1.0, guidance="span:0:-2"),
     BlockOptions(gen_length=40, block_length=32, steps=32, threshold=0.95),
     BlockOptions(gen_length=16, block_length=8, steps=8, threshold=0.02, guidance="linear,norm", cfg_scale=1.0),
+    BlockOptions(gen_length=24, block_length=8, steps=4, threshold=None, guidance="interval:0.3:0.7", cfg_scale=1.5),
+    BlockOptions(gen_length=24, block_length=8, steps=4, threshold=0.5, guidance="interval:0.5:1", cfg_scale=1.0,
+                 reuse_uncond=True),
 ]
 
 
@@ -84,8 +87,9 @@ def test_only_a_schedule_reads_the_clock_in_block_rows(model, clock_reads):
 @pytest.mark.parametrize("temperature, early, overhead", [(0.0, False, None), (0.0, True, 20.0), (0.7, True, None)])
 def test_rows_equal_block_generate_alone_with_mixed_settings_and_random_admission(model, eos, temperature, early,
                                                                                   overhead):
-    """Seven settings (threshold or schedule, block lengths 4-32, CFG with reuse_uncond, a span,
-    the linear schedule and its normalisation), prompts of 1-40 tokens (a row's first step runs
+    """Nine settings (threshold or schedule, block lengths 4-32, CFG with reuse_uncond, a span,
+    the linear schedule and its normalisation, intervals whose idle steps run no unconditional
+    rows, with and without reuse_uncond), prompts of 1-40 tokens (a row's first step runs
     its whole prompt against an empty cache, the others one block), joining at random steps; in
     one pass, or split by width (overhead 20)."""
     rng = random.Random(int(temperature * 10) + early)

@@ -501,6 +501,55 @@ def test_block_forms_token_identical_to_plain_reference(llada2, spec, schedule, 
         assert out[0, :ref.shape[1]].tolist() == ref[0].tolist()
 
 
+@pytest.mark.parametrize("cache", [False, True])
+def test_block_interval_guidance_runs_no_unconditional_rows_at_idle_steps(llada2, cache):
+    """interval:0.5:1 over three blocks of 4: the first block's steps (t < 0.5) run the conditional
+    rows alone, later ones both, and the uncond branch's cache catches up over the blocks it missed;
+    the tokens are the plain reference's, which computes both branches at every step."""
+    mask_id = llada2.config.mask_token_id
+    prompt = torch.randint(0, 200, (1, 6), generator=torch.Generator().manual_seed(7))
+    written = [0]   # generated tokens after each step
+    sizes, hook = batch_sizes(llada2)
+    try:
+        out = block_generate(llada2, prompt, gen_length=12, block_length=4, steps=4, threshold=None, cfg_scale=1.5,
+                             guidance="interval:0.5:1", cache=cache, return_dict_in_generate=True,
+                             callback=lambda s: written.append(int((s.x[0, 6:] != mask_id).sum())))
+    finally:
+        hook.remove()
+    ref = plain_block_guided(llada2, prompt, 12, 4, 4, 1.5, "interval:0.5:1", None, mask_id=mask_id)
+    assert out.sequences[0, :ref.shape[1]].tolist() == ref[0].tolist()
+    guided_steps = sum(n / 12 >= 0.5 for n in written[:out.steps])   # t before each step in [0.5, 1]
+    assert 0 < guided_steps < out.steps and len(sizes) == out.steps + guided_steps
+
+
+def test_block_unconditional_canvases_of_any_prompts_run_once(llada2, monkeypatch):
+    """Left-aligned and masked whole, prompts of any lengths are one canvas of masks: the first
+    unconditional pass runs one row for three, with and without the cache, and the tokens equal
+    those of a run that computes every row."""
+    import importlib
+
+    blocks = importlib.import_module("unmask.sampling.blocks")
+    prompts = [[5, 17, 99, 42, 7, 160, 3], [11, 12, 13, 14, 15], [40, 41, 42, 43, 44, 45]]   # all end in block 1
+    ids, attention = left_pad(prompts, pad_id=0)
+    for cache in (False, True):
+        kw = dict(attention_mask=attention, gen_length=8, block_length=4, steps=4, threshold=None, cfg_scale=1.5,
+                  cache=cache)
+        sizes, hook = batch_sizes(llada2)
+        try:
+            shared = block_generate(llada2, ids, **kw)
+        finally:
+            hook.remove()
+        assert sizes[:2] == [3, 1]   # the conditional rows, then their one unconditional canvas
+        with monkeypatch.context() as m:
+            m.setattr(blocks, "same_rows", lambda *a: False)
+            sizes, hook = batch_sizes(llada2)
+            try:
+                assert torch.equal(shared, block_generate(llada2, ids, **kw))
+            finally:
+                hook.remove()
+        assert sizes[:2] == [3, 3]
+
+
 def test_only_a_schedule_reads_the_clock_in_block_generate(llada2, clock_reads):
     calls = clock_reads("unmask.sampling.blocks")
     prompt = torch.randint(0, 200, (1, 6), generator=torch.Generator().manual_seed(7))

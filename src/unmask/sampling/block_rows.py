@@ -18,7 +18,8 @@ The guarantee is `block_generate`'s: a row's text equals that request run alone 
   are the row's own, so the logits are those of the row alone (up to the rounding of a wider
   matrix product, which greedy decoding never saw flip a token in the tests);
 - guided rows add their unconditional spans as further rows of the pass (`reuse_uncond`: only at
-  a block's first step), mixed per row under the row's guidance form.
+  a block's first step; none at a step where the row's schedule gives it weight 0), mixed per row
+  under the row's guidance form.
 
 Spans of very different lengths (a row's first step after a long prompt, another's block alone)
 are split into passes as `rows.pass_groups` says. `block_steppable` says which options and models
@@ -130,10 +131,10 @@ class BlockRow:
         return self.options.cfg_scale > 0
 
     def span(self, branch: int) -> slice:
-        """The columns this step runs in a branch: from the cache's end at a block's first step,
-        else the current block."""
-        w = self.window
-        return slice(self.histories[branch].columns if self.block_step == 0 else w.start, w.stop)
+        """The columns this step runs in a branch: from the cache's end, which is the current block's
+        start once the branch has run in this block (at a block's first step the blocks finished
+        since its last pass come first)."""
+        return slice(self.histories[branch].columns, self.window.stop)
 
     def canvas(self, branch: int) -> torch.Tensor:
         """(W,) the conditional canvas, or the unconditional one (the guidance form's canvas: the
@@ -152,17 +153,23 @@ class BlockRow:
                           self.options.block_length, slice(self.window.start - s.start, s.stop - s.start))
 
     def keep_finished(self, branch: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """After a block's first step, its span's columns before the block (final now) join the cache."""
+        """After a pass, its span's columns before the current block (final now) join the cache."""
         s, w = self.span(branch), self.window
-        if self.block_step == 0 and s.start < w.start:
+        if s.start < w.start:
             history, n = self.histories[branch], w.start - s.start
             history.keys = [torch.cat([old, new[:, :n]], 1) for old, new in zip(history.keys, keys)]
             history.values = [torch.cat([old, new[:, :n]], 1) for old, new in zip(history.values, values)]
 
     def runs(self, branch: int) -> bool:
-        """Whether this step runs the branch (the unconditional one only when guided, and with
-        reuse_uncond only at a block's first step)."""
-        return branch == 0 or (self.guided and not (self.options.reuse_uncond and self.block_step > 0))
+        """Whether this step runs the branch: the unconditional one only when guided, with
+        reuse_uncond only at a block's first step, without it not where the schedule gives the row
+        weight 0 (`block_generate`'s rule for a batch of one)."""
+        if branch == 0:
+            return True
+        o = self.options
+        if not self.guided or o.reuse_uncond:
+            return self.guided and self.block_step == 0
+        return not o.form.all_idle(o.cfg_scale, self._unmasked_fraction())
 
     def _settle(self) -> None:
         """Leave finished blocks as `block_generate` does: a block ends after its schedule or once it
@@ -193,12 +200,14 @@ class BlockRow:
         return unmasked_fraction(self.x[None], ((cols >= P) & (cols < P + G))[None], self.mask_id)
 
     def _decide(self, cond: torch.Tensor, uncond: torch.Tensor | None) -> None:
-        """Commit this step's tokens from the block's logits (b, V) of each branch."""
+        """Commit this step's tokens from the block's logits (b, V) of each branch (uncond None where
+        the unconditional one did not run)."""
         o, w = self.options, self.window
-        if uncond is None:
+        if not self.guided:
             guided = Guided(cond[None])
-        else:
-            guided = o.form.step(cond[None], uncond[None], o.cfg_scale, self._unmasked_fraction())
+        else:   # uncond None: idle at this step (the form gives the conditional logits)
+            guided = o.form.step(cond[None], None if uncond is None else uncond[None], o.cfg_scale,
+                                 self._unmasked_fraction())
         tokens, confidence = sample_tokens(guided.logits, o.temperature, o.top_k, o.top_p, self.generator)
         if guided.normalized:   # the unguided rate: the conditional model's confidence in its own top token
             confidence = sample_tokens(guided.rate, 0.0, None, None, None)[1]
@@ -232,8 +241,7 @@ def block_step(model, rows: list[BlockRow], pad_id: int = 0, pass_overhead: floa
         by_row[id(r), branch] = logits
         r.keep_finished(branch, keys, values)
     for r in live:
-        uncond = None
-        if r.guided:
-            uncond = by_row.get((id(r), 1), r.kept_uncond)
-            r.kept_uncond = uncond
+        uncond = by_row.get((id(r), 1))   # None: unguided, or idle at this step
+        if r.guided and r.options.reuse_uncond:
+            uncond = r.kept_uncond = r.kept_uncond if uncond is None else uncond
         r._decide(by_row[id(r), 0], uncond)

@@ -28,7 +28,8 @@ What unmask adds, none of it changing a token:
   prompt token replaced by the mask token (or the span of the prompt that `guidance` names),
   under the same block-causal mask and the same positions, with its own rows in the cache; logits
   mix as uncond + (w + 1)(cond − uncond) before proposals and scores, w following the guidance
-  schedule over each row's fraction of the text unmasked. Masks written over the prompt are not candidates: only the conditional
+  schedule over each row's fraction of the text unmasked (a step at which it gives every row
+  weight 0 runs no unconditional rows). Masks written over the prompt are not candidates: only the conditional
   canvas's generated positions are decoded. `reuse_uncond` runs the unconditional rows only at a
   block's first step and reuses their logits for the block's other steps.
 The output is `(B, P + gen_length)` like `unmask.generate`: each row's text, cut after its first
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 from ..models.transformer import KVCache
 from . import vocab_parallel
 from .generate import GenerationOutput, StepState, resolve_mask_id, special_ids
-from .guidance import DEFAULT, Guidance, Guided, is_native, unmasked_fraction
+from .guidance import DEFAULT, Guidance, Guided, is_native, same_rows, unmasked_fraction
 from .options import BlockOptions, OptionError
 
 
@@ -189,18 +190,24 @@ class _Runner:
         self.kept_rows: torch.Tensor | None = None
 
     def logits(self, run: torch.Tensor, block: int, first_step: bool) -> Guided:
-        """`Guided` (or plain) logits (n, b, V) of the rows `run` over block `block`'s columns."""
+        """`Guided` (or plain) logits (n, b, V) of the rows `run` over block `block`'s columns.
+
+        The unconditional rows run at every step, with `reuse_uncond` at a block's first step only,
+        and not at all at a step where the schedule gives every row weight 0 (their logits would go
+        unused; a skipped branch's cache catches up at its next pass)."""
         w = self.opts.cfg_scale
-        cond = self._forward(self.branches[0], run, block, first_step)
+        cond = self._forward(self.branches[0], run, block)
         if w == 0:
             return Guided(cond)
-        form = self.opts.form
+        form, t = self.opts.form, self._unmasked_fraction(run)
         if self.opts.reuse_uncond and not first_step:
             uncond = vocab_parallel.take_rows(self.kept_uncond, torch.searchsorted(self.kept_rows, run))
+        elif not self.opts.reuse_uncond and form.all_idle(w, t):
+            uncond = None
         else:
-            uncond = self._forward(self.branches[1], run, block, first_step)
+            uncond = self._forward(self.branches[1], run, block)
             self.kept_uncond, self.kept_rows = uncond, run
-        return form.step(cond, uncond, w, self._unmasked_fraction(run))
+        return form.step(cond, uncond, w, t)
 
     def _columns_before(self, run: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """(n, W) bool: the columns before each row's prompt end (+ offset)."""
@@ -221,10 +228,25 @@ class _Runner:
             return x
         return self.opts.form.unconditional(x, self._columns_before(run), self.mask_id)
 
-    def _forward(self, branch: _Branch, run: torch.Tensor, block: int, first_step: bool) -> torch.Tensor:
-        b = self.opts.block_length
+    def _forward(self, branch: _Branch, run: torch.Tensor, block: int) -> torch.Tensor:
+        """The branch's logits over the block for the rows `run`. Where every row's unconditional
+        canvas is the same (left-aligned and masked whole, any prompts are, until text is written)
+        and the branch starts from nothing, one row runs and its logits and cache are copied."""
+        x = self._canvas(branch, run)
+        if branch.unconditional and run.numel() > 1 and (not self.cache or branch.kv is None) and same_rows(x, None):
+            copies = torch.zeros(run.numel(), dtype=torch.long, device=x.device)
+            logits = self._pass(branch, run, x[:1], block)
+            if self.cache:
+                branch.kv.select_rows(copies)
+            return vocab_parallel.take_rows(logits, copies)
+        return self._pass(branch, run, x, block)
+
+    def _pass(self, branch: _Branch, run: torch.Tensor, x: torch.Tensor, block: int) -> torch.Tensor:
+        """One forward pass of canvas rows x for the rows `run`: without a cache the window [0, block
+        end); with it, the columns since the branch's cache ends (the blocks finished since its last
+        pass, and the current one), against the cache."""
+        b, n = self.opts.block_length, x.shape[0]
         start, end = block * b, (block + 1) * b
-        x, n = self._canvas(branch, run), run.numel()
         if not self.cache:
             mask = self.mask[:end, :end].expand(n, 1, end, end)
             positions = self.positions[:end].expand(n, end)
@@ -233,13 +255,12 @@ class _Runner:
             return self.model(x[:, :end], attention_mask=mask, position_ids=positions,
                               logits_slice=slice(start, end)).logits
         self._keep_rows(branch, run)
-        span = slice(branch.cached_to if first_step else start, end)
+        span = slice(branch.cached_to, end)
         mask = self.mask[span].expand(n, 1, span.stop - span.start, self.mask.shape[1])
         logits = self.model(x[:, span], attention_mask=mask, position_ids=self.positions[span].expand(n, -1),
                             kv_cache=branch.kv, cache_start=span.start,
                             logits_slice=slice(start - span.start, None)).logits
-        if first_step:
-            branch.cached_to = start
+        branch.cached_to = start
         return logits
 
     def _keep_rows(self, branch: _Branch, run: torch.Tensor) -> None:
