@@ -170,6 +170,12 @@ GENERATE_CASES = [
     dict(gen_length=16, block_length=8, threshold=0.02, cfg_scale=1.0, cache="dual", reuse_uncond=True),
     dict(steps=8, gen_length=16, block_length=16, temperature=0.8, remasking="margin"),
     dict(steps=8, gen_length=16, block_length=16, remasking="entropy", suppress_tokens=[3, 200], eos_last=True),
+    dict(steps=8, gen_length=16, block_length=8, cfg_scale=1.5, guidance="linear,span:0:-2", cache="dual"),
+    dict(steps=8, gen_length=16, block_length=8, cfg_scale=1.5, guidance="interval:0.3:0.8", reuse_uncond=True,
+         cache="dual"),
+    dict(steps=8, gen_length=16, block_length=8, cfg_scale=1.5, guidance="interval:0.5:1"),
+    dict(steps=8, gen_length=16, block_length=8, cfg_scale=1.0, guidance="acfg:0.5"),
+    dict(gen_length=16, block_length=8, threshold=0.02, cfg_scale=2.0, guidance="linear,norm", cache="dual"),
 ]
 
 
@@ -194,6 +200,8 @@ BLOCK_CASES = [
     dict(gen_length=48, block_length=16, steps=8, cfg_scale=1.0),
     dict(gen_length=48, block_length=16, steps=8, cfg_scale=1.0, reuse_uncond=True),
     dict(gen_length=32, block_length=16, steps=4, threshold=0.01, cache=False),
+    dict(gen_length=48, block_length=16, steps=8, cfg_scale=1.5, guidance="interval:0.5:1"),
+    dict(gen_length=48, block_length=16, steps=8, cfg_scale=1.5, guidance="linear,span:0:-3,norm", cache=False),
 ]
 
 

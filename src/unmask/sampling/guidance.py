@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import torch
 
-from .vocab_parallel import take_rows
+from .vocab_parallel import greedy_tokens, is_vocab_sharded, on_shards, take_rows
 
 
 class GuidanceError(ValueError):
@@ -248,6 +248,8 @@ class Guidance:
         An idle row (`idle`) gets `cond` itself, not uncond + 1 · (cond − uncond), which rounds."""
         if not self.scheduled or t is None:
             return mix_guidance(cond, uncond, w)
+        if is_vocab_sharded(cond):   # elementwise: each rank mixes its own columns
+            return on_shards(lambda c, u: self.mix(c, u, w, t), cond, uncond)
         weights = self.weights(w, t)
         idle = weights == 0
         n_idle = int(idle.sum())   # one host sync; the rows are few
@@ -415,12 +417,19 @@ def low_confidence_branches(model, x: torch.Tensor, prompt_index: torch.Tensor, 
     start = min(int(first[0]) if len(first) else T, logits_slice.start)
     cols = slice(start, logits_slice.stop)
     cond = forward_logits(model, x, attention_mask, cols)
-    confidence = cond.float().softmax(-1).max(-1).values
+    confidence = top_probability(cond)
     committed = generated[:, cols] & (x[:, cols] != mask_id)
     remask = torch.zeros_like(x, dtype=torch.bool)
     remask[:, cols] = canvas.masked_generated(confidence, committed)
     uncond = forward_logits(model, x.masked_fill(remask, mask_id), attention_mask, logits_slice)
     return cond[:, logits_slice.start - start:], uncond
+
+
+def top_probability(logits: torch.Tensor) -> torch.Tensor:
+    """(B, T) the probability of each position's likeliest token (in float32), sharded logits too."""
+    if is_vocab_sharded(logits):
+        return greedy_tokens(logits.float())[1]
+    return logits.float().softmax(-1).max(-1).values
 
 
 def is_native(model) -> bool:

@@ -114,6 +114,14 @@ def token_confidence(logits: DTensor, tokens: torch.Tensor, rule: str) -> torch.
     raise ValueError(f"no sharded form of the remasking rule {rule!r}")
 
 
+def on_shards(fn, *tensors: DTensor) -> DTensor:
+    """fn (elementwise over the vocabulary) applied to each rank's columns of vocabulary-sharded
+    tensors, the result sharded as the first one is: what DTensor does for its own ops, for an fn
+    that mixes in plain tensors (a per-row guidance weight), which DTensor refuses."""
+    first = tensors[0]
+    return DTensor.from_local(fn(*(t.to_local() for t in tensors)), first.device_mesh, first.placements)
+
+
 def take_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """t[index] along the first (batch) dim, for plain or vocabulary-sharded logits (DTensor does
     not index with a plain tensor)."""
