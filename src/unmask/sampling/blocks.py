@@ -90,13 +90,14 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, t
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens, their probabilities) for logits (..., V): argmax of the softmax at temperature 0,
     else a sample from softmax(logits / T) restricted to the top_k tokens and the top_p mass.
-    Vocabulary-sharded logits (tensor parallelism) decode at temperature 0 only."""
+    Vocabulary-sharded logits (tensor parallelism): the argmax from the ranks' maxima; a sample from
+    the gathered logits (top_k, top_p and the multinomial draw need the whole distribution), drawn
+    on every rank from the same generator, so every rank and one process draw the same tokens."""
     logits = logits.float()
     if vocab_parallel.is_vocab_sharded(logits):
-        if temperature != 0:
-            raise OptionError("temperature", "block decoding on a sharded model (--tp) samples at temperature 0 "
-                                             "only: drop temperature, top_k and top_p")
-        return vocab_parallel.greedy_tokens(logits)
+        if temperature == 0:
+            return vocab_parallel.greedy_tokens(logits)
+        logits = logits.full_tensor()
     if temperature == 0:
         probs = F.softmax(logits, dim=-1)
         confidence, tokens = probs.max(-1)
