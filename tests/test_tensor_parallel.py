@@ -257,17 +257,20 @@ def test_torchrun_generate_with_tp_prints_the_one_process_text(tiny_checkpoint, 
 
 @pytest.mark.slow
 def test_torchrun_eval_with_tp_reports_the_one_process_scores(tiny_checkpoint, tmp_path, capsys):
-    """Every rank scores every item on its shard (no item split); rank 0 writes the one-process report."""
+    """Two ranks: one sharded model scores every item. Four: two copies (ranks 0-1, 2-3), each
+    scoring half the items. Rank 0 writes the one-process report either way."""
     args = ["eval", "--model", str(tiny_checkpoint), "--tasks", "arc_easy,lambada", "--data-dir", str(DATA / "tasks"),
             "--limit", "3", "--mc-num", "4", "--batch-size", "4", "--cfg-scale", "0", "1"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "unmask",
-                          *args, "--out", str(tmp_path / "tp"), "--tp", "2"], capture_output=True, text=True, env=env,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr
-    one, tp = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "tp"))
-    assert _close(tp["results"], one["results"]) and tp["meta"]["tp"] == 2
+    for world in (2, 4):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
+                              "-m", "unmask", *args, "--out", str(tmp_path / f"tp{world}"), "--tp", "2"],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert run.returncode == 0, run.stderr
+        tp = json.loads((tmp_path / f"tp{world}" / "results.json").read_text())
+        assert _close(tp["results"], one["results"]) and tp["meta"]["tp"] == 2 and tp["meta"]["world_size"] == world
 
 
 def _close(a, b) -> bool:
@@ -280,6 +283,18 @@ def _close(a, b) -> bool:
     if isinstance(a, float) and isinstance(b, float):
         return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-9)
     return a == b
+
+
+def test_replicas_need_a_multiple_of_tp_processes(monkeypatch):
+    """eval's copies of a sharded model: any multiple of --tp processes; every other command: exactly --tp."""
+    from unmask.models.parallel import join_tensor_parallel
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match="multiple of 2 processes .* this run has 3.* 2 \\(one copy\\) or 4"):
+        join_tensor_parallel(2, torch.device("cpu"), replicas=True)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match="--tp 2 needs 2 processes and this run has 4"):
+        join_tensor_parallel(2, torch.device("cpu"))
 
 
 def test_tp_errors_say_what_to_change(tiny_checkpoint, capsys):

@@ -2,7 +2,8 @@
 
 With no --tasks it runs the bundled world suite on the bundled model. Under torchrun the items
 are sharded across processes (gloo on CPU, nccl on CUDA) and rank 0 writes the report; with
---tp N (N processes) the model is sharded instead and every rank scores every item.
+--tp N the model is sharded over each group of N processes, and the items across the groups
+(N processes: one sharded model scoring every item; 2N: two copies, each half the items).
 """
 
 from __future__ import annotations
@@ -102,11 +103,11 @@ def run_eval(args) -> int:
     if args.tp == 1:   # under torchrun without --tp: the items are split across the processes
         _init_distributed(device.type)
     path = base_model(args)
-    model, tokenizer = load_for_args(args)   # with --tp: joins the torchrun group and loads this rank's shard
+    model, tokenizer = load_for_args(args, replicas=True)   # with --tp: joins the group, loads this rank's shard
     config = EvalConfig(cfg_scales=scales, auto=auto, mode=mode, mc_num=args.mc_num,
                         batch_size=args.batch_size, seed=args.seed, limit=args.limit,
                         dev_fraction=args.dev_fraction, guidance=guidance, pmi=args.pmi,
-                        tensor_parallel=args.tp > 1)
+                        tensor_parallel=args.tp)
     results = evaluate(model, tokenizer, tasks, args.data_dir, config)
     if rank_and_world()[0] == 0:
         meta = {"model": str(path or "bundled"), "cfg_scales": list(scales), "auto": auto,

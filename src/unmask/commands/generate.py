@@ -48,16 +48,18 @@ def base_model(args):
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel degree: shard the model over N processes started with "
-                        "torchrun --nproc-per-node N -m unmask ... (default: %(default)s; docs/distributed.md)")
+                        "torchrun --nproc-per-node N -m unmask ... (eval: any multiple of N, each N processes "
+                        "one copy scoring a share of the items; default: %(default)s; docs/distributed.md)")
     p.add_argument("--ep", type=int, default=None,
                    help="expert parallelism for MoE models: split the routed experts whole over the --tp ranks "
                         "(tokens reach them by all-to-all) instead of splitting every expert's width; "
                         "must equal --tp (docs/distributed.md)")
 
 
-def load_for_args(args):
+def load_for_args(args, replicas: bool = False):
     """(model, tokenizer) as the model flags ask: placed, quantized, an adapter merged, and with --tp N
-    sharded over the torchrun processes (each rank then runs the same command on its shard)."""
+    sharded over the torchrun processes (each rank then runs the same command on its shard; with
+    `replicas`, eval's, over each group of N of them: `join_tensor_parallel`)."""
     from ..models import load_model, load_tokenizer
     from ..models.parallel import join_tensor_parallel
 
@@ -66,7 +68,7 @@ def load_for_args(args):
     tp = getattr(args, "tp", 1)
     if tp != 1 or getattr(args, "ep", None) is not None:
         check_tensor_parallel(args, path)
-    mesh, device = join_tensor_parallel(tp, device)
+    mesh, device = join_tensor_parallel(tp, device, replicas=replicas)
     model = load_model(path, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code,
                        quantize=args.quantize, adapter=args.adapter, mesh=mesh,   # a mesh: each rank reads its slices
                        expert_parallel=expert_parallel(args))

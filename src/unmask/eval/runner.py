@@ -15,8 +15,9 @@ come from the same forward passes: the conditional rows once, one block of uncon
 distinct canvas (`Column`, `score_requests`). With auto the grid is every column, so the dev
 slice picks the form and the scale together (ties: the smaller scale, then the form given first).
 
-Sharding: when torch.distributed is initialised (torchrun; gloo on CPU), rank r scores the items
-i with i % world == r and the per-item scores are all-gathered. Mask draws are seeded from
+Sharding: when torch.distributed is initialised (torchrun; gloo on CPU), share r of the items is
+those i with i % shares == r, one share per process or, under --tp N, per group of N ranks that hold
+one sharded model; the per-item scores are all-gathered. Mask draws are seeded from
 (seed, item index, choice index) and an item's requests are always batched together, so the
 result is identical to a one-process run whatever the world size.
 """
@@ -51,7 +52,7 @@ class EvalConfig:
     progress: bool = True
     guidance: str | tuple[str, ...] = "constant,prompt"   # the form of CFG, or several (docs/guidance.md)
     pmi: bool = False                            # add a PMI column (multiple-choice tasks; not with auto)
-    tensor_parallel: bool = False                # every rank holds a shard of one model: all score every item
+    tensor_parallel: int = 1                     # ranks per model (--tp): each group of them scores its share
 
 
 @dataclass
@@ -211,19 +212,21 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def _data_parallel(config: EvalConfig) -> tuple[int, int]:
-    """(this process's share, how many shares) of the items: one share under tensor parallelism,
-    where the ranks run one model together."""
-    return (0, 1) if config.tensor_parallel else rank_and_world()
+    """(this process's share, how many shares) of the items: one per copy of the model, i.e. per
+    process, or per group of `tensor_parallel` ranks that run one sharded model together."""
+    rank, world = rank_and_world()
+    return rank // config.tensor_parallel, world // config.tensor_parallel
 
 
-def _gather(local: list[ItemScore], world: int) -> list[ItemScore]:
-    if world == 1:
+def _gather(local: list[ItemScore], shares: int) -> list[ItemScore]:
+    """Every share's scores, on every rank, in item order (the ranks of one model hold the same ones)."""
+    if shares == 1:
         return local
     import torch.distributed as dist
 
-    parts: list[list[ItemScore] | None] = [None] * world
+    parts: list[list[ItemScore] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, local)
-    return sorted((s for part in parts for s in part), key=lambda s: s.index)
+    return sorted({s.index: s for part in parts for s in part}.values(), key=lambda s: s.index)
 
 
 def evaluate_task(model, tokenizer, task: Task, data_dir: str | Path | None, config: EvalConfig) -> TaskResult:

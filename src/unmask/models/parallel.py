@@ -300,17 +300,24 @@ def _local_and_dim(module: nn.Module, attr: str) -> tuple[torch.Tensor, int | No
     return param, None
 
 
-def join_tensor_parallel(tp: int, device: torch.device,
-                         timeout: timedelta | None = None) -> tuple[DeviceMesh | None, torch.device]:
-    """(the 1-D mesh of the `tp` processes torchrun started, this rank's device); (None, device) for tp 1.
+def join_tensor_parallel(tp: int, device: torch.device, timeout: timedelta | None = None,
+                         replicas: bool = False) -> tuple[DeviceMesh | None, torch.device]:
+    """(the 1-D mesh of the `tp` processes that hold this rank's model, this rank's device); (None,
+    device) for tp 1.
 
     torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; the group uses gloo on the CPU and NCCL on CUDA,
-    where rank r runs on cuda:LOCAL_RANK. `timeout` bounds each collective (default: torch's).
+    where rank r runs on cuda:LOCAL_RANK. `timeout` bounds each collective (default: torch's). With
+    `replicas` (eval) the world may be any multiple of tp: world / tp copies of the sharded model,
+    ranks [k·tp, (k + 1)·tp) holding copy k, on a 2-D mesh (replica × tp) whose tp rows are returned.
     """
     if check_tp(tp) == 1:
         return None, device
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != tp:
+    if replicas and world % tp:
+        raise ValueError(f"--tp {tp} needs a multiple of {tp} processes (each {tp} hold one copy of the model) "
+                         f"and this run has {world}: launch it with torchrun --nproc-per-node {tp} (one copy) or "
+                         f"{2 * tp} (two), ... -m unmask ...")
+    if world != tp and not replicas:
         raise ValueError(f"--tp {tp} needs {tp} processes and this run has {world}: launch it with "
                          f"torchrun --nproc-per-node {tp} -m unmask ...")
     if device.type == "cuda":
@@ -322,7 +329,9 @@ def join_tensor_parallel(tp: int, device: torch.device,
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    return init_device_mesh(device.type, (tp,)), device
+    if world == tp:
+        return init_device_mesh(device.type, (tp,)), device
+    return init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("replica", "tp"))["tp"], device
 
 
 def is_first_rank() -> bool:
