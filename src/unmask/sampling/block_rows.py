@@ -166,9 +166,11 @@ class BlockRow:
         weight 0 (`block_generate`'s rule for a batch of one)."""
         if branch == 0:
             return True
+        if not self.guided:
+            return False
         o = self.options
-        if not self.guided or o.reuse_uncond:
-            return self.guided and self.block_step == 0
+        if o.reuse_uncond:
+            return self.block_step == 0
         return not o.form.all_idle(o.cfg_scale, self._unmasked_fraction())
 
     def _settle(self) -> None:
@@ -241,7 +243,10 @@ def block_step(model, rows: list[BlockRow], pad_id: int = 0, pass_overhead: floa
         by_row[id(r), branch] = logits
         r.keep_finished(branch, keys, values)
     for r in live:
-        uncond = by_row.get((id(r), 1))   # None: unguided, or idle at this step
+        uncond = by_row.get((id(r), 1))   # None: unguided, idle at this step, or reusing
         if r.guided and r.options.reuse_uncond:
-            uncond = r.kept_uncond = r.kept_uncond if uncond is None else uncond
+            if uncond is None:   # a later step of the block: the first step's logits
+                uncond = r.kept_uncond
+            else:
+                r.kept_uncond = uncond
         r._decide(by_row[id(r), 0], uncond)

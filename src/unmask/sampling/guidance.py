@@ -385,10 +385,10 @@ def branch_logits(model, x: torch.Tensor, prompt_index: torch.Tensor, mask_id: i
     n = x.shape[0]
     uncond = guidance.unconditional(x, prompt_index, mask_id)
     shared = n > 1 and (kv_cache is None or kv_cache.empty) and same_rows(uncond, attention_mask)
-    run = n + 1 if shared else 2 * n
-    x = torch.cat([x, uncond])[:run]
+    twins = slice(0, 1) if shared else slice(None)   # the unconditional rows that run
+    x = torch.cat([x, uncond[twins]])
     if attention_mask is not None:
-        attention_mask = torch.cat([attention_mask, attention_mask])[:run]
+        attention_mask = torch.cat([attention_mask, attention_mask[twins]])
     logits = forward_logits(model, x, attention_mask, logits_slice, kv_cache, span)
     if shared:
         rows = torch.cat([torch.arange(n, device=x.device), torch.full((n,), n, device=x.device)])
